@@ -1,0 +1,3 @@
+from kernel_stub.stub import main
+
+main()

@@ -1,0 +1,276 @@
+"""Kernel stub: work out which env this kernel is for, get it from uvkerneld, exec ipykernel.
+
+How it works
+------------
+1. Key: ``UVKERNEL_ENV`` (a name) > ``UVKERNEL_NOTEBOOK`` (a path) > ``JPY_SESSION_NAME`` when it
+   names an ``.ipynb`` (jupyter_server >= 2.0.7 sets the absolute notebook path) > the current
+   folder's scratch env. A kernel started from inside a uv kernel (``!papermill x.ipynb``)
+   inherits its parent's variables; the parent left a fingerprint of them in
+   ``UVKERNEL_KERNEL_IDENTITY``, and when nothing changed we ignore them instead of silently
+   reusing the parent notebook's env.
+2. Connect to the daemon's socket. In user mode, if nobody listens, start the daemon ourselves:
+   under an exclusive flock beside the socket, so ten stubs racing start exactly one daemon.
+3. ``acquire`` -> the venv path. Exec ``<venv>/bin/python -m ipykernel_launcher -f <file>``: the
+   kernel keeps our pid, so Jupyter's interrupt (SIGINT to the process group), restart and kill
+   reach ipykernel itself. The socket stays open across exec as the kernel's lifeline: the daemon
+   sees it close when the kernel exits.
+4. Anything fails: exec a minimal fallback kernel that answers every cell with the reason, so
+   the notebook shows what went wrong instead of a "kernel died, restarting" loop.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+from uvkerneld import client, locations, protocol
+
+IDENTITY_VARS = ("UVKERNEL_ENV", "UVKERNEL_NOTEBOOK", "JPY_SESSION_NAME")
+IDENTITY_MARKER = "UVKERNEL_KERNEL_IDENTITY"
+DAEMON_START_TIMEOUT = 60.0
+DEFAULT_ACQUIRE_TIMEOUT = 600.0
+# Variables that describe one kernel; a daemon started by this stub must not inherit them.
+_KERNEL_ONLY_VARS = IDENTITY_VARS + (IDENTITY_MARKER, "JPY_PARENT_PID", "UVKERNEL_ENV_ID", "UVKERNEL_LIFELINE_FD")
+
+
+class StubError(Exception):
+    """Why this kernel cannot get its env; shown in the notebook by the fallback kernel."""
+
+
+def identity_fingerprint(environ):
+    return json.dumps([environ.get(name, "") for name in IDENTITY_VARS])
+
+
+def resolve_key(environ, cwd):
+    """(kind, value, note): which env this kernel is for, and a note worth logging, if any."""
+    note = None
+    inherited = environ.get(IDENTITY_MARKER) == identity_fingerprint(environ)
+    if inherited and any(environ.get(name) for name in IDENTITY_VARS):
+        note = (
+            "this kernel was started from inside another uv kernel and inherited its notebook "
+            "identity; using the scratch env of %s instead. Set UVKERNEL_NOTEBOOK or "
+            "UVKERNEL_ENV to choose an env." % cwd
+        )
+    if not inherited:
+        name = environ.get("UVKERNEL_ENV", "")
+        if name:
+            return "env", name, note
+        notebook = environ.get("UVKERNEL_NOTEBOOK", "")
+        if notebook:
+            return "notebook", _absolute(notebook, cwd), note
+        session_name = environ.get("JPY_SESSION_NAME", "")
+        if session_name.endswith(".ipynb"):
+            return "notebook", _absolute(session_name, cwd, strip_overlap=True), note
+    return "dir", os.path.realpath(cwd), note
+
+
+def _absolute(path, cwd, strip_overlap=False):
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path):
+        base = cwd
+        folder = os.path.dirname(path)
+        # Old jupyter_server set JPY_SESSION_NAME relative to its root while the kernel's cwd is
+        # the notebook's folder: "sub/a.ipynb" in cwd "/root/sub" means "/root/sub/a.ipynb".
+        if strip_overlap and folder and (cwd == folder or cwd.endswith(os.sep + folder)):
+            base = cwd[: len(cwd) - len(folder)] or os.sep
+        path = os.path.join(base, path)
+    return os.path.realpath(path)
+
+
+def parse_argv(argv):
+    """The connection file (``-f FILE``) and the arguments passed through to ipykernel."""
+    connection_file = None
+    passthrough = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in ("-f", "--f") and index + 1 < len(argv):
+            connection_file = argv[index + 1]
+            index += 2
+            continue
+        if arg.startswith(("-f=", "--f=")):
+            connection_file = arg.split("=", 1)[1]
+        else:
+            passthrough.append(arg)
+        index += 1
+    if not connection_file:
+        raise SystemExit("usage: python -m kernel_stub -f CONNECTION_FILE [ipykernel args...]")
+    return connection_file, passthrough
+
+
+# --- talking to the daemon ----------------------------------------------------------------------
+
+
+def connect_or_start(socket_path, environ):
+    try:
+        return client.connect(socket_path)
+    except client.DaemonNotRunning:
+        pass
+    if socket_path == locations.SYSTEM_SOCKET or environ.get("UVKERNELD_AUTOSTART", "1") == "0":
+        raise StubError(
+            "uvkerneld is not running (nothing answers on %s). Ask your administrator to run "
+            "`systemctl enable --now uvkerneld.socket`, or start it yourself with `uvkerneld`."
+            % socket_path
+        )
+    return _start_daemon_and_connect(socket_path, environ)
+
+
+def _start_daemon_and_connect(socket_path, environ):
+    import fcntl
+
+    folder = os.path.dirname(socket_path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    lock_fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        # Another stub may have started the daemon while we waited for the lock.
+        try:
+            return client.connect(socket_path)
+        except client.DaemonNotRunning:
+            pass
+        log_path = locations.daemon_log_path(socket_path)
+        pid = _spawn_daemon(socket_path, log_path, environ)
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        while True:
+            try:
+                return client.connect(socket_path)
+            except client.DaemonNotRunning:
+                pass
+            if not _alive(pid):
+                raise StubError(
+                    "uvkerneld exited while starting; its log %s ends with:\n%s"
+                    % (log_path, _tail(log_path))
+                )
+            if time.monotonic() > deadline:
+                raise StubError(
+                    "uvkerneld (pid %d) did not open %s within %.0f s; see %s"
+                    % (pid, socket_path, DAEMON_START_TIMEOUT, log_path)
+                )
+            time.sleep(0.02)
+    finally:
+        os.close(lock_fd)
+
+
+def _spawn_daemon(socket_path, log_path, environ):
+    """Start ``uvkerneld`` fully detached (double fork, own session); return its pid."""
+    env = {k: v for k, v in environ.items() if k not in _KERNEL_ONLY_VARS}
+    argv = [sys.executable, "-m", "uvkerneld", "--socket", socket_path]
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked children
+        try:
+            os.close(read_end)
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild:
+                os.write(write_end, str(grandchild).encode())
+                os._exit(0)
+            os.close(write_end)
+            null = os.open(os.devnull, os.O_RDONLY)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(null, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.chdir("/")
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    data = os.read(read_end, 32)
+    os.close(read_end)
+    os.waitpid(child, 0)
+    if not data:
+        raise StubError("could not start uvkerneld (fork failed)")
+    return int(data)
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _tail(path, lines=10):
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 4096))
+            return b"\n".join(handle.read().splitlines()[-lines:]).decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def acquire(sock, kind, value, timeout):
+    """Ask the daemon for the env of this key; returns the acquire result."""
+    try:
+        return client.call(sock, "acquire", {"key": {"kind": kind, "value": value}}, timeout)
+    except socket.timeout:
+        raise StubError("uvkerneld did not provide an env within %.0f s" % timeout) from None
+    except protocol.UvkError as exc:
+        raise StubError(exc.message) from None
+    except OSError as exc:
+        raise StubError("lost the connection to uvkerneld: %s" % exc) from None
+
+
+# --- exec -----------------------------------------------------------------------------------------
+
+
+def kernel_environment(environ, result, socket_path, lifeline_fd):
+    env = dict(environ)
+    venv = result["path"]
+    env["VIRTUAL_ENV"] = venv
+    env["PATH"] = os.path.join(venv, "bin") + os.pathsep + environ.get("PATH", os.defpath)
+    env.pop("PYTHONHOME", None)
+    env[IDENTITY_MARKER] = identity_fingerprint(environ)
+    env["UVKERNEL_ENV_ID"] = result["env_id"]
+    env["UVKERNEL_LIFELINE_FD"] = str(lifeline_fd)
+    env[locations.SOCKET_ENV] = socket_path
+    return env
+
+
+def exec_fallback(message, connection_file, passthrough):
+    """Replace this process with a kernel that shows ``message`` for every cell."""
+    sys.stderr.write("uvkerneld: %s\n" % message)
+    sys.stderr.flush()
+    env = dict(os.environ)
+    env["UVKERNEL_ERROR"] = message
+    argv = [sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", connection_file] + passthrough
+    os.execve(sys.executable, argv, env)
+
+
+def main(argv=None):
+    connection_file, passthrough = parse_argv(sys.argv[1:] if argv is None else argv)
+    environ = os.environ
+    socket_path = locations.socket_path_from_env()
+    try:
+        cwd = os.getcwd()
+        kind, value, note = resolve_key(environ, cwd)
+        if note:
+            sys.stderr.write("uvkerneld: %s\n" % note)
+        try:
+            protocol.parse_env_key(kind, value)
+        except protocol.UvkError as exc:
+            raise StubError(exc.message) from None
+        timeout = float(environ.get("UVKERNEL_ACQUIRE_TIMEOUT") or DEFAULT_ACQUIRE_TIMEOUT)
+        sock = connect_or_start(socket_path, environ)
+        result = acquire(sock, kind, value, timeout)
+    except StubError as exc:
+        exec_fallback(str(exc), connection_file, passthrough)
+        return
+    except (OSError, ValueError) as exc:
+        exec_fallback("kernel stub failed: %s" % exc, connection_file, passthrough)
+        return
+    sock.setblocking(True)
+    os.set_inheritable(sock.fileno(), True)
+    python = result["python"]
+    env = kernel_environment(environ, result, socket_path, sock.fileno())
+    os.execve(python, [python, "-m", "ipykernel_launcher", "-f", connection_file] + passthrough, env)

@@ -1,0 +1,247 @@
+"""Daemon settings: defaults < config file (TOML) < environment (UVKERNELD_*) < command-line flags.
+
+One ``Config`` object, validated in one place (``load_config``); every error names the setting,
+where its value came from, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import locations
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+LINK_MODES = ("hardlink", "symlink", "copy", "clone")
+MODES = ("user", "system")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+BYTECODE_MODES = ("per-env", "off")
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names it, its source and what to use instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    mode: str
+    socket: Path
+    state_dir: Path
+    cache_dir: Path
+    venvs_dir: Path
+    pool_size: int
+    link_mode: str
+    python: str
+    log_level: str
+    kernel_packages: tuple[str, ...]
+    max_parallel_creates: int
+    bytecode: str
+    uv: str | None
+    config_file: Path | None
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    def public_summary(self) -> dict[str, Any]:
+        """The settings worth showing in status and logs (paths and numbers, never secrets)."""
+        return {
+            "mode": self.mode,
+            "socket": str(self.socket),
+            "state_dir": str(self.state_dir),
+            "cache_dir": str(self.cache_dir),
+            "venvs_dir": str(self.venvs_dir),
+            "pool_size": self.pool_size,
+            "link_mode": self.link_mode,
+            "python": self.python,
+            "kernel_packages": list(self.kernel_packages),
+            "config_file": str(self.config_file) if self.config_file else None,
+        }
+
+
+def default_kernel_packages() -> tuple[str, ...]:
+    # Pin the ipykernel this daemon was installed with: every pool venv then resolves from the
+    # warm cache, and kernels match the version the install was tested with.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return ("ipykernel==%s" % version("ipykernel"),)
+    except PackageNotFoundError:  # pragma: no cover - ipykernel is a dependency
+        return ("ipykernel",)
+
+
+def _defaults(mode: str) -> dict[str, Any]:
+    if mode == "system":
+        state = Path("/var/lib/uvkerneld")
+        return {
+            "socket": Path(locations.SYSTEM_SOCKET),
+            "state_dir": state,
+            "cache_dir": Path("/var/cache/uvkerneld/uv"),
+            "venvs_dir": state / "venvs",
+        }
+    data = Path(locations.user_data_home()) / "uvkerneld"
+    return {
+        "socket": Path(locations.default_socket_path()),
+        "state_dir": data,
+        "cache_dir": Path(locations.user_cache_home()) / "uvkerneld" / "uv",
+        "venvs_dir": data / "venvs",
+    }
+
+
+def default_config_file(mode: str) -> Path:
+    if mode == "system":
+        return Path("/etc/uvkerneld/config.toml")
+    return Path(locations.user_config_home()) / "uvkerneld" / "config.toml"
+
+
+# name -> (parser from string/TOML value, env var)
+_PATH_KEYS = ("socket", "state_dir", "cache_dir", "venvs_dir")
+_KEYS = (
+    "mode", *_PATH_KEYS, "pool_size", "link_mode", "python", "log_level", "kernel_packages",
+    "max_parallel_creates", "bytecode", "uv",
+)
+
+
+def env_var(key: str) -> str:
+    return "UVKERNELD_" + key.upper()
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge the four layers and validate. ``flags`` holds only options given on the command line."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    from_env = {key: environ[env_var(key)] for key in _KEYS if environ.get(env_var(key))}
+
+    config_file_source = flags.get("config") or environ.get("UVKERNELD_CONFIG")
+    mode = str(flags.get("mode") or from_env.get("mode") or "user")
+    _check_choice("mode", mode, MODES, "--mode/UVKERNELD_MODE")
+    if config_file_source:
+        config_file: Path | None = Path(config_file_source).expanduser()
+        assert config_file is not None
+        if not config_file.is_file():
+            raise ConfigError("config file %s does not exist (from --config/UVKERNELD_CONFIG)" % config_file)
+    else:
+        config_file = default_config_file(mode)
+        if not config_file.is_file():
+            config_file = None
+    from_file = _read_config_file(config_file) if config_file else {}
+    if "mode" in from_file and not (flags.get("mode") or from_env.get("mode")):
+        mode = str(from_file["mode"])
+        _check_choice("mode", mode, MODES, str(config_file))
+
+    values: dict[str, Any] = {
+        **_defaults(mode),
+        "pool_size": 2,
+        "link_mode": "hardlink",
+        "python": sys.executable,
+        "log_level": "info",
+        "kernel_packages": None,
+        "max_parallel_creates": max(1, os.cpu_count() or 1),
+        "bytecode": "per-env",
+        "uv": None,
+    }
+    sources = {key: "default" for key in values}
+    for layer_name, layer in ((str(config_file), from_file), ("environment", from_env), ("flag", flags)):
+        for key in _KEYS:
+            if key in layer and key != "mode":
+                values[key] = layer[key]
+                sources[key] = env_var(key) if layer_name == "environment" else (
+                    "--" + key.replace("_", "-") if layer_name == "flag" else layer_name
+                )
+
+    def source(key: str) -> str:
+        return sources.get(key, "default")
+
+    for key in _PATH_KEYS:
+        values[key] = _path(key, values[key], source(key))
+    values["pool_size"] = _int("pool_size", values["pool_size"], source("pool_size"), 0, 64)
+    values["max_parallel_creates"] = _int(
+        "max_parallel_creates", values["max_parallel_creates"], source("max_parallel_creates"), 1, 64
+    )
+    _check_choice("link_mode", values["link_mode"], LINK_MODES, source("link_mode"))
+    values["log_level"] = str(values["log_level"]).lower()
+    _check_choice("log_level", values["log_level"], LOG_LEVELS, source("log_level"))
+    _check_choice("bytecode", values["bytecode"], BYTECODE_MODES, source("bytecode"))
+    values["kernel_packages"] = _packages(values["kernel_packages"], source("kernel_packages"))
+    if not isinstance(values["python"], str) or not values["python"]:
+        raise ConfigError("python (from %s) must be an interpreter path or version" % source("python"))
+    if len(os.fsencode(str(values["socket"]))) > 107:
+        raise ConfigError(
+            "socket path %s (from %s) is longer than the 107 bytes AF_UNIX allows: pick a shorter "
+            "path" % (values["socket"], source("socket"))
+        )
+    return Config(mode=mode, config_file=config_file, **values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config file %s is not valid TOML: %s" % (path, exc)) from None
+    except OSError as exc:
+        raise ConfigError("cannot read config file %s: %s" % (path, exc.strerror)) from None
+    # Accept both top-level keys and a [uvkerneld] table, with dashes or underscores.
+    table = data.get("uvkerneld", data)
+    normalized = {str(key).replace("-", "_"): value for key, value in table.items()}
+    unknown = sorted(set(normalized) - set(_KEYS))
+    if unknown:
+        raise ConfigError(
+            "config file %s has unknown setting(s) %s; known: %s"
+            % (path, ", ".join(unknown), ", ".join(_KEYS))
+        )
+    return normalized
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...], source: str) -> None:
+    if value not in choices:
+        raise ConfigError(
+            "%s %r (from %s) is not valid; choose one of: %s" % (key, value, source, ", ".join(choices))
+        )
+
+
+def _int(key: str, value: Any, source: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError("%s (from %s) must be an integer, got %r" % (key, source, value)) from None
+    if not low <= number <= high:
+        raise ConfigError("%s (from %s) must be between %d and %d, got %d" % (key, source, low, high, number))
+    return number
+
+
+def _path(key: str, value: Any, source: str) -> Path:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigError("%s (from %s) must be a path, got %r" % (key, source, value))
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    return path
+
+
+def _packages(value: Any, source: str) -> tuple[str, ...]:
+    if value is None:
+        return default_kernel_packages()
+    if isinstance(value, str):
+        value = [part for part in value.replace(",", " ").split() if part]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            "kernel_packages (from %s) must be a non-empty list of requirement strings" % source
+        )
+    if not any(v.strip().lower().startswith("ipykernel") for v in value):
+        raise ConfigError(
+            "kernel_packages (from %s) must include ipykernel: kernels run ipykernel_launcher" % source
+        )
+    return tuple(value)

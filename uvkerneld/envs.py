@@ -1,0 +1,189 @@
+"""Env lifecycle: create venvs with uv, hand them to notebooks, repair or remove them.
+
+How acquire works
+-----------------
+``acquire(uid, key)`` is the hot path of every kernel start. Under a per-(uid, key) asyncio lock
+(so two kernels of one notebook never get two envs) it:
+1. returns the env already assigned to (uid, key) if its interpreter is there (no uv, one read);
+2. else claims the oldest pooled venv in one store transaction (no uv) and wakes the pool filler;
+3. else (pool empty) builds a venv on demand, saying so in the log.
+
+Crash safety: a row is inserted in ``creating`` *before* ``uv venv`` runs, and only moves to
+``pooled``/``assigned`` after uv succeeded, so a daemon killed at any moment leaves at most
+``creating`` rows and unregistered directories, which ``recover()`` deletes at the next start.
+Venvs are never moved after creation: uv writes absolute paths into their scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+from . import states
+from .config import Config
+from .protocol import EnvKey, EnvUnavailable
+from .store import EnvRecord, Store
+from .uv import Uv, UvFailed
+
+log = logging.getLogger("uvkerneld.envs")
+
+ENV_DIR_PREFIX = "e-"
+
+
+def env_spec(config: Config) -> str:
+    """Fingerprint of what a pool venv is built from; pooled venvs of another spec are replaced."""
+    python = shutil.which(config.python) or config.python
+    description = {
+        "python": os.path.realpath(python),
+        "packages": list(config.kernel_packages),
+        "bytecode": config.bytecode,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EnvManager:
+    def __init__(self, config: Config, store: Store, uv: Uv) -> None:
+        self.config = config
+        self.store = store
+        self.uv = uv
+        self.spec = env_spec(config)
+        self.venvs_dir = config.venvs_dir
+        self._key_locks: dict[tuple[int, EnvKey], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._create_slots = asyncio.Semaphore(config.max_parallel_creates)
+        # Number of acquires in flight; the pool filler defers new uv runs while it is non-zero.
+        self.acquires_in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.on_pool_claimed: Callable[[], None] = lambda: None
+        self.last_errors: list[dict[str, object]] = []
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Bring disk and store back in line after any crash."""
+        self.venvs_dir.mkdir(parents=True, exist_ok=True)
+        known = set()
+        for record in list(self.store.all()):
+            known.add(record.path.name)
+            if record.state == states.CREATING:
+                log.info("removing env %s left half-made by an earlier run", record.id)
+                await self._remove(record)
+            elif record.state == states.DELETING:
+                await self._remove(record)
+            elif record.state == states.POOLED and record.spec != self.spec:
+                log.info("removing pooled env %s built from an older configuration", record.id)
+                await self._remove(record)
+            elif record.state in (states.POOLED, states.ASSIGNED) and not _interpreter_ok(record):
+                if record.state == states.POOLED:
+                    log.warning("pooled env %s is damaged (no interpreter); removing it", record.id)
+                    await self._remove(record)
+                else:
+                    self.store.transition(record.id, states.BROKEN, "interpreter missing at start-up")
+        for entry in self.venvs_dir.iterdir():
+            # Only our own naming pattern: a misconfigured venvs_dir must never lose user files.
+            if entry.name.startswith(ENV_DIR_PREFIX) and entry.name not in known:
+                log.info("removing unregistered venv directory %s", entry)
+                await asyncio.to_thread(shutil.rmtree, entry, True)
+
+    # --- acquire (the hot path) -----------------------------------------------------------------
+
+    async def acquire(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
+        """The env for (uid, key) and where it came from: 'known', 'pool' or 'created'."""
+        self.acquires_in_flight += 1
+        self.idle.clear()
+        try:
+            async with self._key_locks[(uid, key)]:
+                return await self._acquire_locked(uid, key)
+        finally:
+            self.acquires_in_flight -= 1
+            if self.acquires_in_flight == 0:
+                self.idle.set()
+
+    async def _acquire_locked(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
+        record = self.store.find(uid, key)
+        if record is not None:
+            if record.state in (states.ASSIGNED, states.INSTALLING) and _interpreter_ok(record):
+                self.store.touch(record.id)
+                return record, "known"
+            # A broken or vanished env: there are no recorded user packages to restore yet,
+            # so a fresh venv is equivalent. Replace it rather than fail the kernel start.
+            reason = record.error or "its interpreter is missing"
+            log.warning("env %s for %r is unusable (%s); replacing it", record.id, key, reason)
+            if record.state != states.BROKEN:
+                self.store.transition(record.id, states.BROKEN, reason)
+            await self._remove(self.store.get(record.id))
+        claimed = self.store.claim_pooled(self.spec, uid, key)
+        if claimed is not None:
+            self.on_pool_claimed()
+            return claimed, "pool"
+        log.warning("pool empty: creating env for uid %d %r on demand", uid, key)
+        self.on_pool_claimed()
+        return await self.create(owner_uid=uid, key=key), "created"
+
+    # --- create / remove ------------------------------------------------------------------------
+
+    async def create(
+        self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
+    ) -> EnvRecord:
+        """Build one venv with uv: pooled when no owner is given, else assigned to (uid, key)."""
+        env_id = ENV_DIR_PREFIX + secrets.token_hex(6)
+        path = self.venvs_dir / env_id
+        record = self.store.insert_creating(
+            env_id, path, self.spec, self.config.python, owner_uid=owner_uid, key=key
+        )
+        started = time.monotonic()
+        try:
+            async with self._create_slots:
+                await self.uv.run(self.uv.venv_argv(str(path)), low_priority=low_priority)
+                await self.uv.run(
+                    self.uv.install_argv(
+                        str(path), self.config.kernel_packages, self.config.bytecode == "per-env"
+                    ),
+                    low_priority=low_priority,
+                )
+        except UvFailed as exc:
+            self.store.transition(record.id, states.BROKEN, str(exc))
+            await self._remove(self.store.get(record.id))
+            self.record_error("creating a venv failed: %s" % exc)
+            raise EnvUnavailable(
+                "could not build a Python environment: %s\nCheck that the package index is "
+                "reachable and the kernel_packages setting is valid." % exc
+            ) from None
+        except BaseException:
+            # Cancelled (shutdown) or an unexpected error: never leave a half-made venv behind.
+            self.store.transition(record.id, states.DELETING)
+            await asyncio.shield(self._remove(self.store.get(record.id)))
+            raise
+        target = states.ASSIGNED if owner_uid is not None else states.POOLED
+        record = self.store.transition(env_id, target)
+        log.info(
+            "built %s env %s in %.1f s%s", target, env_id, time.monotonic() - started,
+            " for %r" % (key,) if key else "",
+        )
+        return record
+
+    async def _remove(self, record: EnvRecord | None) -> None:
+        if record is None:
+            return
+        if record.state != states.DELETING:
+            self.store.transition(record.id, states.DELETING)
+        await asyncio.to_thread(shutil.rmtree, record.path, True)
+        self.store.delete(record.id)
+
+    def record_error(self, message: str) -> None:
+        self.last_errors.append({"time": time.time(), "message": message})
+        del self.last_errors[:-10]
+        log.error("%s", message)
+
+
+def _interpreter_ok(record: EnvRecord) -> bool:
+    return os.access(record.interpreter, os.X_OK)

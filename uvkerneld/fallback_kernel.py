@@ -1,0 +1,50 @@
+"""A minimal kernel that answers every cell with why the real env could not be provided.
+
+The stub execs this (from the daemon's own environment, which has ipykernel) when the daemon is
+unreachable or cannot build the notebook's env. Without it Jupyter would see the kernel die and
+restart it in a loop, and the user would never see the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ipykernel.ipkernel import IPythonKernel
+from ipykernel.kernelapp import IPKernelApp
+
+ERROR_VARIABLE = "UVKERNEL_ERROR"
+
+
+class EnvUnavailableKernel(IPythonKernel):
+    implementation = "uvkerneld-fallback"
+    banner = "uvkerneld could not provide this notebook's environment."
+
+    @property
+    def reason(self) -> str:
+        return os.environ.get(ERROR_VARIABLE, "unknown error")
+
+    async def do_execute(self, code: str, silent: bool, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        text = (
+            "uvkerneld could not provide this notebook's Python environment:\n\n%s\n\n"
+            "Fix the cause, then restart the kernel. `uvkernelctl status` shows the daemon's state."
+            % self.reason
+        )
+        if not silent:
+            self.send_response(self.iopub_socket, "stream", {"name": "stderr", "text": text + "\n"})
+        return {
+            "status": "error",
+            "execution_count": self.execution_count,
+            "ename": "EnvironmentUnavailable",
+            "evalue": self.reason,
+            "traceback": [text],
+        }
+
+
+def main() -> None:
+    IPKernelApp.launch_instance(kernel_class=EnvUnavailableKernel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

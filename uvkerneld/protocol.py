@@ -1,0 +1,360 @@
+"""The wire protocol between uvkerneld and its clients: pure, no sockets, standard library only.
+
+How it works
+------------
+Every message is one *frame*: a 4-byte big-endian unsigned length, then that many bytes of UTF-8
+JSON holding one object. Frames larger than ``MAX_FRAME_SIZE`` are refused before their body is
+read, so a client cannot make the daemon buffer unbounded data.
+
+A request is ``{"v": 1, "id": <int|str>, "op": <str>, "args": {...}}``. The daemon answers with
+exactly one final response carrying the same id, either
+``{"v": 1, "id": ..., "ok": true, "result": {...}}`` or
+``{"v": 1, "id": ..., "ok": false, "error": {"code": <stable code>, "message": <what to do>}}``.
+Long operations may send ``{"v": 1, "id": ..., "event": <name>, "data": ...}`` frames before the
+final response.
+
+Errors form one hierarchy split by who is at fault (the client sent something wrong, or the daemon
+could not do it); each carries a stable ``code`` that clients may branch on and a message written
+for a person.
+
+This module is imported by the kernel stub on every kernel start, so it must stay standard
+library only and cheap to import (no dataclasses/typing/inspect).
+"""
+
+import json
+import os
+import struct
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+MAX_FRAME_SIZE = 1 << 20  # 1 MiB: far above any real request, small enough to never hurt the daemon
+MAX_ID_LENGTH = 128
+MAX_PATH_LENGTH = 4096
+
+OPS = ("acquire", "status")
+KEY_KINDS = ("notebook", "env", "dir")
+ENV_NAME_MAX = 64
+_ENV_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class UvkError(Exception):
+    """Base of every error that can travel over the wire."""
+
+    code = "internal"
+    fault = "daemon"
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self):
+        return {"code": self.code, "message": self.message}
+
+
+class ClientFault(UvkError):
+    """The request was wrong; retrying it unchanged will fail again."""
+
+    fault = "client"
+    code = "bad_request"
+
+
+class FrameTooLarge(ClientFault):
+    code = "frame_too_large"
+
+
+class TruncatedFrame(ClientFault):
+    code = "truncated_frame"
+
+
+class NotJson(ClientFault):
+    code = "not_json"
+
+
+class BadRequest(ClientFault):
+    code = "bad_request"
+
+
+class UnknownOp(ClientFault):
+    code = "unknown_op"
+
+
+class UnsupportedVersion(ClientFault):
+    code = "unsupported_version"
+
+
+class NotAllowed(ClientFault):
+    code = "not_allowed"
+
+
+class NotFound(ClientFault):
+    code = "not_found"
+
+
+class DaemonFault(UvkError):
+    """The daemon could not do what was asked; the message says why and what to do."""
+
+    fault = "daemon"
+    code = "internal"
+
+
+class EnvUnavailable(DaemonFault):
+    code = "env_unavailable"
+
+
+class ShuttingDown(DaemonFault):
+    code = "shutting_down"
+
+
+class InternalError(DaemonFault):
+    code = "internal"
+
+
+ERROR_CLASSES = {
+    cls.code: cls
+    for cls in (
+        FrameTooLarge, TruncatedFrame, NotJson, BadRequest, UnknownOp, UnsupportedVersion,
+        NotAllowed, NotFound, EnvUnavailable, ShuttingDown, InternalError,
+    )
+}
+
+
+def error_from_wire(error):
+    """Rebuild the exception a response's ``error`` object describes (client side)."""
+    if not isinstance(error, dict):
+        return InternalError("daemon sent a malformed error: %r" % (error,))
+    cls = ERROR_CLASSES.get(error.get("code"), UvkError)
+    exc = cls(str(error.get("message", "")))
+    if cls is UvkError:
+        exc.code = str(error.get("code"))
+    return exc
+
+
+# --- framing ------------------------------------------------------------------------------------
+
+
+def encode_frame(message, max_size=MAX_FRAME_SIZE):
+    """Serialize one message object into a frame."""
+    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(body) > max_size:
+        raise FrameTooLarge(
+            "message of %d bytes exceeds the %d-byte frame limit" % (len(body), max_size)
+        )
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header, max_size=MAX_FRAME_SIZE):
+    """Length announced by a 4-byte frame header; refuses lengths over ``max_size``."""
+    if len(header) != HEADER_SIZE:
+        raise TruncatedFrame("frame header is %d bytes, expected %d" % (len(header), HEADER_SIZE))
+    (length,) = HEADER.unpack(header)
+    if length > max_size:
+        raise FrameTooLarge(
+            "frame of %d bytes exceeds the %d-byte limit; send smaller requests" % (length, max_size)
+        )
+    return length
+
+
+def decode_body(body):
+    """Parse a frame body into a JSON object (dict)."""
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise NotJson("frame body is not UTF-8 JSON: %s" % exc) from None
+    if not isinstance(message, dict):
+        raise BadRequest("a message must be a JSON object, got %s" % type(message).__name__)
+    return message
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, take complete message objects out."""
+
+    __slots__ = ("_buffer", "_max_size")
+
+    def __init__(self, max_size=MAX_FRAME_SIZE):
+        self._buffer = bytearray()
+        self._max_size = max_size
+
+    def feed(self, data):
+        self._buffer += data
+
+    def next_message(self):
+        """The next complete message, or None when more bytes are needed."""
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        length = frame_length(bytes(self._buffer[:HEADER_SIZE]), self._max_size)
+        end = HEADER_SIZE + length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[HEADER_SIZE:end])
+        del self._buffer[:end]
+        return decode_body(body)
+
+    def eof(self):
+        """The peer closed; leftover bytes mean a frame was cut short."""
+        if self._buffer:
+            raise TruncatedFrame(
+                "connection closed after %d bytes of an incomplete frame" % len(self._buffer)
+            )
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+class Request:
+    """A validated request. Build with ``parse_request``; an invalid one cannot exist."""
+
+    __slots__ = ("id", "op", "args")
+
+    def __init__(self, request_id, op, args):
+        self.id = request_id
+        self.op = op
+        self.args = args
+
+    def __repr__(self):
+        return "Request(id=%r, op=%r)" % (self.id, self.op)
+
+
+class EnvKey:
+    """Which env a client means: a notebook path, an explicit env name, or a folder's scratch env."""
+
+    __slots__ = ("kind", "value")
+
+    def __init__(self, kind, value):
+        self.kind = kind
+        self.value = value
+
+    def to_wire(self):
+        return {"kind": self.kind, "value": self.value}
+
+    def __eq__(self, other):
+        return isinstance(other, EnvKey) and (self.kind, self.value) == (other.kind, other.value)
+
+    def __hash__(self):
+        return hash((self.kind, self.value))
+
+    def __repr__(self):
+        return "%s:%s" % (self.kind, self.value)
+
+
+def request_id_of(message):
+    """The id of a message if it is usable, else None (so errors can still be correlated)."""
+    request_id = message.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+        return None
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_LENGTH:
+        return None
+    return request_id
+
+
+def parse_request(message):
+    """Validate a decoded message as a request."""
+    version = message.get("v")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BadRequest('"v" must be an integer protocol version, got %r' % (version,))
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            "this daemon speaks protocol %d, the client sent %d: use a client from the same "
+            "uvkerneld release as the daemon" % (PROTOCOL_VERSION, version)
+        )
+    if "id" not in message:
+        raise BadRequest('"id" is missing: every request needs an integer or string id')
+    request_id = request_id_of(message)
+    if request_id is None:
+        raise BadRequest(
+            '"id" must be an integer or a string of at most %d characters, got %r'
+            % (MAX_ID_LENGTH, _short(message.get("id")))
+        )
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise BadRequest('"op" must be a string, got %r' % (_short(op),))
+    if op not in OPS:
+        raise UnknownOp("unknown op %r; this daemon knows: %s" % (_short(op), ", ".join(OPS)))
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise BadRequest('"args" must be an object, got %s' % type(args).__name__)
+    return Request(request_id, op, _ARG_VALIDATORS[op](args))
+
+
+def _validate_acquire(args):
+    key = args.get("key")
+    if not isinstance(key, dict):
+        raise BadRequest('acquire needs "key": {"kind": ..., "value": ...}')
+    return {"key": parse_env_key(key.get("kind"), key.get("value"))}
+
+
+def _validate_status(args):
+    return {}
+
+
+_ARG_VALIDATORS = {"acquire": _validate_acquire, "status": _validate_status}
+
+
+def parse_env_key(kind, value):
+    """Validate an env key. Paths must be absolute and normalized; names are a safe charset."""
+    if kind not in KEY_KINDS:
+        raise BadRequest("key kind must be one of %s, got %r" % (", ".join(KEY_KINDS), _short(kind)))
+    if not isinstance(value, str) or not value:
+        raise BadRequest("key value must be a non-empty string, got %r" % (_short(value),))
+    if kind == "env":
+        if len(value) > ENV_NAME_MAX or value[0] in ".-" or not set(value) <= _ENV_NAME_CHARS:
+            raise BadRequest(
+                "env name %r is not allowed: use 1-%d letters, digits, '.', '_' or '-', "
+                "not starting with '.' or '-'" % (_short(value), ENV_NAME_MAX)
+            )
+        return EnvKey(kind, value)
+    if len(value) > MAX_PATH_LENGTH or "\0" in value:
+        raise BadRequest("%s path is too long or contains NUL" % kind)
+    if not value.startswith("/") or os.path.normpath(value) != value or value.startswith("//"):
+        raise BadRequest(
+            "%s path must be absolute and normalized (no '..', '.', or '//'), got %r"
+            % (kind, _short(value))
+        )
+    return EnvKey(kind, value)
+
+
+def _short(value, limit=80):
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+def request(request_id, op, args=None):
+    return {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args or {}}
+
+
+def ok_response(request_id, result):
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+
+
+def error_response(request_id, error):
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error.to_wire()}
+
+
+def event(request_id, name, data):
+    return {"v": PROTOCOL_VERSION, "id": request_id, "event": name, "data": data}
+
+
+def parse_response(message, expected_id):
+    """Client side: the result of a final response, or raise the error it carries.
+
+    Returns None for an event frame (the caller keeps reading).
+    """
+    if message.get("v") != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            "daemon answered with protocol %r, this client speaks %d: restart the daemon after "
+            "upgrading uvkerneld" % (message.get("v"), PROTOCOL_VERSION)
+        )
+    if message.get("id") != expected_id:
+        raise InternalError("daemon answered request %r, expected %r" % (message.get("id"), expected_id))
+    if "event" in message:
+        return None
+    if message.get("ok") is True:
+        result = message.get("result")
+        return result if isinstance(result, dict) else {}
+    raise error_from_wire(message.get("error"))

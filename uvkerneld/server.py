@@ -1,0 +1,336 @@
+"""The daemon: an asyncio Unix-socket server around the pure protocol, plus start-up and shutdown.
+
+Lifecycle (``Daemon.serve``): ``startup`` (dirs, single-instance lock, store, crash recovery,
+socket, pool) -> wait for SIGTERM/SIGINT -> ``shutdown`` (stop accepting, stop the pool filler and
+any uv run, drop connections, close the store, remove the socket we created). A second signal
+during shutdown forces exit.
+
+Each connection is served by one task that reads frames one at a time. The peer's uid comes from
+SO_PEERCRED, never from the message. After a successful ``acquire`` the connection becomes the
+kernel's *lifeline*: the stub execs ipykernel with the socket still open, and when the kernel dies
+the kernel closes it, which tells us the env no longer has a live kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from . import __version__, protocol, states
+from .config import Config
+from .envs import EnvManager
+from .pool import WarmPool
+from .protocol import UvkError
+from .store import Store
+from .uv import Uv, find_uv
+
+log = logging.getLogger("uvkerneld.server")
+
+FRAME_BODY_TIMEOUT = 30.0  # a client that starts a frame must finish it within this
+WRITE_TIMEOUT = 30.0
+SHUTDOWN_GRACE = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class PeerCredentials:
+    __slots__ = ("pid", "uid", "gid")
+
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        self.pid, self.uid, self.gid = pid, uid, gid
+
+
+def peer_credentials(sock: Any) -> PeerCredentials:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return PeerCredentials(*struct.unpack("3i", raw))
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.store: Store | None = None
+        self.envs: EnvManager | None = None
+        self.pool: WarmPool | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._lock_file: Any = None
+        self._bound_socket = False
+        self._stop = asyncio.Event()
+        self._connections: set[asyncio.Task[None]] = set()
+        # env id -> ids of connections that are live kernels' lifelines
+        self.live: dict[str, set[int]] = defaultdict(set)
+        self.kernels_started = {"known": 0, "pool": 0, "created": 0}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        await self.startup()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def startup(self) -> None:
+        config = self.config
+        private = config.mode == "user"
+        for directory in (config.state_dir, config.venvs_dir, config.cache_dir, config.socket.parent):
+            directory.mkdir(parents=True, exist_ok=True)
+        if private:
+            for directory in (config.state_dir, config.socket.parent):
+                os.chmod(directory, 0o700)
+        self._take_instance_lock()
+        uv_binary = find_uv(config.uv)
+        self.store = Store(config.store_path)
+        uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
+        self.envs = EnvManager(config, self.store, uv)
+        await self.envs.recover()
+        self.pool = WarmPool(self.envs, config.pool_size)
+        sock = self._bind_socket()
+        self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
+        log.info(
+            "uvkerneld %s ready: mode=%s socket=%s venvs=%s cache=%s pool=%d uv=%s",
+            __version__, config.mode, config.socket, config.venvs_dir, config.cache_dir,
+            config.pool_size, uv_binary,
+        )
+        self.pool.start()
+
+    def _take_instance_lock(self) -> None:
+        """One daemon per state dir: two would corrupt each other's venvs and store."""
+        path = self.config.state_dir / "uvkerneld.pid"
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            handle.seek(0)
+            other = handle.read().strip() or "?"
+            handle.close()
+            raise StartupError(
+                "another uvkerneld (pid %s) is already using %s; stop it first or pass a "
+                "different --state-dir" % (other, self.config.state_dir)
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write("%d\n" % os.getpid())
+        handle.flush()
+        self._lock_file = handle
+
+    def _bind_socket(self) -> socket.socket:
+        path = str(self.config.socket)
+        if os.path.exists(path) or os.path.islink(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(2.0)
+            try:
+                probe.connect(path)
+            except OSError:
+                # Nobody answers: a stale socket from a daemon that died. Safe to replace.
+                os.unlink(path)
+            else:
+                raise StartupError(
+                    "another daemon already answers on %s; refusing to take its socket "
+                    "(`uvkernelctl --socket %s status` shows it)" % (path, path)
+                )
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Create the socket with its final mode: no window where others could connect.
+        old_umask = os.umask(0o177 if self.config.mode == "user" else 0o111)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._bound_socket = True
+        return sock
+
+    async def shutdown(self) -> None:
+        log.info("stopping: no new connections")
+        if self._server is not None:
+            self._server.close()
+        if self.pool is not None:
+            await self.pool.stop()
+        # Connections: requests in flight get a grace period, then everything is cancelled.
+        pending = [task for task in self._connections if not task.done()]
+        if pending:
+            done, still = await asyncio.wait(pending, timeout=0.2)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=SHUTDOWN_GRACE)
+                log.info("closed %d open connection(s)", len(still))
+        if self._bound_socket:
+            try:
+                os.unlink(self.config.socket)
+            except FileNotFoundError:
+                pass
+        if self.store is not None:
+            self.store.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+        log.info("stopped")
+
+    # --- connections ----------------------------------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        connection_id = id(task)
+        lifeline_env: str | None = None
+        try:
+            peer = peer_credentials(writer.get_extra_info("socket"))
+            while True:
+                try:
+                    header = await reader.readexactly(protocol.HEADER_SIZE)
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        await self._send_error(writer, None, protocol.TruncatedFrame(
+                            "connection closed inside a frame header (%d of %d bytes)"
+                            % (len(exc.partial), protocol.HEADER_SIZE)))
+                    return
+                try:
+                    length = protocol.frame_length(header)
+                    body = await asyncio.wait_for(reader.readexactly(length), FRAME_BODY_TIMEOUT)
+                except protocol.FrameTooLarge as exc:
+                    # The stream cannot be resynchronised without reading the body: close.
+                    await self._send_error(writer, None, exc)
+                    return
+                except asyncio.IncompleteReadError as exc:
+                    await self._send_error(writer, None, protocol.TruncatedFrame(
+                        "connection closed after %d of %d body bytes" % (len(exc.partial), length)))
+                    return
+                except asyncio.TimeoutError:
+                    await self._send_error(writer, None, protocol.BadRequest(
+                        "frame body not received within %.0f s; closing" % FRAME_BODY_TIMEOUT))
+                    return
+                request_id = None
+                try:
+                    message = protocol.decode_body(body)
+                    request_id = protocol.request_id_of(message)
+                    request = protocol.parse_request(message)
+                    result = await self._dispatch(request, peer)
+                except UvkError as exc:
+                    await self._send_error(writer, request_id, exc)
+                    continue
+                except Exception:
+                    log.exception("internal error handling a request from pid %d", peer.pid)
+                    await self._send_error(writer, request_id, protocol.InternalError(
+                        "internal error in uvkerneld; the daemon log has the details"))
+                    continue
+                if request.op == "acquire" and lifeline_env is None:
+                    lifeline_env = result["env_id"]
+                    self.live[lifeline_env].add(connection_id)
+                await self._send(writer, protocol.ok_response(request.id, result))
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            if lifeline_env is not None:
+                self.live[lifeline_env].discard(connection_id)
+                if not self.live[lifeline_env]:
+                    del self.live[lifeline_env]
+                    log.info("kernel for env %s ended", lifeline_env)
+            self._connections.discard(task)
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write(protocol.encode_frame(message))
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+    async def _send_error(self, writer: asyncio.StreamWriter, request_id: Any, error: UvkError) -> None:
+        if error.fault == "client":
+            log.info("rejected request: %s: %s", error.code, error.message)
+        try:
+            await self._send(writer, protocol.error_response(request_id, error))
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+
+    # --- ops ------------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: protocol.Request, peer: PeerCredentials) -> dict[str, Any]:
+        self._authorize(peer)
+        if request.op == "acquire":
+            return await self._op_acquire(request.args["key"], peer)
+        if request.op == "status":
+            return self.status()
+        raise protocol.UnknownOp("op %r is not implemented" % request.op)  # pragma: no cover
+
+    def _authorize(self, peer: PeerCredentials) -> None:
+        # A user-mode daemon serves its own user only (its socket is 0600 anyway).
+        if self.config.mode == "user" and peer.uid != os.getuid():
+            raise protocol.NotAllowed(
+                "this uvkerneld serves uid %d only; uid %d should run its own daemon"
+                % (os.getuid(), peer.uid)
+            )
+
+    async def _op_acquire(self, key: protocol.EnvKey, peer: PeerCredentials) -> dict[str, Any]:
+        assert self.envs is not None
+        if self._stop.is_set():
+            raise protocol.ShuttingDown("uvkerneld is shutting down; start the kernel again in a moment")
+        started = time.monotonic()
+        record, source = await self.envs.acquire(peer.uid, key)
+        self.kernels_started[source] += 1
+        log.info(
+            "kernel start: pid=%d uid=%d key=%s env=%s source=%s%s (%.1f ms)",
+            peer.pid, peer.uid, key, record.id, source,
+            " (from pool)" if source == "pool" else "", (time.monotonic() - started) * 1000,
+        )
+        return {
+            "env_id": record.id,
+            "path": str(record.path),
+            "python": str(record.interpreter),
+            "source": source,
+            "key": key.to_wire(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        assert self.store is not None and self.pool is not None and self.envs is not None
+        by_state = self.store.count_by_state()
+        notebook_envs = sum(
+            n for state, n in by_state.items() if state not in (states.POOLED, states.CREATING)
+        ) + self.store.count_creating_owned()
+        return {
+            "version": __version__,
+            "protocol": protocol.PROTOCOL_VERSION,
+            "mode": self.config.mode,
+            "pid": os.getpid(),
+            "socket": str(self.config.socket),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "pool": self.pool.status(),
+            "envs": {
+                "total": notebook_envs,
+                "live": len(self.live),
+                "broken": by_state[states.BROKEN],
+                "by_state": by_state,
+            },
+            "kernels_started": dict(self.kernels_started),
+            "link_fallback_seen": self.envs.uv.link_fallback_seen,
+            "paths": self.config.public_summary(),
+            "errors": list(self.envs.last_errors),
+        }

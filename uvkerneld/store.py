@@ -1,0 +1,212 @@
+"""SQLite state: which envs exist, whose they are, what state they are in.
+
+One connection, used from the daemon's event loop thread only. WAL mode so readers (a future
+``uvkernelctl`` reading the db directly, backups) never block the daemon. Every query here is a
+few index lookups, cheap enough to run inline on the event loop: the hot path (acquire of a known
+notebook or a pool claim) is one small transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import states
+from .protocol import EnvKey
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS envs (
+    id            TEXT PRIMARY KEY,          -- also the venv's directory name
+    path          TEXT NOT NULL UNIQUE,
+    state         TEXT NOT NULL,
+    owner_uid     INTEGER,                   -- NULL while pooled
+    key_kind      TEXT,
+    key_value     TEXT,
+    spec          TEXT NOT NULL,             -- hash of what the venv was built from
+    python        TEXT NOT NULL,
+    from_pool     INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL,
+    assigned_at   REAL,
+    last_used_at  REAL,
+    error         TEXT,
+    UNIQUE (owner_uid, key_kind, key_value)
+);
+CREATE INDEX IF NOT EXISTS envs_by_state ON envs (state, spec);
+"""
+
+
+class EnvRecord:
+    __slots__ = (
+        "id", "path", "state", "owner_uid", "key", "spec", "python", "from_pool", "created_at",
+        "assigned_at", "last_used_at", "error",
+    )
+
+    def __init__(self, row: sqlite3.Row) -> None:
+        self.id = row["id"]
+        self.path = Path(row["path"])
+        self.state = row["state"]
+        self.owner_uid = row["owner_uid"]
+        self.key = EnvKey(row["key_kind"], row["key_value"]) if row["key_kind"] else None
+        self.spec = row["spec"]
+        self.python = row["python"]
+        self.from_pool = bool(row["from_pool"])
+        self.created_at = row["created_at"]
+        self.assigned_at = row["assigned_at"]
+        self.last_used_at = row["last_used_at"]
+        self.error = row["error"]
+
+    @property
+    def interpreter(self) -> Path:
+        return self.path / "bin" / "python"
+
+    def __repr__(self) -> str:
+        return "EnvRecord(%s, %s, %r)" % (self.id, self.state, self.key)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so transactions are explicit.
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._transaction():
+            for statement in _SCHEMA.strip().split(";\n"):
+                if statement.strip():
+                    self._db.execute(statement)
+            row = self._db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise RuntimeError(
+                    "state db %s has schema %s, newer than this uvkerneld understands (%d): "
+                    "upgrade uvkerneld" % (path, row["value"], SCHEMA_VERSION)
+                )
+
+    def close(self) -> None:
+        self._db.close()
+
+    class _Transaction:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            # IMMEDIATE takes the write lock up front: no upgrade deadlock with another writer.
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type: Any, *rest: Any) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _transaction(self) -> "Store._Transaction":
+        return Store._Transaction(self._db)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get(self, env_id: str) -> EnvRecord | None:
+        row = self._db.execute("SELECT * FROM envs WHERE id=?", (env_id,)).fetchone()
+        return EnvRecord(row) if row else None
+
+    def find(self, owner_uid: int, key: EnvKey) -> EnvRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM envs WHERE owner_uid=? AND key_kind=? AND key_value=?",
+            (owner_uid, key.kind, key.value),
+        ).fetchone()
+        return EnvRecord(row) if row else None
+
+    def all(self) -> Iterator[EnvRecord]:
+        for row in self._db.execute("SELECT * FROM envs ORDER BY created_at"):
+            yield EnvRecord(row)
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = {state: 0 for state in states.ALL_STATES}
+        for row in self._db.execute("SELECT state, COUNT(*) AS n FROM envs GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    def count_creating_owned(self) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) AS n FROM envs WHERE state=? AND owner_uid IS NOT NULL", (states.CREATING,)
+        ).fetchone()
+        return int(row["n"])
+
+    def count_pooled(self, spec: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) AS n FROM envs WHERE state=? AND spec=?", (states.POOLED, spec)
+        ).fetchone()
+        return int(row["n"])
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def insert_creating(
+        self, env_id: str, path: Path, spec: str, python: str,
+        owner_uid: int | None = None, key: EnvKey | None = None,
+    ) -> EnvRecord:
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO envs (id, path, state, owner_uid, key_kind, key_value, spec, python,"
+                " created_at, assigned_at, last_used_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    env_id, str(path), states.CREATING, owner_uid,
+                    key.kind if key else None, key.value if key else None, spec, python, now,
+                    now if key else None, now if key else None,
+                ),
+            )
+        record = self.get(env_id)
+        assert record is not None
+        return record
+
+    def transition(self, env_id: str, new_state: str, error: str | None = None) -> EnvRecord:
+        """Move an env to ``new_state``, checking the transition table inside the transaction."""
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM envs WHERE id=?", (env_id,)).fetchone()
+            if row is None:
+                raise KeyError(env_id)
+            states.check_transition(row["state"], new_state)
+            db.execute("UPDATE envs SET state=?, error=? WHERE id=?", (new_state, error, env_id))
+        record = self.get(env_id)
+        assert record is not None
+        return record
+
+    def claim_pooled(self, spec: str, owner_uid: int, key: EnvKey) -> EnvRecord | None:
+        """Hand the oldest ready pooled venv to (uid, key), atomically. No uv runs here."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, state FROM envs WHERE state=? AND spec=? ORDER BY created_at LIMIT 1",
+                (states.POOLED, spec),
+            ).fetchone()
+            if row is None:
+                return None
+            states.check_transition(row["state"], states.ASSIGNED)
+            db.execute(
+                "UPDATE envs SET state=?, owner_uid=?, key_kind=?, key_value=?, from_pool=1,"
+                " assigned_at=?, last_used_at=? WHERE id=?",
+                (states.ASSIGNED, owner_uid, key.kind, key.value, now, now, row["id"]),
+            )
+        return self.get(row["id"])
+
+    def touch(self, env_id: str) -> None:
+        self._db.execute("UPDATE envs SET last_used_at=? WHERE id=?", (time.time(), env_id))
+
+    def delete(self, env_id: str) -> None:
+        """Remove a row; only legal once the env is in ``deleting`` (its files are gone)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM envs WHERE id=?", (env_id,)).fetchone()
+            if row is None:
+                return
+            if row["state"] != states.DELETING:
+                raise states.IllegalTransition(
+                    "env %s must be in 'deleting' before its row is removed (is %r)" % (env_id, row["state"])
+                )
+            db.execute("DELETE FROM envs WHERE id=?", (env_id,))

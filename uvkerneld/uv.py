@@ -1,0 +1,137 @@
+"""Running uv: argv lists only (never a shell), the shared cache, the configured link mode.
+
+uv is found through the ``uv`` PyPI package (``uv.find_uv_bin()``) unless the config names one.
+Every run logs its argv, never its environment (it may carry index credentials or tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from typing import Callable, Sequence
+
+log = logging.getLogger("uvkerneld.uv")
+
+# uv prints this when the cache and the target are on different filesystems (or the filesystem
+# refuses links): every file is then copied and the disk savings silently disappear.
+_LINK_FALLBACK_MARKERS = ("falling back to", "Failed to hardlink", "Failed to clone")
+
+
+class UvFailed(Exception):
+    def __init__(self, argv: Sequence[str], returncode: int, output: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        super().__init__("uv %s exited with status %d:\n%s" % (argv[1] if len(argv) > 1 else "", returncode, tail))
+
+
+def find_uv(configured: str | None) -> str:
+    if configured:
+        resolved = shutil.which(configured)
+        if not resolved:
+            raise FileNotFoundError("uv binary %r (from config 'uv') not found" % configured)
+        return resolved
+    try:
+        import uv as uv_package
+
+        return uv_package.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        resolved = shutil.which("uv")
+        if resolved:
+            return resolved
+        raise FileNotFoundError("uv not found: `pip install uv` into the daemon's environment") from None
+
+
+class Uv:
+    def __init__(self, binary: str, cache_dir: str, link_mode: str, python: str) -> None:
+        self.binary = binary
+        self.cache_dir = cache_dir
+        self.link_mode = link_mode
+        self.python = python
+        self.link_fallback_seen = False
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The daemon's own venv (if any) must never leak into the venvs it builds.
+        for name in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME", "PYTHONPATH", "UV_PROJECT_ENVIRONMENT"):
+            env.pop(name, None)
+        env["UV_CACHE_DIR"] = self.cache_dir
+        env["UV_LINK_MODE"] = self.link_mode
+        # Only reachable registries: a venv must use the given interpreter, never a download.
+        env["UV_PYTHON_DOWNLOADS"] = "never"
+        env["UV_NO_PROGRESS"] = "1"
+        return env
+
+    def venv_argv(self, path: str) -> list[str]:
+        return [self.binary, "venv", "--quiet", "--no-project", "--python", self.python, path]
+
+    def install_argv(self, venv: str, packages: Sequence[str], compile_bytecode: bool) -> list[str]:
+        argv = [self.binary, "pip", "install", "--python", os.path.join(venv, "bin", "python")]
+        if compile_bytecode:
+            argv.append("--compile-bytecode")
+        argv.append("--")
+        argv.extend(packages)
+        return argv
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        low_priority: bool = False,
+        on_line: Callable[[str], None] | None = None,
+    ) -> str:
+        """Run uv, return its combined output; raise UvFailed on a non-zero exit."""
+        log.debug("running %s", " ".join(argv))
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self._env(),
+            cwd="/",
+            # Pool refills must not steal CPU from a kernel that is starting right now.
+            preexec_fn=(lambda: os.nice(10)) if low_priority else None,
+            start_new_session=True,
+        )
+        lines: list[str] = []
+        try:
+            assert process.stdout is not None
+            async for raw in process.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                lines.append(line)
+                if any(marker in line for marker in _LINK_FALLBACK_MARKERS):
+                    self.link_fallback_seen = True
+                    log.warning(
+                        "uv could not %s from the cache and copied files instead: put the cache "
+                        "(%s) and the venvs on the same filesystem to share disk (%s)",
+                        self.link_mode, self.cache_dir, line.strip(),
+                    )
+                if on_line is not None:
+                    on_line(line)
+            returncode = await process.wait()
+        except asyncio.CancelledError:
+            await _terminate(process)
+            raise
+        output = "\n".join(lines)
+        if returncode != 0:
+            raise UvFailed(argv, returncode, output)
+        return output
+
+
+async def _terminate(process: asyncio.subprocess.Process) -> None:
+    """Stop uv politely, then firmly; it runs in its own session so we signal the group."""
+    if process.returncode is not None:
+        return
+    try:
+        os.killpg(process.pid, 15)
+        try:
+            await asyncio.wait_for(process.wait(), 5.0)
+        except asyncio.TimeoutError:
+            log.warning("uv (pid %d) ignored SIGTERM for 5 s; killing it", process.pid)
+            os.killpg(process.pid, 9)
+            await process.wait()
+    except ProcessLookupError:
+        pass
