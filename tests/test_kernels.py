@@ -1,0 +1,207 @@
+"""Real kernels launched by jupyter_client from the installed kernelspec, through the stub."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytest
+from helpers import Daemon, Layout, process_alive, processes_matching, run_code, wait_until
+from jupyter_client.manager import KernelManager
+
+PREFIX_CODE = "import sys; print(sys.prefix)"
+
+
+@contextmanager
+def running_kernel(layout: Layout, kernelspec: str, cwd: str | None = None, **extra_env: str) -> Iterator[Any]:
+    env = layout.env
+    env.update(extra_env)
+    manager = KernelManager(kernel_name=kernelspec)
+    manager.start_kernel(env=env, cwd=cwd or str(layout.notebooks))
+    kernel = manager.client()
+    kernel.start_channels()
+    try:
+        kernel.wait_for_ready(timeout=180)
+        yield manager, kernel
+    finally:
+        kernel.stop_channels()
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=False)
+
+
+def kernel_prefix(layout: Layout, kernelspec: str, **extra_env: str) -> str:
+    with running_kernel(layout, kernelspec, **extra_env) as (_, kernel):
+        return run_code(kernel, PREFIX_CODE).strip()
+
+
+def test_notebooks_get_their_own_venvs_that_persist(layout: Layout, kernelspec: str) -> None:
+    daemon = Daemon(layout, "--pool-size", "2").start()
+    try:
+        notebook_a = str(layout.notebook("a.ipynb"))
+        notebook_b = str(layout.notebook("b.ipynb"))
+        with running_kernel(layout, kernelspec, JPY_SESSION_NAME=notebook_a) as (manager, kernel):
+            prefix_a = run_code(kernel, PREFIX_CODE).strip()
+            # Runs inside a venv under the venvs dir, not the base environment.
+            assert prefix_a.startswith(str(layout.venvs_dir) + os.sep)
+            assert prefix_a != sys.prefix
+            details = run_code(kernel, "import os, ipykernel; print(os.environ['VIRTUAL_ENV']); print(ipykernel.__file__)")
+            virtual_env, ipykernel_file = details.split()
+            assert virtual_env == prefix_a and ipykernel_file.startswith(prefix_a)
+            # Restart (as Jupyter's restart button does): same notebook, same venv.
+            manager.restart_kernel(now=False)
+            kernel.wait_for_ready(timeout=120)
+            assert run_code(kernel, PREFIX_CODE).strip() == prefix_a
+        prefix_b = kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=notebook_b)
+        assert prefix_b.startswith(str(layout.venvs_dir)) and prefix_b != prefix_a
+    finally:
+        assert daemon.stop() == 0
+    # A new daemon process reads the same store: notebook A still gets its venv.
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        assert kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=notebook_a) == prefix_a
+        assert "source=known" in daemon.log
+    finally:
+        daemon.stop()
+
+
+def test_interrupt_and_shutdown_reach_the_kernel(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+    notebook = str(layout.notebook("interrupt.ipynb"))
+    with running_kernel(layout, kernelspec, JPY_SESSION_NAME=notebook) as (manager, kernel):
+        pid = manager.provisioner.pid
+        # The stub exec'd: the process Jupyter started *is* the kernel.
+        assert run_code(kernel, "import os; print(os.getpid())").strip() == str(pid)
+        msg_id = kernel.execute("import time; time.sleep(60)")
+        wait_until(lambda: _saw_execute_input(kernel, msg_id), 30, "the sleep to start")
+        manager.interrupt_kernel()
+        reply = kernel.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kernel.get_shell_msg(timeout=30)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        # Still alive and usable after the interrupt.
+        assert run_code(kernel, "print(6 * 7)").strip() == "42"
+        connection_file = manager.connection_file
+        assert layout.status()["envs"]["live"] == 1
+    assert not process_alive(pid)
+    assert processes_matching(connection_file) == []
+    wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the daemon to see the kernel end")
+    assert "kernel for env" in daemon.log and "ended" in daemon.log
+
+
+def _saw_execute_input(kernel: Any, msg_id: str) -> bool:
+    try:
+        message = kernel.get_iopub_msg(timeout=0.2)
+    except queue.Empty:
+        return False
+    return message["msg_type"] == "execute_input" and message["parent_header"].get("msg_id") == msg_id
+
+
+def test_new_notebook_is_served_from_the_pool_and_the_pool_refills(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
+    daemon.wait_pool_full()
+    pooled_before = layout.status()["kernels_started"]["pool"]
+    prefix = kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=str(layout.notebook("fresh.ipynb")))
+    status = layout.status()
+    assert status["kernels_started"]["pool"] == pooled_before + 1
+    assert "source=pool (from pool)" in daemon.log
+    assert os.path.basename(prefix) in daemon.log
+    pool = daemon.wait_pool_full()
+    assert pool["ready"] == pool["target"] == 2
+
+
+def test_empty_pool_creates_on_demand_and_logs_it(layout: Layout, kernelspec: str) -> None:
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        prefix = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="scratch-1")
+        assert prefix.startswith(str(layout.venvs_dir))
+        assert "pool empty: creating env for uid %d env:scratch-1 on demand" % os.getuid() in daemon.log
+        assert layout.status()["kernels_started"]["created"] == 1
+    finally:
+        daemon.stop()
+
+
+def test_explicit_env_name_and_folder_scratch_env(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+    shared_1 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared")
+    shared_2 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared", JPY_SESSION_NAME=str(layout.notebook("x.ipynb")))
+    assert shared_1 == shared_2
+    # nbclient/papermill set no JPY_SESSION_NAME: the folder's scratch env, stable per folder.
+    folder_1 = kernel_prefix(layout, kernelspec)
+    folder_2 = kernel_prefix(layout, kernelspec)
+    assert folder_1 == folder_2 and folder_1 != shared_1
+
+
+def test_kernel_started_inside_a_uv_kernel_does_not_reuse_its_env(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
+    parent_notebook = str(layout.notebook("parent.ipynb"))
+    with running_kernel(layout, kernelspec, JPY_SESSION_NAME=parent_notebook) as (_, kernel):
+        parent_prefix, marker = run_code(
+            kernel, "import os, sys; print(sys.prefix); print(os.environ['UVKERNEL_KERNEL_IDENTITY'])"
+        ).splitlines()
+    # What `!papermill child.ipynb` inside the parent would pass on: the parent's whole env.
+    child_prefix = kernel_prefix(
+        layout, kernelspec, JPY_SESSION_NAME=parent_notebook, UVKERNEL_KERNEL_IDENTITY=marker
+    )
+    assert child_prefix != parent_prefix
+
+
+def test_unusable_env_name_shows_the_reason_in_the_notebook(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+    with running_kernel(layout, kernelspec, UVKERNEL_ENV="../../etc") as (_, kernel):
+        reply = kernel.execute_interactive("print('hello')", timeout=60)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "EnvironmentUnavailable"
+    assert "env name '../../etc' is not allowed" in reply["content"]["evalue"]
+
+
+def test_no_daemon_and_autostart_off_shows_the_reason_in_the_notebook(layout: Layout, kernelspec: str) -> None:
+    with running_kernel(layout, kernelspec, UVKERNELD_AUTOSTART="0") as (_, kernel):
+        reply = kernel.execute_interactive("1 + 1", timeout=60)
+    assert reply["content"]["ename"] == "EnvironmentUnavailable"
+    assert "uvkerneld is not running (nothing answers on %s)" % layout.socket in reply["content"]["evalue"]
+
+
+def test_a_damaged_env_is_replaced_instead_of_failing_the_kernel(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
+    notebook = str(layout.notebook("damaged.ipynb"))
+    first = kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=notebook)
+    os.unlink(os.path.join(first, "bin", "python"))  # someone broke it by hand
+    second = kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=notebook)
+    assert second != first and second.startswith(str(layout.venvs_dir))
+    assert not os.path.exists(first)
+    assert "is unusable" in daemon.log
+
+
+def test_ten_stubs_racing_start_exactly_one_daemon(layout: Layout, kernelspec: str) -> None:
+    assert layout.daemon_pid() is None and not layout.socket.exists()
+    managers = []
+    try:
+        for index in range(10):
+            env = layout.env
+            env["JPY_SESSION_NAME"] = str(layout.notebook("race-%d.ipynb" % index))
+            manager = KernelManager(kernel_name=kernelspec)
+            manager.start_kernel(env=env, cwd=str(layout.notebooks))
+            managers.append(manager)
+        prefixes = []
+        for manager in managers:
+            kernel = manager.client()
+            kernel.start_channels()
+            try:
+                kernel.wait_for_ready(timeout=240)
+                prefixes.append(run_code(kernel, PREFIX_CODE, timeout=60).strip())
+            finally:
+                kernel.stop_channels()
+        daemons = processes_matching("-m uvkerneld", str(layout.socket))
+        assert len(daemons) == 1, daemons
+        assert daemons == [layout.daemon_pid()]
+        assert len(set(prefixes)) == 10
+        assert all(prefix.startswith(str(layout.venvs_dir)) for prefix in prefixes)
+        assert layout.status()["envs"]["total"] == 10
+    finally:
+        for manager in managers:
+            if manager.has_kernel:
+                manager.shutdown_kernel(now=True)

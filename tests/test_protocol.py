@@ -1,0 +1,192 @@
+"""The wire protocol, driven without any I/O."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from uvkerneld import protocol
+from uvkerneld.protocol import (
+    BadRequest, FrameDecoder, FrameTooLarge, NotJson, TruncatedFrame, UnknownOp, UnsupportedVersion,
+)
+
+
+def frame_of(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def decode_one(data: bytes) -> dict:
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    message = decoder.next_message()
+    assert message is not None
+    return message
+
+
+def parse(data: dict) -> protocol.Request:
+    return protocol.parse_request(decode_one(protocol.encode_frame(data)))
+
+
+def test_request_round_trip() -> None:
+    message = protocol.request(7, "acquire", {"key": {"kind": "notebook", "value": "/home/a/x.ipynb"}})
+    request = parse(message)
+    assert request.id == 7 and request.op == "acquire"
+    assert request.args["key"] == protocol.EnvKey("notebook", "/home/a/x.ipynb")
+
+
+def test_response_and_error_round_trip() -> None:
+    ok = decode_one(protocol.encode_frame(protocol.ok_response("r1", {"path": "/v/e-1"})))
+    assert protocol.parse_response(ok, "r1") == {"path": "/v/e-1"}
+    error = protocol.error_response(3, protocol.NotAllowed("uid 1001 may not use env e-1"))
+    with pytest.raises(protocol.NotAllowed, match="uid 1001 may not"):
+        protocol.parse_response(decode_one(protocol.encode_frame(error)), 3)
+
+
+def test_event_frames_are_not_final() -> None:
+    event = decode_one(protocol.encode_frame(protocol.event(4, "output", "Resolved 3 packages")))
+    assert protocol.parse_response(event, 4) is None
+
+
+def test_decoder_handles_bytes_one_at_a_time_and_back_to_back_frames() -> None:
+    data = protocol.encode_frame(protocol.request(1, "status")) + protocol.encode_frame(protocol.request(2, "status"))
+    decoder = FrameDecoder()
+    seen = []
+    for byte in data:
+        decoder.feed(bytes([byte]))
+        message = decoder.next_message()
+        if message is not None:
+            seen.append(message["id"])
+    assert seen == [1, 2]
+    decoder.eof()  # nothing left over: no error
+
+
+def test_non_ascii_paths_survive() -> None:
+    request = parse(protocol.request(1, "acquire", {"key": {"kind": "notebook", "value": "/home/zoë/日本.ipynb"}}))
+    assert request.args["key"].value == "/home/zoë/日本.ipynb"
+
+
+@pytest.mark.parametrize(
+    "body, error, code",
+    [
+        (b"not json at all", NotJson, "not_json"),
+        (b"\xff\xfe\x00", NotJson, "not_json"),
+        (b'{"v": 1, "id": 1, "op": "status"', NotJson, "not_json"),
+        (b"[1, 2, 3]", BadRequest, "bad_request"),
+        (b'"a string"', BadRequest, "bad_request"),
+    ],
+)
+def test_malformed_bodies(body: bytes, error: type, code: str) -> None:
+    with pytest.raises(error) as caught:
+        decode_one(frame_of(body))
+    assert caught.value.code == code
+
+
+@pytest.mark.parametrize(
+    "message, error, fragment",
+    [
+        ({"v": "1", "id": 1, "op": "status"}, BadRequest, '"v" must be an integer'),
+        ({"v": True, "id": 1, "op": "status"}, BadRequest, '"v" must be an integer'),
+        ({"v": 2, "id": 1, "op": "status"}, UnsupportedVersion, "speaks protocol 1"),
+        ({"v": 1, "op": "status"}, BadRequest, '"id" is missing'),
+        ({"v": 1, "id": 1.5, "op": "status"}, BadRequest, '"id" must be an integer or a string'),
+        ({"v": 1, "id": [1], "op": "status"}, BadRequest, '"id" must be'),
+        ({"v": 1, "id": "x" * 500, "op": "status"}, BadRequest, '"id" must be'),
+        ({"v": 1, "id": 1, "op": 5}, BadRequest, '"op" must be a string'),
+        ({"v": 1, "id": 1, "op": "rm_rf"}, UnknownOp, "unknown op 'rm_rf'"),
+        ({"v": 1, "id": 1, "op": "status", "args": []}, BadRequest, '"args" must be an object'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {}}, BadRequest, 'acquire needs "key"'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": "x"}}, BadRequest, 'acquire needs "key"'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "file", "value": "/a"}}},
+         BadRequest, "key kind must be one of"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "notebook", "value": 3}}},
+         BadRequest, "non-empty string"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "notebook", "value": "a.ipynb"}}},
+         BadRequest, "must be absolute and normalized"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "notebook", "value": "/a/../etc/x.ipynb"}}},
+         BadRequest, "must be absolute and normalized"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "dir", "value": "/a\0b"}}},
+         BadRequest, "contains NUL"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "env", "value": "../../etc"}}},
+         BadRequest, "env name '../../etc' is not allowed"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "env", "value": "a/b"}}},
+         BadRequest, "env name 'a/b' is not allowed"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "env", "value": "x" * 65}}},
+         BadRequest, "is not allowed"),
+    ],
+)
+def test_invalid_requests(message: dict, error: type, fragment: str) -> None:
+    with pytest.raises(error) as caught:
+        parse(message)
+    assert fragment in caught.value.message
+    assert caught.value.code == error.code
+
+
+def test_request_id_is_kept_for_errors_when_usable() -> None:
+    assert protocol.request_id_of({"id": 9, "op": "nope"}) == 9
+    assert protocol.request_id_of({"id": True}) is None
+    assert protocol.request_id_of({}) is None
+
+
+def test_frame_too_large_is_refused_from_the_header_alone() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack(">I", protocol.MAX_FRAME_SIZE + 1))
+    with pytest.raises(FrameTooLarge) as caught:
+        decoder.next_message()
+    assert caught.value.code == "frame_too_large"
+
+
+def test_encoding_an_oversized_message_is_refused() -> None:
+    with pytest.raises(FrameTooLarge):
+        protocol.encode_frame({"blob": "x" * (protocol.MAX_FRAME_SIZE + 1)})
+
+
+@pytest.mark.parametrize("data", [b"\x00\x00", frame_of(b'{"v": 1, "id": 1, "op": "status"}')[:-3]])
+def test_truncated_frames(data: bytes) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    assert decoder.next_message() is None
+    with pytest.raises(TruncatedFrame) as caught:
+        decoder.eof()
+    assert caught.value.code == "truncated_frame"
+
+
+def test_error_codes_are_stable_and_rebuild_on_the_client() -> None:
+    assert sorted(protocol.ERROR_CLASSES) == sorted([
+        "frame_too_large", "truncated_frame", "not_json", "bad_request", "unknown_op",
+        "unsupported_version", "not_allowed", "not_found", "env_unavailable", "shutting_down",
+        "internal",
+    ])
+    for code, cls in protocol.ERROR_CLASSES.items():
+        rebuilt = protocol.error_from_wire({"code": code, "message": "m"})
+        assert type(rebuilt) is cls and rebuilt.message == "m"
+    unknown = protocol.error_from_wire({"code": "from_the_future", "message": "m"})
+    assert unknown.code == "from_the_future"
+
+
+def test_response_with_wrong_id_or_version_is_rejected() -> None:
+    with pytest.raises(protocol.InternalError):
+        protocol.parse_response(protocol.ok_response(2, {}), 1)
+    with pytest.raises(UnsupportedVersion):
+        protocol.parse_response({"v": 9, "id": 1, "ok": True}, 1)
+
+
+def test_protocol_module_imports_only_the_standard_library() -> None:
+    # The kernel stub imports it on every kernel start: it must stay light and dependency-free.
+    code = (
+        "import sys; before = set(sys.modules); import kernel_stub.stub; "
+        "import json; print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd="/")
+    loaded = json.loads(result.stdout)
+    ours = {"kernel_stub", "kernel_stub.stub", "uvkerneld", "uvkerneld.protocol", "uvkerneld.client",
+            "uvkerneld.locations"}
+    third_party = [
+        name for name in loaded
+        if name.split(".")[0] not in sys.stdlib_module_names and name not in ours
+    ]
+    assert third_party == []
+    assert "asyncio" not in loaded and "sqlite3" not in loaded
