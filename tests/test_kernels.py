@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import sys
@@ -205,3 +206,24 @@ def test_ten_stubs_racing_start_exactly_one_daemon(layout: Layout, kernelspec: s
         for manager in managers:
             if manager.has_kernel:
                 manager.shutdown_kernel(now=True)
+
+
+def test_kernelspec_runs_the_stub_from_an_absolute_interpreter(layout: Layout, kernelspec: str) -> None:
+    spec = json.loads((layout.kernel_prefix / "share" / "jupyter" / "kernels" / kernelspec / "kernel.json").read_text())
+    argv = spec["argv"]
+    # jupyter_client swaps a bare "python"/"python3" for its own interpreter; an absolute path is kept.
+    assert os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK)
+    assert argv[1:3] == ["-I", "-S"] and argv[3].endswith(os.path.join("kernel_stub", "__main__.py"))
+    assert argv[-2:] == ["-f", "{connection_file}"]
+    assert spec["display_name"] == "Python 3 (uv, per notebook)" and spec["interrupt_mode"] == "signal"
+
+
+def test_stub_also_runs_as_python_m_kernel_stub(daemon: Daemon, layout: Layout) -> None:
+    spec_dir = layout.kernel_prefix / "share" / "jupyter" / "kernels" / "uv-m"
+    spec_dir.mkdir(parents=True)
+    spec_dir.joinpath("kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "kernel_stub", "-f", "{connection_file}"],
+        "display_name": "uv (-m)", "language": "python",
+    }))
+    prefix = kernel_prefix(layout, "uv-m", UVKERNEL_ENV="via-m")
+    assert prefix.startswith(str(layout.venvs_dir))

@@ -19,6 +19,13 @@ class KernelspecError(Exception):
     pass
 
 
+def stub_entry_point() -> str:
+    """The stub's ``__main__.py``, run as a path with ``-I -S`` (see kernel_stub/__main__.py for why)."""
+    import kernel_stub
+
+    return os.path.join(os.path.dirname(os.path.abspath(kernel_stub.__file__)), "__main__.py")
+
+
 def kernel_json(
     display_name: str = DEFAULT_DISPLAY_NAME,
     socket: str | None = None,
@@ -41,7 +48,7 @@ def kernel_json(
         if value:
             env[variable] = os.path.abspath(value) if variable != "UVKERNELD_LINK_MODE" else value
     spec: dict[str, object] = {
-        "argv": [interpreter, "-m", "kernel_stub", "-f", "{connection_file}"],
+        "argv": [interpreter, "-I", "-S", stub_entry_point(), "-f", "{connection_file}"],
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",

@@ -1,0 +1,1 @@
+"""Benchmarks for uvkerneld: run ``python -m bench`` from the repository root."""
