@@ -59,8 +59,10 @@ class EnvManager:
         self.venvs_dir = config.venvs_dir
         self._key_locks: dict[tuple[int, EnvKey], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._create_slots = asyncio.Semaphore(config.max_parallel_creates)
-        # Number of acquires in flight; the pool filler defers new uv runs while it is non-zero.
+        # Acquires in flight and when the last one finished: the pool filler starts no uv run
+        # while a kernel start may still be importing ipykernel (see WarmPool.quiet_period).
         self.acquires_in_flight = 0
+        self.last_acquire_at = 0.0
         self.idle = asyncio.Event()
         self.idle.set()
         self.on_pool_claimed: Callable[[], None] = lambda: None
@@ -105,6 +107,7 @@ class EnvManager:
                 return await self._acquire_locked(uid, key)
         finally:
             self.acquires_in_flight -= 1
+            self.last_acquire_at = time.monotonic()
             if self.acquires_in_flight == 0:
                 self.idle.set()
 

@@ -93,7 +93,7 @@ class Uv:
             env=self._env(),
             cwd="/",
             # Pool refills must not steal CPU from a kernel that is starting right now.
-            preexec_fn=(lambda: os.nice(10)) if low_priority else None,
+            preexec_fn=_lowest_cpu_priority if low_priority else None,
             start_new_session=True,
         )
         lines: list[str] = []
@@ -119,6 +119,14 @@ class Uv:
         if returncode != 0:
             raise UvFailed(argv, returncode, output)
         return output
+
+
+def _lowest_cpu_priority() -> None:
+    """In the forked child before exec: SCHED_IDLE runs uv only on otherwise idle CPU time."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
 
 
 async def _terminate(process: asyncio.subprocess.Process) -> None:
