@@ -42,6 +42,7 @@ class Config:
     log_level: str
     kernel_packages: tuple[str, ...]
     max_parallel_creates: int
+    max_parallel_installs: int
     bytecode: str
     uv: str | None
     config_file: Path | None
@@ -105,7 +106,7 @@ def default_config_file(mode: str) -> Path:
 _PATH_KEYS = ("socket", "state_dir", "cache_dir", "venvs_dir")
 _KEYS = (
     "mode", *_PATH_KEYS, "pool_size", "link_mode", "python", "log_level", "kernel_packages",
-    "max_parallel_creates", "bytecode", "uv",
+    "max_parallel_creates", "max_parallel_installs", "bytecode", "uv",
 )
 
 
@@ -147,6 +148,7 @@ def load_config(
         "log_level": "info",
         "kernel_packages": None,
         "max_parallel_creates": max(1, os.cpu_count() or 1),
+        "max_parallel_installs": max(1, os.cpu_count() or 1),
         "bytecode": "per-env",
         "uv": None,
     }
@@ -167,6 +169,9 @@ def load_config(
     values["pool_size"] = _int("pool_size", values["pool_size"], source("pool_size"), 0, 64)
     values["max_parallel_creates"] = _int(
         "max_parallel_creates", values["max_parallel_creates"], source("max_parallel_creates"), 1, 64
+    )
+    values["max_parallel_installs"] = _int(
+        "max_parallel_installs", values["max_parallel_installs"], source("max_parallel_installs"), 1, 64
     )
     _check_choice("link_mode", values["link_mode"], LINK_MODES, source("link_mode"))
     values["log_level"] = str(values["log_level"]).lower()

@@ -32,7 +32,9 @@ from . import states
 from .config import Config
 from .protocol import EnvKey, EnvUnavailable
 from .store import EnvRecord, Store
+from .pipargs import requirement_name
 from .uv import Uv, UvFailed
+from .venvfiles import write_kernel_files
 
 log = logging.getLogger("uvkerneld.envs")
 
@@ -84,6 +86,10 @@ class EnvManager:
             elif record.state == states.POOLED and record.spec != self.spec:
                 log.info("removing pooled env %s built from an older configuration", record.id)
                 await self._remove(record)
+            elif record.state == states.INSTALLING:
+                log.warning("env %s was interrupted during a package install; it will be rebuilt "
+                            "from its recorded requirements at the next kernel start", record.id)
+                self.store.transition(record.id, states.BROKEN, "a package install was interrupted")
             elif record.state in (states.POOLED, states.ASSIGNED) and not _interpreter_ok(record):
                 if record.state == states.POOLED:
                     log.warning("pooled env %s is damaged (no interpreter); removing it", record.id)
@@ -117,13 +123,10 @@ class EnvManager:
             if record.state in (states.ASSIGNED, states.INSTALLING) and _interpreter_ok(record):
                 self.store.touch(record.id)
                 return record, "known"
-            # A broken or vanished env: there are no recorded user packages to restore yet,
-            # so a fresh venv is equivalent. Replace it rather than fail the kernel start.
-            reason = record.error or "its interpreter is missing"
-            log.warning("env %s for %r is unusable (%s); replacing it", record.id, key, reason)
-            if record.state != states.BROKEN:
-                self.store.transition(record.id, states.BROKEN, reason)
-            await self._remove(self.store.get(record.id))
+            return await self._rebuild(uid, key, record), "rebuilt"
+        return await self._new_env(uid, key)
+
+    async def _new_env(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
         claimed = self.store.claim_pooled(self.spec, uid, key)
         if claimed is not None:
             self.on_pool_claimed()
@@ -131,6 +134,36 @@ class EnvManager:
         log.warning("pool empty: creating env for uid %d %r on demand", uid, key)
         self.on_pool_claimed()
         return await self.create(owner_uid=uid, key=key), "created"
+
+    async def _rebuild(self, uid: int, key: EnvKey, record: EnvRecord) -> EnvRecord:
+        """Replace an unusable env by a fresh one holding the same recorded requirements."""
+        reason = record.error or "its interpreter is missing"
+        requirements = self.store.requirements(record.id)
+        log.warning(
+            "env %s for %r is unusable (%s); rebuilding it with %d recorded requirement(s)",
+            record.id, key, reason, len(requirements),
+        )
+        if record.state != states.BROKEN:
+            self.store.transition(record.id, states.BROKEN, reason)
+        await self._remove(self.store.get(record.id))
+        fresh, _ = await self._new_env(uid, key)
+        if requirements:
+            argv = self.uv.pip_argv(
+                str(fresh.path), "install", [], requirements, compile_bytecode=self.config.bytecode == "per-env"
+            )
+            try:
+                await self.uv.run(argv)
+            except UvFailed as exc:
+                self.store.transition(fresh.id, states.BROKEN, "rebuild failed: %s" % exc)
+                self.record_error("rebuilding env %s for %r failed: %s" % (fresh.id, key, exc))
+                raise EnvUnavailable(
+                    "this notebook's env was damaged (%s) and rebuilding it from its recorded "
+                    "requirements failed:\n%s" % (reason, exc)
+                ) from None
+            self.store.record_requirements(
+                fresh.id, {_requirement_key(r): r for r in requirements}, []
+            )
+        return fresh
 
     # --- create / remove ------------------------------------------------------------------------
 
@@ -147,6 +180,7 @@ class EnvManager:
         try:
             async with self._create_slots:
                 await self.uv.run(self.uv.venv_argv(str(path)), low_priority=low_priority)
+                write_kernel_files(path)
                 await self.uv.run(
                     self.uv.install_argv(
                         str(path), self.config.kernel_packages, self.config.bytecode == "per-env"
@@ -186,6 +220,10 @@ class EnvManager:
         self.last_errors.append({"time": time.time(), "message": message})
         del self.last_errors[:-10]
         log.error("%s", message)
+
+
+def _requirement_key(requirement: str) -> str:
+    return requirement_name(requirement) or requirement
 
 
 def _interpreter_ok(record: EnvRecord) -> bool:

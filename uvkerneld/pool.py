@@ -73,8 +73,10 @@ class WarmPool:
                 self.filling = 1
                 try:
                     record = await self.envs.create(low_priority=True)
-                except EnvUnavailable as exc:
+                except Exception as exc:  # noqa: BLE001 - the filler must survive any failure
                     self.last_error = str(exc)
+                    if not isinstance(exc, EnvUnavailable):
+                        log.exception("unexpected error while refilling the pool")
                     log.error("pool refill failed, retrying in %.0f s", backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _MAX_BACKOFF)

@@ -32,7 +32,8 @@ MAX_FRAME_SIZE = 1 << 20  # 1 MiB: far above any real request, small enough to n
 MAX_ID_LENGTH = 128
 MAX_PATH_LENGTH = 4096
 
-OPS = ("acquire", "status")
+OPS = ("acquire", "status", "pip", "installs")
+MAX_PIP_ARGS = 256
 KEY_KINDS = ("notebook", "env", "dir")
 ENV_NAME_MAX = 64
 _ENV_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -290,7 +291,33 @@ def _validate_status(args):
     return {}
 
 
-_ARG_VALIDATORS = {"acquire": _validate_acquire, "status": _validate_status}
+def _validate_env_path(args):
+    env = args.get("env")
+    if not isinstance(env, str) or not env.startswith("/") or os.path.normpath(env) != env or "\0" in env:
+        raise BadRequest('"env" must be the absolute path of a venv, got %r' % (_short(env),))
+    return env
+
+
+def _validate_pip(args):
+    argv = args.get("argv")
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or len(argv) > MAX_PIP_ARGS:
+        raise BadRequest('"argv" must be a list of at most %d strings' % MAX_PIP_ARGS)
+    files = args.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise BadRequest('"files" must be a list of strings (the contents of -r/-c files)')
+    return {"env": _validate_env_path(args), "argv": argv, "files": files}
+
+
+def _validate_installs(args):
+    return {"env": _validate_env_path(args)}
+
+
+_ARG_VALIDATORS = {
+    "acquire": _validate_acquire,
+    "status": _validate_status,
+    "pip": _validate_pip,
+    "installs": _validate_installs,
+}
 
 
 def parse_env_key(kind, value):

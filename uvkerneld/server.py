@@ -29,6 +29,7 @@ from typing import Any
 from . import __version__, protocol, states
 from .config import Config
 from .envs import EnvManager
+from .installs import InstallManager
 from .pool import WarmPool
 from .protocol import UvkError
 from .store import Store
@@ -64,6 +65,7 @@ class Daemon:
         self.store: Store | None = None
         self.envs: EnvManager | None = None
         self.pool: WarmPool | None = None
+        self.installs: InstallManager | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock_file: Any = None
         self._bound_socket = False
@@ -71,7 +73,7 @@ class Daemon:
         self._connections: set[asyncio.Task[None]] = set()
         # env id -> ids of connections that are live kernels' lifelines
         self.live: dict[str, set[int]] = defaultdict(set)
-        self.kernels_started = {"known": 0, "pool": 0, "created": 0}
+        self.kernels_started = {"known": 0, "pool": 0, "created": 0, "rebuilt": 0}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class Daemon:
         self.envs = EnvManager(config, self.store, uv)
         await self.envs.recover()
         self.pool = WarmPool(self.envs, config.pool_size)
+        self.installs = InstallManager(config, self.store, uv)
         sock = self._bind_socket()
         self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
         log.info(
@@ -235,7 +238,7 @@ class Daemon:
                     message = protocol.decode_body(body)
                     request_id = protocol.request_id_of(message)
                     request = protocol.parse_request(message)
-                    result = await self._dispatch(request, peer)
+                    result = await self._dispatch(request, peer, writer)
                 except UvkError as exc:
                     await self._send_error(writer, request_id, exc)
                     continue
@@ -273,13 +276,41 @@ class Daemon:
 
     # --- ops ------------------------------------------------------------------------------------
 
-    async def _dispatch(self, request: protocol.Request, peer: PeerCredentials) -> dict[str, Any]:
+    async def _dispatch(
+        self, request: protocol.Request, peer: PeerCredentials, writer: asyncio.StreamWriter
+    ) -> dict[str, Any]:
         self._authorize(peer)
         if request.op == "acquire":
             return await self._op_acquire(request.args["key"], peer)
         if request.op == "status":
             return self.status()
+        if request.op == "pip":
+            return await self._op_pip(request, peer, writer)
+        if request.op == "installs":
+            assert self.installs is not None
+            record = self.installs.owned_env(peer.uid, request.args["env"])
+            return {
+                "env_id": record.id,
+                "installs": self.store.installs(record.id) if self.store else [],
+                "requirements": self.store.requirements(record.id) if self.store else [],
+            }
         raise protocol.UnknownOp("op %r is not implemented" % request.op)  # pragma: no cover
+
+    async def _op_pip(
+        self, request: protocol.Request, peer: PeerCredentials, writer: asyncio.StreamWriter
+    ) -> dict[str, Any]:
+        assert self.installs is not None
+        if self._stop.is_set():
+            raise protocol.ShuttingDown("uvkerneld is shutting down; run the command again in a moment")
+
+        def send_line(line: str) -> None:
+            # Each line of uv's output goes out as it is produced. No drain here: a client
+            # that stopped reading must not stall the install (the buffer is bounded by uv's output).
+            if not writer.is_closing():
+                writer.write(protocol.encode_frame(protocol.event(request.id, "output", line)))
+
+        args = request.args
+        return await self.installs.run(peer.uid, args["env"], args["argv"], args["files"], send_line)
 
     def _authorize(self, peer: PeerCredentials) -> None:
         # A user-mode daemon serves its own user only (its socket is 0600 anyway).
@@ -330,6 +361,7 @@ class Daemon:
                 "by_state": by_state,
             },
             "kernels_started": dict(self.kernels_started),
+            "installs": self.installs.status() if self.installs else {},
             "link_fallback_seen": self.envs.uv.link_fallback_seen,
             "paths": self.config.public_summary(),
             "errors": list(self.envs.last_errors),

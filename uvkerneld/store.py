@@ -8,6 +8,7 @@ notebook or a pool claim) is one small transaction.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -37,6 +38,25 @@ CREATE TABLE IF NOT EXISTS envs (
     UNIQUE (owner_uid, key_kind, key_value)
 );
 CREATE INDEX IF NOT EXISTS envs_by_state ON envs (state, spec);
+CREATE TABLE IF NOT EXISTS installs (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    env_id        TEXT NOT NULL,
+    uid           INTEGER NOT NULL,
+    subcommand    TEXT NOT NULL,
+    argv          TEXT NOT NULL,             -- JSON list, as the user typed it
+    queued_at     REAL NOT NULL,
+    started_at    REAL,
+    finished_at   REAL,
+    exit_status   INTEGER
+);
+CREATE INDEX IF NOT EXISTS installs_by_env ON installs (env_id, id);
+CREATE TABLE IF NOT EXISTS requirements (
+    env_id        TEXT NOT NULL,
+    name          TEXT NOT NULL,             -- normalized project name, or the path/URL itself
+    requirement   TEXT NOT NULL,             -- as the user asked for it
+    added_at      REAL NOT NULL,
+    PRIMARY KEY (env_id, name)
+);
 """
 
 
@@ -196,6 +216,56 @@ class Store:
             )
         return self.get(row["id"])
 
+    def find_by_path(self, path: str) -> EnvRecord | None:
+        row = self._db.execute("SELECT * FROM envs WHERE path=?", (path,)).fetchone()
+        return EnvRecord(row) if row else None
+
+    # --- installs and requirements ----------------------------------------------------------
+
+    def insert_install(self, env_id: str, uid: int, subcommand: str, argv: list[str]) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO installs (env_id, uid, subcommand, argv, queued_at) VALUES (?,?,?,?,?)",
+            (env_id, uid, subcommand, json.dumps(argv), time.time()),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def install_started(self, install_id: int) -> None:
+        self._db.execute("UPDATE installs SET started_at=? WHERE id=?", (time.time(), install_id))
+
+    def install_finished(self, install_id: int, exit_status: int | None) -> None:
+        self._db.execute(
+            "UPDATE installs SET finished_at=?, exit_status=? WHERE id=?", (time.time(), exit_status, install_id)
+        )
+
+    def installs(self, env_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM installs WHERE env_id=? ORDER BY id DESC LIMIT ?", (env_id, limit)
+        ).fetchall()
+        return [
+            {key: (json.loads(row[key]) if key == "argv" else row[key]) for key in row.keys()}
+            for row in reversed(rows)
+        ]
+
+    def record_requirements(self, env_id: str, added: dict[str, str], removed: list[str]) -> None:
+        """Keep what the user asked for: ``added`` name -> requirement, ``removed`` names."""
+        now = time.time()
+        with self._transaction() as db:
+            for name in removed:
+                db.execute("DELETE FROM requirements WHERE env_id=? AND name=?", (env_id, name))
+            for name, requirement in added.items():
+                db.execute(
+                    "INSERT INTO requirements (env_id, name, requirement, added_at) VALUES (?,?,?,?)"
+                    " ON CONFLICT (env_id, name) DO UPDATE SET requirement=excluded.requirement,"
+                    " added_at=excluded.added_at",
+                    (env_id, name, requirement, now),
+                )
+
+    def requirements(self, env_id: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT requirement FROM requirements WHERE env_id=? ORDER BY name", (env_id,)
+        ).fetchall()
+        return [row["requirement"] for row in rows]
+
     def touch(self, env_id: str) -> None:
         self._db.execute("UPDATE envs SET last_used_at=? WHERE id=?", (time.time(), env_id))
 
@@ -210,3 +280,4 @@ class Store:
                     "env %s must be in 'deleting' before its row is removed (is %r)" % (env_id, row["state"])
                 )
             db.execute("DELETE FROM envs WHERE id=?", (env_id,))
+            db.execute("DELETE FROM requirements WHERE env_id=?", (env_id,))

@@ -76,6 +76,16 @@ class Uv:
         argv.extend(packages)
         return argv
 
+    def pip_argv(self, venv: str, subcommand: str, flags: Sequence[str], packages: Sequence[str],
+                 compile_bytecode: bool) -> list[str]:
+        argv = [self.binary, "pip", subcommand, "--python", os.path.join(venv, "bin", "python"), *flags]
+        if compile_bytecode and subcommand == "install":
+            argv.append("--compile-bytecode")
+        if packages:
+            argv.append("--")  # requirement strings can never be read as uv flags
+            argv.extend(packages)
+        return argv
+
     async def run(
         self,
         argv: Sequence[str],
@@ -84,6 +94,19 @@ class Uv:
         on_line: Callable[[str], None] | None = None,
     ) -> str:
         """Run uv, return its combined output; raise UvFailed on a non-zero exit."""
+        returncode, output = await self.run_unchecked(argv, low_priority=low_priority, on_line=on_line)
+        if returncode != 0:
+            raise UvFailed(argv, returncode, output)
+        return output
+
+    async def run_unchecked(
+        self,
+        argv: Sequence[str],
+        *,
+        low_priority: bool = False,
+        on_line: Callable[[str], None] | None = None,
+    ) -> tuple[int, str]:
+        """Run uv, streaming each output line to ``on_line``; return (exit status, output)."""
         log.debug("running %s", " ".join(argv))
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -115,10 +138,7 @@ class Uv:
         except asyncio.CancelledError:
             await _terminate(process)
             raise
-        output = "\n".join(lines)
-        if returncode != 0:
-            raise UvFailed(argv, returncode, output)
-        return output
+        return returncode, "\n".join(lines)
 
 
 def _lowest_cpu_priority() -> None:

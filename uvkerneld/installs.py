@@ -1,0 +1,189 @@
+"""Package commands from notebooks: authorized, validated, queued per env, run by uv, streamed.
+
+How the locking works
+---------------------
+Each env has one asyncio.Lock. asyncio.Lock wakes waiters in arrival order, so commands into
+one env run strictly one at a time, first come first served, and never interleave. A global
+semaphore (``max_parallel``, default: the number of cores) bounds how many envs install at
+once; an install takes its env's lock first, then a slot, so a long queue for one env never
+holds slots that other envs could use.
+
+Every command is recorded in the store (queued, started, finished, exit status). A mutating
+command moves the env ``assigned -> installing -> assigned``; a daemon killed in between leaves
+``installing`` behind, which start-up recovery reports and the next acquire repairs by
+rebuilding the env from its recorded requirements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import tempfile
+from collections import defaultdict
+from typing import Any, Callable
+
+from . import pipargs, protocol, states
+from .config import Config
+from .store import EnvRecord, Store
+from .uv import Uv
+
+log = logging.getLogger("uvkerneld.installs")
+
+_CHANGE_LINE = re.compile(r"^ ([+\-~]) ([A-Za-z0-9][A-Za-z0-9._-]*)")
+MUTATING = ("install", "uninstall")
+
+
+def changed_distributions(output: str) -> dict[str, list[str]]:
+    """Parse uv's ``+ name==1.0`` / ``- name==0.9`` lines into added/removed project names."""
+    added: list[str] = []
+    removed: list[str] = []
+    for line in output.splitlines():
+        match = _CHANGE_LINE.match(line)
+        if match:
+            name = pipargs.normalize_name(match.group(2))
+            (removed if match.group(1) == "-" else added).append(name)
+    return {"added": sorted(set(added)), "removed": sorted(set(removed))}
+
+
+class InstallManager:
+    def __init__(self, config: Config, store: Store, uv: Uv) -> None:
+        self.config = config
+        self.store = store
+        self.uv = uv
+        self._env_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._slots = asyncio.Semaphore(config.max_parallel_installs)
+        self.running = 0
+        self.queued = 0
+
+    def status(self) -> dict[str, int]:
+        return {"running": self.running, "queued": self.queued, "max_parallel": self.config.max_parallel_installs}
+
+    def owned_env(self, uid: int, env_path: str) -> EnvRecord:
+        """The env at ``env_path`` if ``uid`` owns it; never tells a stranger whether it exists."""
+        record = self.store.find_by_path(env_path)
+        if record is None or record.owner_uid is None or record.owner_uid != uid:
+            raise protocol.NotAllowed(
+                "uid %d does not own an env at %s: packages can only be changed in your own "
+                "notebook's env" % (uid, env_path)
+            )
+        return record
+
+    async def run(
+        self, uid: int, env_path: str, argv: list[str], files: list[str], send_line: Callable[[str], None]
+    ) -> dict[str, Any]:
+        record = self.owned_env(uid, env_path)
+        command = self._validate(argv, files)
+        install_id = self.store.insert_install(record.id, uid, command.subcommand, argv)
+        self.queued += 1
+        dequeued = False
+        try:
+            async with self._env_locks[record.id]:
+                async with self._slots:
+                    self.queued -= 1
+                    dequeued = True
+                    self.running += 1
+                    try:
+                        return await self._run_locked(record, command, files, install_id, send_line)
+                    finally:
+                        self.running -= 1
+        finally:
+            if not dequeued:
+                self.queued -= 1
+
+    def _validate(self, argv: list[str], files: list[str]) -> pipargs.PipCommand:
+        try:
+            command = pipargs.parse_command(argv)
+            if len(files) != len(command.files):
+                raise pipargs.PipUsageError(
+                    "%d requirement file(s) named but %d sent" % (len(command.files), len(files))
+                )
+            local_paths = list(command.local_paths)
+            for text in files:
+                local_paths.extend(pipargs.check_requirements_text(text))
+        except pipargs.PipUsageError as exc:
+            raise protocol.BadRequest(str(exc)) from None
+        if local_paths and self.config.mode == "system":
+            raise protocol.NotAllowed(
+                "installing from a local path (%s) is not possible on a shared host: the daemon "
+                "never reads your files. Build a wheel and install it from an index instead."
+                % local_paths[0]
+            )
+        for path in local_paths:
+            candidate = path.split(None, 1)[-1] if path.startswith("-") else path
+            if not (candidate.startswith(("/", "file:")) or "://" in candidate):
+                raise protocol.BadRequest(
+                    "local path %r must be absolute (the pip shim resolves it against your cwd)" % candidate
+                )
+        return command
+
+    async def _run_locked(
+        self, record: EnvRecord, command: pipargs.PipCommand, files: list[str], install_id: int,
+        send_line: Callable[[str], None],
+    ) -> dict[str, Any]:
+        record = self.store.get(record.id) or record
+        mutating = command.subcommand in MUTATING
+        if record.state != states.ASSIGNED:
+            raise protocol.EnvUnavailable(
+                "env %s is %s%s; restart the kernel to repair it"
+                % (record.id, record.state, ": " + record.error if record.error else "")
+            )
+        if mutating:
+            self.store.transition(record.id, states.INSTALLING)
+        self.store.install_started(install_id)
+        log.info("pip %s in env %s (install #%d): %s", command.subcommand, record.id, install_id,
+                 " ".join(command.uv_flags + command.packages))
+        returncode: int | None = None
+        try:
+            with tempfile.TemporaryDirectory(prefix="uvkerneld-req-") as scratch:
+                flags = self._materialize_files(command, files, scratch)
+                argv = self.uv.pip_argv(
+                    str(record.path), command.subcommand, flags, command.packages,
+                    compile_bytecode=self.config.bytecode == "per-env",
+                )
+                returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)
+        except BaseException:
+            # Cancelled (daemon shutdown) or failed to run uv: uv may have stopped half-way, so
+            # the env is not trusted until rebuilt from its recorded requirements.
+            self.store.install_finished(install_id, None)
+            if mutating:
+                self.store.transition(record.id, states.BROKEN, "pip %s was interrupted" % command.subcommand)
+            raise
+        self.store.install_finished(install_id, returncode)
+        if mutating:
+            # Success or a clean uv failure both leave a consistent env: uv resolves before it
+            # changes anything and replaces each package as a unit.
+            self.store.transition(record.id, states.ASSIGNED)
+        changes = changed_distributions(output)
+        if returncode == 0 and mutating:
+            self._record(record.id, command, files, changes)
+        log.info("pip %s in env %s finished with status %d", command.subcommand, record.id, returncode)
+        return {"exit_status": returncode, "changed": changes, "install_id": install_id}
+
+    @staticmethod
+    def _materialize_files(command: pipargs.PipCommand, files: list[str], scratch: str) -> list[str]:
+        flags = []
+        for flag in command.uv_flags:
+            if flag.startswith("@file:"):
+                index = int(flag.split(":", 1)[1])
+                path = os.path.join(scratch, "requirements-%d.txt" % index)
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(files[index])
+                flags.append(path)
+            else:
+                flags.append(flag)
+        return flags
+
+    def _record(self, env_id: str, command: pipargs.PipCommand, files: list[str], changes: dict[str, list[str]]) -> None:
+        asked = list(command.requirements)
+        for (flag, _), text in zip(command.files, files):
+            if flag == "-r":
+                asked.extend(pipargs.requirement_lines(text))
+        by_name = {}
+        for requirement in asked:
+            by_name[pipargs.requirement_name(requirement) or requirement] = requirement
+        if command.subcommand == "install":
+            self.store.record_requirements(env_id, by_name, [])
+        else:
+            self.store.record_requirements(env_id, {}, list(by_name))

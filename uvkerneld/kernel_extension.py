@@ -1,0 +1,95 @@
+"""IPython extension loaded in every uvkerneld kernel (copied into the venv as _uvkerneld_kernel).
+
+``%pip ...`` and ``%uv pip ...`` run the env's ``bin/pip`` / ``bin/uv`` shims, which send the
+command to uvkerneld; never ``sys.executable -m pip`` (uv venvs have no pip) and never another
+environment. Output streams into the cell line by line. Afterwards, if a package that changed
+was already imported, print IPython's usual restart note. The exit status is left in
+``_exit_code``, as ``!cmd`` does.
+
+Standalone on purpose: the venv does not have uvkerneld installed.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+
+def _imported_top_level_names(distributions):
+    """Top-level modules of these distributions that are already imported in this kernel."""
+    if not distributions:
+        return []
+    try:
+        from importlib.metadata import packages_distributions
+
+        mapping = packages_distributions()
+    except Exception:  # pragma: no cover - metadata problems must never break %pip
+        return []
+    wanted = {_normalize(name) for name in distributions}
+    return sorted(
+        module for module, dists in mapping.items()
+        if module in sys.modules and any(_normalize(d) in wanted for d in dists)
+    )
+
+
+def _normalize(name):
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _run_shim(shell, program, line):
+    shim = os.path.join(sys.prefix, "bin", program)
+    try:
+        args = shlex.split(line)
+    except ValueError as exc:
+        print("%s: error: cannot parse the command line: %s" % (program, exc), file=sys.stderr)
+        shell.user_ns["_exit_code"] = 2
+        return
+    imported_before = set(sys.modules)
+    with tempfile.NamedTemporaryFile(prefix="uvkerneld-changes-", suffix=".json", delete=False) as report:
+        report_path = report.name
+    try:
+        env = dict(os.environ, UVKERNEL_CHANGES_FILE=report_path, PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(
+            [shim] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        for raw in process.stdout:
+            sys.stdout.write(raw.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        exit_status = process.wait()
+        try:
+            with open(report_path) as handle:
+                changed = json.load(handle)
+        except (OSError, ValueError):
+            changed = {}
+    finally:
+        try:
+            os.unlink(report_path)
+        except OSError:
+            pass
+    shell.user_ns["_exit_code"] = exit_status
+    touched = list(changed.get("added", [])) + list(changed.get("removed", []))
+    stale = [name for name in _imported_top_level_names(touched) if name in imported_before]
+    if stale:
+        print("Note: you may need to restart the kernel to use updated packages.")
+
+
+def load_ipython_extension(shell):
+    def pip(line):
+        """Install packages into this notebook's own env, through uvkerneld (uv, shared cache).
+
+        Usage: %pip install [-U] [-r FILE] [--pre] [--no-deps] PACKAGE...
+               %pip uninstall [-y] PACKAGE... | %pip list | %pip freeze | %pip show PACKAGE
+        """
+        _run_shim(shell, "pip", line)
+
+    def uv(line):
+        """Run ``uv pip ...`` in this notebook's own env, through uvkerneld."""
+        _run_shim(shell, "uv", line)
+
+    shell.register_magic_function(pip, "line", "pip")
+    shell.register_magic_function(uv, "line", "uv")

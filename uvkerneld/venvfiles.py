@@ -1,0 +1,58 @@
+"""Files uvkerneld writes into every venv it builds, so package commands reach the daemon.
+
+- ``bin/pip``, ``bin/pip3``, ``bin/uv``: shims, first on the kernel's PATH (the stub puts
+  ``<venv>/bin`` first), for ``!pip install`` and any subprocess of the kernel. They run the
+  daemon's own interpreter with ``-IS`` (no site, no cwd on sys.path) and only this
+  distribution's directory added, so the venv's packages can never break them.
+- ``etc/ipython/ipython_kernel_config.py``: IPython reads ``<sys.prefix>/etc/ipython`` at kernel
+  start; it loads the ``_uvkerneld_kernel`` extension that replaces ``%pip`` and adds ``%uv``.
+- ``_uvkerneld_kernel.py`` in site-packages: that extension (standalone: the venv does not have
+  uvkerneld installed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+SHIM_PROGRAMS = ("pip", "pip3", "uv")
+EXTENSION_MODULE = "_uvkerneld_kernel"
+_EXTENSION_SOURCE = Path(__file__).with_name("kernel_extension.py")
+_DISTRIBUTION_DIR = str(Path(__file__).resolve().parent.parent)
+
+_SHIM = """#!{python} -IS
+# Written by uvkerneld: package commands in this notebook's env go through the daemon, which
+# queues them per env and runs uv with the shared cache. See `uvkernelctl status`.
+import sys
+sys.path.append({distribution_dir!r})
+from uvkerneld.shim import main
+sys.exit(main({program!r}, {venv!r}))
+"""
+
+_KERNEL_CONFIG = """# Written by uvkerneld: %pip and %uv install into this notebook's own env through the daemon.
+c = get_config()  # noqa: F821
+c.InteractiveShellApp.extensions.append({module!r})
+"""
+
+
+def site_packages(venv: Path) -> Path:
+    candidates = sorted(venv.glob("lib/python*/site-packages"))
+    if not candidates:
+        raise FileNotFoundError("no lib/python*/site-packages in %s" % venv)
+    return candidates[0]
+
+
+def write_kernel_files(venv: Path, python: str | None = None) -> None:
+    interpreter = os.path.abspath(python or sys.executable)
+    for program in SHIM_PROGRAMS:
+        path = venv / "bin" / program
+        path.write_text(_SHIM.format(
+            python=interpreter, distribution_dir=_DISTRIBUTION_DIR, program=program, venv=str(venv)
+        ))
+        path.chmod(0o755)
+    config_dir = venv / "etc" / "ipython"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "ipython_kernel_config.py").write_text(_KERNEL_CONFIG.format(module=EXTENSION_MODULE))
+    shutil.copyfile(_EXTENSION_SOURCE, site_packages(venv) / (EXTENSION_MODULE + ".py"))
