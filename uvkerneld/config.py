@@ -96,6 +96,17 @@ def _defaults(mode: str) -> dict[str, Any]:
     }
 
 
+def default_mode(environ: Mapping[str, str]) -> str:
+    """``system`` when systemd's system instance started us directly, else ``user``.
+
+    Services get INVOCATION_ID; only the user manager sets MANAGERPID; and the system manager
+    is pid 1, our parent. Checking all three keeps a test run under some CI service user-mode.
+    """
+    if environ.get("INVOCATION_ID") and not environ.get("MANAGERPID") and os.getppid() == 1:
+        return "system"
+    return "user"
+
+
 def default_config_file(mode: str) -> Path:
     if mode == "system":
         return Path("/etc/uvkerneld/config.toml")
@@ -124,7 +135,7 @@ def load_config(
     from_env = {key: environ[env_var(key)] for key in _KEYS if environ.get(env_var(key))}
 
     config_file_source = flags.get("config") or environ.get("UVKERNELD_CONFIG")
-    mode = str(flags.get("mode") or from_env.get("mode") or "user")
+    mode = str(flags.get("mode") or from_env.get("mode") or default_mode(environ))
     _check_choice("mode", mode, MODES, "--mode/UVKERNELD_MODE")
     if config_file_source:
         config_file: Path | None = Path(config_file_source).expanduser()

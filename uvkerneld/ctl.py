@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--venvs-dir", metavar="DIR", help="venvs dir for a daemon this kernel starts")
     spec.add_argument("--link-mode", choices=LINK_MODES, help="uv link mode for a daemon this kernel starts")
 
+    units = commands.add_parser("install-systemd", help="install the systemd socket and service units")
+    units.add_argument("--user", action="store_true", help="user units (systemctl --user), else system units")
+    units.add_argument("--prefix", metavar="DIR", help="write under DIR instead of / (or ~/.config with --user)")
+
     try_kernel = commands.add_parser(
         "try", help="start a kernel from the installed kernelspec, run code in it, stop it"
     )
@@ -88,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_install_kernelspec(args)
         if args.command == "try":
             return cmd_try(args)
+        if args.command == "install-systemd":
+            return cmd_install_systemd(args)
     except CtlError as exc:
         print("uvkernelctl: %s" % exc, file=sys.stderr)
         return exc.exit_code
@@ -173,6 +179,24 @@ def cmd_install_kernelspec(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CtlError("cannot write the kernelspec: %s" % exc, EXIT_USAGE) from None
     print("installed kernelspec %r (%s) in %s" % (args.name, args.display_name, destination))
+    return EXIT_OK
+
+
+def cmd_install_systemd(args: argparse.Namespace) -> int:
+    from .systemd_units import SystemdInstallError, install
+
+    try:
+        written = install(user=args.user, prefix=args.prefix)
+    except SystemdInstallError as exc:
+        raise CtlError(str(exc), EXIT_USAGE) from None
+    except OSError as exc:
+        raise CtlError("cannot write the units: %s" % exc, EXIT_USAGE) from None
+    for path in written:
+        print("wrote %s" % path)
+    if args.user:
+        print("next: systemctl --user enable --now uvkerneld.socket")
+    else:
+        print("next: systemctl enable --now uvkerneld.socket")
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ Venvs are never moved after creation: uv writes absolute paths into their script
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -207,6 +208,13 @@ class EnvManager:
             " for %r" % (key,) if key else "",
         )
         return record
+
+    async def remove(self, record: EnvRecord) -> None:
+        """Delete an env on request. Callers check ownership and that no kernel uses it."""
+        async with self._key_locks[(record.owner_uid, record.key)] if record.key else contextlib.nullcontext():
+            current = self.store.get(record.id)
+            if current is not None:
+                await self._remove(current)
 
     async def _remove(self, record: EnvRecord | None) -> None:
         if record is None:

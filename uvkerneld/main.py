@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    flags = {key: value for key, value in vars(args).items()}
+    flags = {key: value for key, value in vars(args).items() if value is not None}
     try:
         config = load_config(flags)
     except ConfigError as exc:
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .server import Daemon, StartupError
 
     try:
-        asyncio.run(Daemon(config).serve())
+        asyncio.run(Daemon(config, flags).serve())
     except StartupError as exc:
         logging.getLogger("uvkerneld").error("%s", exc)
         return 1

@@ -32,7 +32,7 @@ MAX_FRAME_SIZE = 1 << 20  # 1 MiB: far above any real request, small enough to n
 MAX_ID_LENGTH = 128
 MAX_PATH_LENGTH = 4096
 
-OPS = ("acquire", "status", "pip", "installs")
+OPS = ("acquire", "status", "pip", "installs", "remove")
 MAX_PIP_ARGS = 256
 KEY_KINDS = ("notebook", "env", "dir")
 ENV_NAME_MAX = 64
@@ -317,6 +317,7 @@ _ARG_VALIDATORS = {
     "status": _validate_status,
     "pip": _validate_pip,
     "installs": _validate_installs,
+    "remove": _validate_installs,
 }
 
 

@@ -14,6 +14,7 @@ the kernel closes it, which tells us the env no longer has a live kernel.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, protocol, states
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .installs import InstallManager
+from .notify import Notifier, inherited_listener
 from .pool import WarmPool
 from .protocol import UvkError
 from .store import Store
@@ -39,7 +41,8 @@ log = logging.getLogger("uvkerneld.server")
 
 FRAME_BODY_TIMEOUT = 30.0  # a client that starts a frame must finish it within this
 WRITE_TIMEOUT = 30.0
-SHUTDOWN_GRACE = 10.0
+SHUTDOWN_GRACE = 30.0  # running installs/acquires get this long to finish on SIGTERM
+STATUS_INTERVAL = 5.0
 
 
 class StartupError(Exception):
@@ -59,9 +62,15 @@ def peer_credentials(sock: Any) -> PeerCredentials:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, flags: dict[str, Any] | None = None) -> None:
         self.config = config
+        self.flags = dict(flags or {})  # kept so SIGHUP can reload the config file under them
         self.started_at = time.time()
+        self.notifier = Notifier()
+        self.socket_activated = False
+        self.shutdown_grace = SHUTDOWN_GRACE
+        self._busy: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
         self.store: Store | None = None
         self.envs: EnvManager | None = None
         self.pool: WarmPool | None = None
@@ -78,14 +87,41 @@ class Daemon:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        await self.startup()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         try:
+            await self.startup()
             await self._stop.wait()
         finally:
             await self.shutdown()
+
+    def _on_reload(self) -> None:
+        log.info("SIGHUP received: reloading the configuration")
+        try:
+            new = load_config(self.flags)
+        except ConfigError as exc:
+            log.error("configuration not reloaded: %s", exc)
+            return
+        changed = [
+            field.name for field in dataclasses.fields(Config)
+            if getattr(new, field.name) != getattr(self.config, field.name)
+        ]
+        applied = []
+        if new.log_level != self.config.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+            applied.append("log_level")
+        if new.pool_size != self.config.pool_size and self.pool is not None:
+            self.pool.target = new.pool_size
+            self.pool.wake()
+            applied.append("pool_size")
+        needs_restart = [name for name in changed if name not in applied]
+        self.config = dataclasses.replace(self.config, log_level=new.log_level, pool_size=new.pool_size)
+        log.info(
+            "configuration reloaded: applied %s%s", ", ".join(applied) or "nothing",
+            "; restart to apply %s" % ", ".join(needs_restart) if needs_restart else "",
+        )
 
     def _on_signal(self, signum: int) -> None:
         if self._stop.is_set():
@@ -99,28 +135,72 @@ class Daemon:
 
     async def startup(self) -> None:
         config = self.config
-        private = config.mode == "user"
-        for directory in (config.state_dir, config.venvs_dir, config.cache_dir, config.socket.parent):
+        # Inherit the listening socket first: with socket activation, systemd holds it (and
+        # queues connections) whatever happens to us, so nothing we do later can lose a client.
+        try:
+            inherited = inherited_listener()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        if config.mode == "system":
+            # Venvs and cache must be readable by every notebook user, writable by us only.
+            os.umask(0o022)
+        for directory in (config.state_dir, config.venvs_dir, config.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        if private:
-            for directory in (config.state_dir, config.socket.parent):
-                os.chmod(directory, 0o700)
+        if config.mode == "user":
+            os.chmod(config.state_dir, 0o700)
         self._take_instance_lock()
         uv_binary = find_uv(config.uv)
         self.store = Store(config.store_path)
+        os.chmod(config.store_path, 0o600)  # notebook paths of every user: the daemon's only
         uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
         self.envs = EnvManager(config, self.store, uv)
         await self.envs.recover()
         self.pool = WarmPool(self.envs, config.pool_size)
         self.installs = InstallManager(config, self.store, uv)
-        sock = self._bind_socket()
+        if inherited is not None:
+            sock = inherited
+            self.socket_activated = True
+            address = sock.getsockname()
+            if address and address != str(config.socket):
+                log.info("socket-activated on %s (overrides %s)", address, config.socket)
+                self.config = dataclasses.replace(config, socket=Path(address))
+        else:
+            config.socket.parent.mkdir(parents=True, exist_ok=True)
+            if config.mode == "user":
+                os.chmod(config.socket.parent, 0o700)
+            sock = self._bind_socket()
         self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
         log.info(
-            "uvkerneld %s ready: mode=%s socket=%s venvs=%s cache=%s pool=%d uv=%s",
-            __version__, config.mode, config.socket, config.venvs_dir, config.cache_dir,
-            config.pool_size, uv_binary,
+            "uvkerneld %s ready: mode=%s socket=%s%s venvs=%s cache=%s pool=%d uv=%s",
+            __version__, config.mode, self.config.socket, " (socket-activated)" if self.socket_activated else "",
+            config.venvs_dir, config.cache_dir, config.pool_size, uv_binary,
         )
         self.pool.start()
+        self.notifier.ready(self._status_line())
+        self._background.append(asyncio.create_task(self._report_status(), name="sd-status"))
+        if self.notifier.watchdog_interval:
+            self._background.append(asyncio.create_task(self._watchdog(), name="sd-watchdog"))
+
+    def _status_line(self) -> str:
+        if self.pool is None or self.store is None:
+            return "starting"
+        pool = self.pool.status()
+        counts = self.status()["envs"]
+        installs = self.installs.status() if self.installs else {"running": 0, "queued": 0}
+        return "pool %d/%d ready, %d envs, %d live kernels, %d installs running, %d queued" % (
+            pool["ready"], pool["target"], counts["total"], counts["live"], installs["running"], installs["queued"],
+        )
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL if self.notifier.enabled else 3600)
+            self.notifier.status(self._status_line())
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_interval
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval)
 
     def _take_instance_lock(self) -> None:
         """One daemon per state dir: two would corrupt each other's venvs and store."""
@@ -175,19 +255,27 @@ class Daemon:
 
     async def shutdown(self) -> None:
         log.info("stopping: no new connections")
+        self.notifier.stopping()
         if self._server is not None:
             self._server.close()
+        for task in self._background:
+            task.cancel()
         if self.pool is not None:
-            await self.pool.stop()
-        # Connections: requests in flight get a grace period, then everything is cancelled.
-        pending = [task for task in self._connections if not task.done()]
-        if pending:
-            done, still = await asyncio.wait(pending, timeout=0.2)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=SHUTDOWN_GRACE)
-                log.info("closed %d open connection(s)", len(still))
+            await self.pool.stop()  # a half-built pool venv is removed, never handed out
+        # Requests in flight (installs, on-demand builds) get a grace period to finish; idle
+        # connections (kernel lifelines) and whatever is still running then are cancelled.
+        busy = [task for task in self._busy if not task.done()]
+        if busy:
+            log.info("waiting up to %.0f s for %d running request(s)", self.shutdown_grace, len(busy))
+            _, unfinished = await asyncio.wait(busy, timeout=self.shutdown_grace)
+            if unfinished:
+                log.warning("aborting %d request(s) still running after %.0f s", len(unfinished), self.shutdown_grace)
+        remaining = [task for task in self._connections if not task.done()]
+        for task in remaining:
+            task.cancel()
+        if remaining:
+            await asyncio.wait(remaining, timeout=10)
+            log.info("closed %d connection(s)", len(remaining))
         if self._bound_socket:
             try:
                 os.unlink(self.config.socket)
@@ -234,6 +322,7 @@ class Daemon:
                         "frame body not received within %.0f s; closing" % FRAME_BODY_TIMEOUT))
                     return
                 request_id = None
+                self._busy.add(task)
                 try:
                     message = protocol.decode_body(body)
                     request_id = protocol.request_id_of(message)
@@ -247,6 +336,8 @@ class Daemon:
                     await self._send_error(writer, request_id, protocol.InternalError(
                         "internal error in uvkerneld; the daemon log has the details"))
                     continue
+                finally:
+                    self._busy.discard(task)
                 if request.op == "acquire" and lifeline_env is None:
                     lifeline_env = result["env_id"]
                     self.live[lifeline_env].add(connection_id)
@@ -286,6 +377,18 @@ class Daemon:
             return self.status()
         if request.op == "pip":
             return await self._op_pip(request, peer, writer)
+        if request.op == "remove":
+            assert self.installs is not None and self.envs is not None
+            record = self.installs.owned_env(peer.uid, request.args["env"])
+            if record.id in self.live:
+                raise protocol.NotAllowed(
+                    "env %s has a running kernel; shut the kernel down first" % record.id
+                )
+            if record.state == states.INSTALLING:
+                raise protocol.NotAllowed("a package install is running in env %s; try again when it ends" % record.id)
+            await self.envs.remove(record)
+            log.info("removed env %s (%s) for uid %d", record.id, record.key, peer.uid)
+            return {"env_id": record.id, "removed": True}
         if request.op == "installs":
             assert self.installs is not None
             record = self.installs.owned_env(peer.uid, request.args["env"])
@@ -313,7 +416,8 @@ class Daemon:
         return await self.installs.run(peer.uid, args["env"], args["argv"], args["files"], send_line)
 
     def _authorize(self, peer: PeerCredentials) -> None:
-        # A user-mode daemon serves its own user only (its socket is 0600 anyway).
+        # A user-mode daemon serves its own user only (its socket is 0600 anyway). In system
+        # mode every uid may connect; each op checks that the envs it touches are the peer's.
         if self.config.mode == "user" and peer.uid != os.getuid():
             raise protocol.NotAllowed(
                 "this uvkerneld serves uid %d only; uid %d should run its own daemon"
@@ -352,6 +456,7 @@ class Daemon:
             "mode": self.config.mode,
             "pid": os.getpid(),
             "socket": str(self.config.socket),
+            "socket_activated": self.socket_activated,
             "uptime_s": round(time.time() - self.started_at, 1),
             "pool": self.pool.status(),
             "envs": {

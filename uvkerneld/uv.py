@@ -146,7 +146,10 @@ def _lowest_cpu_priority() -> None:
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
-        os.nice(19)
+        try:
+            os.nice(19)
+        except OSError:
+            pass  # a seccomp filter may forbid both; a slower refill beats a failed one
 
 
 async def _terminate(process: asyncio.subprocess.Process) -> None:
