@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,18 @@ LINK_MODES = ("hardlink", "symlink", "copy", "clone")
 MODES = ("user", "system")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BYTECODE_MODES = ("per-env", "off")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '0s', '90' (seconds) -> seconds. Raises ValueError with a readable message."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("duration %r is not valid: use a number with s, m, h, d or w, like 30d or 12h" % text)
+    factor = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return float(match.group(1)) * factor
 
 
 class ConfigError(Exception):
@@ -45,6 +58,9 @@ class Config:
     max_parallel_installs: int
     bytecode: str
     uv: str | None
+    admin_group: str | None
+    gc_interval: float  # seconds between scheduled gc runs; 0 = off
+    gc_older_than: float  # seconds unused before gc removes an env
     config_file: Path | None
 
     @property
@@ -117,7 +133,8 @@ def default_config_file(mode: str) -> Path:
 _PATH_KEYS = ("socket", "state_dir", "cache_dir", "venvs_dir")
 _KEYS = (
     "mode", *_PATH_KEYS, "pool_size", "link_mode", "python", "log_level", "kernel_packages",
-    "max_parallel_creates", "max_parallel_installs", "bytecode", "uv",
+    "max_parallel_creates", "max_parallel_installs", "bytecode", "uv", "admin_group", "gc_interval",
+    "gc_older_than",
 )
 
 
@@ -162,6 +179,10 @@ def load_config(
         "max_parallel_installs": max(1, os.cpu_count() or 1),
         "bytecode": "per-env",
         "uv": None,
+        "admin_group": None,
+        # The shared host collects daily; a personal daemon only when asked (uvkernelctl gc).
+        "gc_interval": "1d" if mode == "system" else "0",
+        "gc_older_than": "30d",
     }
     sources = {key: "default" for key in values}
     for layer_name, layer in ((str(config_file), from_file), ("environment", from_env), ("flag", flags)):
@@ -189,6 +210,10 @@ def load_config(
     _check_choice("log_level", values["log_level"], LOG_LEVELS, source("log_level"))
     _check_choice("bytecode", values["bytecode"], BYTECODE_MODES, source("bytecode"))
     values["kernel_packages"] = _packages(values["kernel_packages"], source("kernel_packages"))
+    for key in ("gc_interval", "gc_older_than"):
+        values[key] = _duration_setting(key, values[key], source(key))
+    if values["admin_group"] is not None:
+        values["admin_group"] = str(values["admin_group"])
     if not isinstance(values["python"], str) or not values["python"]:
         raise ConfigError("python (from %s) must be an interpreter path or version" % source("python"))
     if len(os.fsencode(str(values["socket"]))) > 107:
@@ -236,6 +261,13 @@ def _int(key: str, value: Any, source: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise ConfigError("%s (from %s) must be between %d and %d, got %d" % (key, source, low, high, number))
     return number
+
+
+def _duration_setting(key: str, value: Any, source: str) -> float:
+    try:
+        return parse_duration(str(value)) if not isinstance(value, (int, float)) or isinstance(value, bool) else float(value)
+    except ValueError as exc:
+        raise ConfigError("%s (from %s): %s" % (key, source, exc)) from None
 
 
 def _path(key: str, value: Any, source: str) -> Path:

@@ -1,7 +1,7 @@
 """``uvkernelctl``: see and control the daemon. Only this module prints and exits.
 
 Exit status: 0 ok; 1 the daemon is not running; 2 bad usage or bad input; 3 not allowed;
-4 not found; 5 the daemon failed the request.
+4 not found; 5 the daemon failed the request; 6 doctor found a FAIL.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ EXIT_USAGE = 2
 EXIT_NOT_ALLOWED = 3
 EXIT_NOT_FOUND = 4
 EXIT_DAEMON_ERROR = 5
+EXIT_CHECK_FAILED = 6  # doctor: at least one check FAILed
 
 _EXIT_BY_CODE = {
     "not_allowed": EXIT_NOT_ALLOWED,
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uvkernelctl",
         description="Inspect and control uvkerneld, the per-notebook venv daemon.",
         epilog="exit status: 0 ok, 1 daemon not running, 2 bad usage or input, 3 not allowed, "
-        "4 not found, 5 the daemon failed the request",
+        "4 not found, 5 the daemon failed the request, 6 doctor found a FAIL",
     )
     parser.add_argument("--version", action="version", version="uvkernelctl " + __version__)
     parser.add_argument(
@@ -52,6 +53,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="what the daemon is doing (never starts one)")
     status.add_argument("--json", action="store_true", help="one JSON object, for machines")
+
+    listing = commands.add_parser("list", help="one row per env: notebook, owner, disk, live kernel, state")
+    listing.add_argument("--all", action="store_true", help="every user's envs (root / admin group)")
+    listing.add_argument("--json", action="store_true")
+
+    show = commands.add_parser("show", help="an env's path, requirements and `uv pip freeze`")
+    show.add_argument("target", metavar="NOTEBOOK|KEY", help="notebook path, folder, env name or env id (e-...)")
+    show.add_argument("--json", action="store_true")
+
+    export = commands.add_parser("export", help="pinned requirements of a notebook's env (uv pip freeze)")
+    export.add_argument("target", metavar="NOTEBOOK|KEY")
+
+    remove = commands.add_parser("rm", help="delete an env (never one with a running kernel)")
+    remove.add_argument("target", metavar="NOTEBOOK|KEY")
+
+    gc = commands.add_parser("gc", help="remove unused and orphaned envs, then prune the uv cache")
+    gc.add_argument("--older-than", metavar="DURATION", help="unused for this long, e.g. 30d, 12h, 0s (default: config gc_older_than, 30d)")
+    gc.add_argument("--orphans", action="store_true", help="also envs whose notebook or folder no longer exists")
+    gc.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
+    gc.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    gc.add_argument("--all", action="store_true", help="every user's envs (root / admin group)")
+    gc.add_argument("--json", action="store_true")
+
+    pool = commands.add_parser("pool", help="show or resize the warm pool, optionally wait for it to fill")
+    pool.add_argument("--size", type=int, metavar="N", help="new target (until the daemon restarts)")
+    pool.add_argument("--fill", action="store_true", help="start filling now")
+    pool.add_argument("--wait", action="store_true", help="with --fill: show progress until the pool is full")
+    pool.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (default 900)")
+
+    doctor = commands.add_parser("doctor", help="check the setup; exit 0 only when nothing FAILs")
+    doctor.add_argument("--kernel", default="uv", help="kernelspec name to check (default: uv)")
+    doctor.add_argument("--json", action="store_true")
 
     spec = commands.add_parser("install-kernelspec", help="register the uv kernel with Jupyter")
     where = spec.add_mutually_exclusive_group()
@@ -94,15 +127,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_try(args)
         if args.command == "install-systemd":
             return cmd_install_systemd(args)
+        if args.command == "list":
+            return cmd_list(socket_path, args)
+        if args.command == "show":
+            return cmd_show(socket_path, args)
+        if args.command == "export":
+            return cmd_export(socket_path, args)
+        if args.command == "rm":
+            return cmd_rm(socket_path, args)
+        if args.command == "gc":
+            return cmd_gc(socket_path, args)
+        if args.command == "pool":
+            return cmd_pool(socket_path, args)
+        if args.command == "doctor":
+            return cmd_doctor(socket_path, args)
     except CtlError as exc:
         print("uvkernelctl: %s" % exc, file=sys.stderr)
         return exc.exit_code
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
-def _request(socket_path: str, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,
+             on_event: Any = None, timeout: float | None = 60.0) -> dict[str, Any]:
     try:
-        return client.request(socket_path, op, args)
+        sock = client.connect(socket_path, timeout)
+        try:
+            return client.call(sock, op, args, timeout, on_event=on_event)
+        finally:
+            sock.close()
     except client.DaemonNotRunning as exc:
         raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
     except protocol.UvkError as exc:
@@ -130,11 +182,29 @@ def _duration(seconds: float) -> str:
     return text or "0s"
 
 
+def human_bytes(count: float | None) -> str:
+    if count is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
+        count /= 1024
+    return "?"  # pragma: no cover
+
+
+def _ago(timestamp: float | None) -> str:
+    if not timestamp:
+        return "never"
+    return _duration(time.time() - timestamp) + " ago"
+
+
 def format_status(status: dict[str, Any]) -> str:
     pool = status["pool"]
     envs = status["envs"]
     started = status.get("kernels_started", {})
     paths = status.get("paths", {})
+    installs = status.get("installs", {})
+    disk = status.get("disk", {})
     rows = [
         ("daemon", "uvkerneld %s, %s mode, pid %s, up %s" % (
             status["version"], status["mode"], status.get("pid"), _duration(status.get("uptime_s", 0)))),
@@ -142,11 +212,19 @@ def format_status(status: dict[str, Any]) -> str:
         ("pool", "%d ready / %d target%s" % (
             pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
         ("envs", "%d total, %d with a live kernel, %d broken" % (envs["total"], envs["live"], envs["broken"])),
-        ("kernels", "%d known, %d from the pool, %d built on demand" % (
-            started.get("known", 0), started.get("pool", 0), started.get("created", 0))),
+        ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt" % (
+            started.get("known", 0), started.get("pool", 0), started.get("created", 0), started.get("rebuilt", 0))),
+        ("installs", "%d running, %d queued (at most %s in parallel)" % (
+            installs.get("running", 0), installs.get("queued", 0), installs.get("max_parallel", "?"))),
         ("venvs", paths.get("venvs_dir", "?")),
         ("uv cache", paths.get("cache_dir", "?")),
     ]
+    if disk.get("computed_at"):
+        rows.append(("disk", "cache %s; venvs %s as copies, %s on disk (dedup %sx); measured %s" % (
+            human_bytes(disk["cache_bytes"]), human_bytes(disk["venvs_apparent_bytes"]),
+            human_bytes(disk["venvs_real_bytes"]), disk.get("dedup_ratio") or "-", _ago(disk["computed_at"]))))
+    else:
+        rows.append(("disk", "not measured yet"))
     if pool.get("last_error"):
         rows.append(("pool error", pool["last_error"].splitlines()[0]))
     if status.get("link_fallback_seen"):
@@ -157,6 +235,171 @@ def format_status(status: dict[str, Any]) -> str:
             str(error["message"]).splitlines()[0])))
     width = max(len(label) for label, _ in rows)
     return "\n".join("%-*s  %s" % (width, label, value) for label, value in rows)
+
+
+def target_args(text: str) -> dict[str, Any]:
+    """What NOTEBOOK|KEY names: an env id, a notebook path, a folder, or an env name."""
+    import re
+
+    if re.fullmatch(r"e-[0-9a-f]{12}", text):
+        return {"env_id": text}
+    path = os.path.expanduser(text)
+    if text.endswith(".ipynb") or os.path.isfile(path):
+        return {"key": {"kind": "notebook", "value": os.path.realpath(path)}}
+    if os.path.isdir(path) or "/" in text:
+        return {"key": {"kind": "dir", "value": os.path.realpath(path)}}
+    return {"key": {"kind": "env", "value": text}}
+
+
+def _key_label(key: dict[str, str] | None) -> str:
+    if not key:
+        return "-"
+    if key["kind"] == "notebook":
+        return key["value"]
+    return "%s:%s" % (key["kind"], key["value"])
+
+
+def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
+    result = _request(socket_path, "list", {"all": args.all})
+    if args.json:
+        print(json.dumps(result["envs"], indent=1))
+        return EXIT_OK
+    rows = [("NOTEBOOK / KEY", "OWNER", "PYTHON", "REQS", "DISK", "LAST USED", "LIVE", "STATE")]
+    for env in result["envs"]:
+        rows.append((
+            _key_label(env["key"]), str(env["owner_uid"]), os.path.basename(env["python"]), str(env["requirements"]),
+            human_bytes(env["disk_bytes"]), _ago(env["last_used_at"]), "yes" if env["live"] else "no", env["state"],
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if not result["envs"]:
+        print("(no envs yet: open a notebook with the uv kernel)")
+    return EXIT_OK
+
+
+def cmd_show(socket_path: str, args: argparse.Namespace) -> int:
+    env = _request(socket_path, "show", target_args(args.target), timeout=300)
+    if args.json:
+        print(json.dumps(env, indent=1))
+        return EXIT_OK
+    print("env          %s (%s)" % (env["env_id"], env["state"]))
+    print("notebook/key %s" % _key_label(env["key"]))
+    print("path         %s" % env["path"])
+    print("owner uid    %s, last used %s, live kernel: %s" % (env["owner_uid"], _ago(env["last_used_at"]), "yes" if env["live"] else "no"))
+    print("disk         %s (%s not shared with other envs or the cache)" % (human_bytes(env["disk_bytes"]), human_bytes(env["unshared_bytes"])))
+    print("requested    %s" % (", ".join(env["requirement_list"]) or "(nothing beyond the kernel)"))
+    print("installed (uv pip freeze):")
+    for line in env["freeze"]:
+        print("  " + line)
+    return EXIT_OK
+
+
+def cmd_export(socket_path: str, args: argparse.Namespace) -> int:
+    env = _request(socket_path, "show", target_args(args.target), timeout=300)
+    print("# pinned from %s (env %s) by uvkernelctl export" % (_key_label(env["key"]), env["env_id"]))
+    for line in env["freeze"]:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_rm(socket_path: str, args: argparse.Namespace) -> int:
+    result = _request(socket_path, "remove", target_args(args.target), timeout=300)
+    print("removed %s, freed %s" % (result["env_id"], human_bytes(result["freed_bytes"])))
+    return EXIT_OK
+
+
+def cmd_gc(socket_path: str, args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config, parse_duration
+
+    try:
+        older_than = parse_duration(args.older_than) if args.older_than else load_config().gc_older_than
+    except (ValueError, ConfigError) as exc:
+        raise CtlError(str(exc), EXIT_USAGE) from None
+    orphans: list[str] = []
+    if args.orphans:
+        # We check paths here, as the user: a system daemon never reads users' files.
+        for env in _request(socket_path, "list", {"all": args.all})["envs"]:
+            key = env["key"]
+            if key and key["kind"] in ("notebook", "dir") and not os.path.exists(key["value"]):
+                orphans.append(env["env_id"])
+    request = {"older_than_s": older_than, "env_ids": orphans, "all": args.all}
+    preview = _request(socket_path, "gc", dict(request, dry_run=True), timeout=600)
+    if args.dry_run or not preview["removed"]:
+        _print_gc(preview, args.json)
+        return EXIT_OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CtlError("gc would remove %d env(s); add --yes to do it, or --dry-run to list them"
+                           % len(preview["removed"]), EXIT_USAGE)
+        _print_gc(preview, False)
+        if input("remove these %d env(s)? [y/N] " % len(preview["removed"])).strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return EXIT_OK
+    result = _request(socket_path, "gc", dict(request, dry_run=False), timeout=None,
+                      on_event=None if args.json else lambda name, line: print(line, flush=True))
+    _print_gc(result, args.json, already_streamed=not args.json)
+    return EXIT_OK
+
+
+def _print_gc(result: dict[str, Any], as_json: bool, already_streamed: bool = False) -> None:
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    verb = "would remove" if result["dry_run"] else "removed"
+    if not already_streamed:
+        for entry in result["removed"]:
+            print("%s %s (%s): %s, %s" % (verb, entry["env_id"], _key_label(entry["key"]), entry["reason"],
+                                          human_bytes(entry["freed_bytes"])))
+    for entry in result["kept_live"]:
+        print("kept %s (%s): a kernel is running in it" % (entry["env_id"], _key_label(entry["key"])))
+    print("%s %d env(s), %s %s" % (verb, len(result["removed"]), "would free" if result["dry_run"] else "freed",
+                                   human_bytes(result["freed_bytes"])))
+
+
+def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
+    pool = _request(socket_path, "pool", {"size": args.size})
+    if args.fill and args.wait:
+        deadline = time.monotonic() + args.timeout
+        last = None
+        while True:
+            line = "pool: %d/%d ready%s" % (pool["ready"], pool["target"], ", building 1" if pool["filling"] else "")
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if pool["ready"] >= pool["target"] and not pool["filling"]:
+                break
+            if pool.get("last_error"):
+                raise CtlError("the pool cannot fill: %s" % pool["last_error"].splitlines()[0], EXIT_DAEMON_ERROR)
+            if time.monotonic() > deadline:
+                raise CtlError("pool not full after %.0f s" % args.timeout, EXIT_DAEMON_ERROR)
+            time.sleep(0.5)
+            pool = _request(socket_path, "pool", {"size": None})
+        return EXIT_OK
+    print("pool: %d/%d ready%s" % (pool["ready"], pool["target"], ", building 1" if pool["filling"] else ""))
+    return EXIT_OK
+
+
+def cmd_doctor(socket_path: str, args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .doctor import FAIL, checks_json, format_checks, run_checks
+
+    status = None
+    error = None
+    try:
+        status = _request(socket_path, "status")
+    except CtlError as exc:
+        error = str(exc)
+    if status is not None:
+        settings = status["paths"]
+    else:
+        try:
+            settings = load_config().public_summary()
+        except ConfigError as exc:
+            raise CtlError(str(exc), EXIT_USAGE) from None
+    checks = run_checks(status, settings, args.kernel, error)
+    print(checks_json(checks) if args.json else format_checks(checks))
+    return EXIT_CHECK_FAILED if any(check.verdict == FAIL for check in checks) else EXIT_OK
 
 
 def cmd_install_kernelspec(args: argparse.Namespace) -> int:

@@ -69,6 +69,7 @@ class EnvManager:
         self.idle = asyncio.Event()
         self.idle.set()
         self.on_pool_claimed: Callable[[], None] = lambda: None
+        self.creating = 0  # uv venv builds running now (gc must not prune the cache under them)
         self.last_errors: list[dict[str, object]] = []
 
     # --- start-up -------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class EnvManager:
             env_id, path, self.spec, self.config.python, owner_uid=owner_uid, key=key
         )
         started = time.monotonic()
+        self.creating += 1
         try:
             async with self._create_slots:
                 await self.uv.run(self.uv.venv_argv(str(path)), low_priority=low_priority)
@@ -201,6 +203,8 @@ class EnvManager:
             self.store.transition(record.id, states.DELETING)
             await asyncio.shield(self._remove(self.store.get(record.id)))
             raise
+        finally:
+            self.creating -= 1
         target = states.ASSIGNED if owner_uid is not None else states.POOLED
         record = self.store.transition(env_id, target)
         log.info(

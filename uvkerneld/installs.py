@@ -60,20 +60,10 @@ class InstallManager:
     def status(self) -> dict[str, int]:
         return {"running": self.running, "queued": self.queued, "max_parallel": self.config.max_parallel_installs}
 
-    def owned_env(self, uid: int, env_path: str) -> EnvRecord:
-        """The env at ``env_path`` if ``uid`` owns it; never tells a stranger whether it exists."""
-        record = self.store.find_by_path(env_path)
-        if record is None or record.owner_uid is None or record.owner_uid != uid:
-            raise protocol.NotAllowed(
-                "uid %d does not own an env at %s: packages can only be changed in your own "
-                "notebook's env" % (uid, env_path)
-            )
-        return record
-
     async def run(
-        self, uid: int, env_path: str, argv: list[str], files: list[str], send_line: Callable[[str], None]
+        self, record: EnvRecord, uid: int, argv: list[str], files: list[str], send_line: Callable[[str], None]
     ) -> dict[str, Any]:
-        record = self.owned_env(uid, env_path)
+        """Run one pip command in ``record`` (the caller checked that ``uid`` owns it)."""
         command = self._validate(argv, files)
         install_id = self.store.insert_install(record.id, uid, command.subcommand, argv)
         self.queued += 1

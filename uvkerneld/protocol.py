@@ -32,7 +32,7 @@ MAX_FRAME_SIZE = 1 << 20  # 1 MiB: far above any real request, small enough to n
 MAX_ID_LENGTH = 128
 MAX_PATH_LENGTH = 4096
 
-OPS = ("acquire", "status", "pip", "installs", "remove")
+OPS = ("acquire", "status", "pip", "installs", "remove", "list", "show", "gc", "pool")
 MAX_PIP_ARGS = 256
 KEY_KINDS = ("notebook", "env", "dir")
 ENV_NAME_MAX = 64
@@ -308,16 +308,63 @@ def _validate_pip(args):
     return {"env": _validate_env_path(args), "argv": argv, "files": files}
 
 
-def _validate_installs(args):
-    return {"env": _validate_env_path(args)}
+def _validate_target(args):
+    """Which env an op is about: exactly one of "env" (path), "env_id" or "key"."""
+    given = [name for name in ("env", "env_id", "key") if name in args]
+    if len(given) != 1:
+        raise BadRequest('name the env with exactly one of "env" (its path), "env_id" or "key"')
+    if given == ["env"]:
+        return {"env": _validate_env_path(args)}
+    if given == ["env_id"]:
+        env_id = args["env_id"]
+        if not isinstance(env_id, str) or len(env_id) != 14 or not env_id.startswith("e-") or \
+                not set(env_id[2:]) <= set("0123456789abcdef"):
+            raise BadRequest('"env_id" must look like e-0123456789ab, got %r' % (_short(env_id),))
+        return {"env_id": env_id}
+    key = args["key"]
+    if not isinstance(key, dict):
+        raise BadRequest('"key" must be {"kind": ..., "value": ...}')
+    return {"key": parse_env_key(key.get("kind"), key.get("value"))}
+
+
+def _flag(args, name):
+    value = args.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest('"%s" must be true or false' % name)
+    return value
+
+
+def _validate_list(args):
+    return {"all": _flag(args, "all")}
+
+
+def _validate_gc(args):
+    older_than = args.get("older_than_s")
+    if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or older_than < 0):
+        raise BadRequest('"older_than_s" must be a number of seconds >= 0 or null')
+    env_ids = args.get("env_ids", [])
+    if not isinstance(env_ids, list) or not all(isinstance(e, str) for e in env_ids):
+        raise BadRequest('"env_ids" must be a list of env ids')
+    return {"older_than_s": older_than, "env_ids": env_ids, "dry_run": _flag(args, "dry_run"), "all": _flag(args, "all")}
+
+
+def _validate_pool(args):
+    size = args.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 64):
+        raise BadRequest('"size" must be an integer from 0 to 64')
+    return {"size": size}
 
 
 _ARG_VALIDATORS = {
     "acquire": _validate_acquire,
     "status": _validate_status,
     "pip": _validate_pip,
-    "installs": _validate_installs,
-    "remove": _validate_installs,
+    "installs": _validate_target,
+    "remove": _validate_target,
+    "show": _validate_target,
+    "list": _validate_list,
+    "gc": _validate_gc,
+    "pool": _validate_pool,
 }
 
 

@@ -30,8 +30,10 @@ from typing import Any
 from . import __version__, protocol, states
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
+from .diskusage import DiskUsage
 from .installs import InstallManager
 from .notify import Notifier, inherited_listener
+from .ops import Operations
 from .pool import WarmPool
 from .protocol import UvkError
 from .store import Store
@@ -82,7 +84,9 @@ class Daemon:
         self._connections: set[asyncio.Task[None]] = set()
         # env id -> ids of connections that are live kernels' lifelines
         self.live: dict[str, set[int]] = defaultdict(set)
-        self.kernels_started = {"known": 0, "pool": 0, "created": 0, "rebuilt": 0}
+        self.uv: Uv | None = None
+        self.disk: DiskUsage | None = None
+        self.ops: Operations | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -152,11 +156,16 @@ class Daemon:
         uv_binary = find_uv(config.uv)
         self.store = Store(config.store_path)
         os.chmod(config.store_path, 0o600)  # notebook paths of every user: the daemon's only
-        uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
+        uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
         self.envs = EnvManager(config, self.store, uv)
         await self.envs.recover()
+        for env_id, pid in self.store.kernels():
+            if not _pid_exists(pid):
+                self.store.remove_kernel(env_id, pid)
         self.pool = WarmPool(self.envs, config.pool_size)
         self.installs = InstallManager(config, self.store, uv)
+        self.disk = DiskUsage(config.cache_dir, config.venvs_dir)
+        self.ops = Operations(self)
         if inherited is not None:
             sock = inherited
             self.socket_activated = True
@@ -176,6 +185,9 @@ class Daemon:
             config.venvs_dir, config.cache_dir, config.pool_size, uv_binary,
         )
         self.pool.start()
+        self.disk.start()
+        if config.gc_interval:
+            self._background.append(asyncio.create_task(self._scheduled_gc(), name="scheduled-gc"))
         self.notifier.ready(self._status_line())
         self._background.append(asyncio.create_task(self._report_status(), name="sd-status"))
         if self.notifier.watchdog_interval:
@@ -185,7 +197,7 @@ class Daemon:
         if self.pool is None or self.store is None:
             return "starting"
         pool = self.pool.status()
-        counts = self.status()["envs"]
+        counts = self.status()["envs"]  # cheap: counts only
         installs = self.installs.status() if self.installs else {"running": 0, "queued": 0}
         return "pool %d/%d ready, %d envs, %d live kernels, %d installs running, %d queued" % (
             pool["ready"], pool["target"], counts["total"], counts["live"], installs["running"], installs["queued"],
@@ -262,6 +274,8 @@ class Daemon:
             task.cancel()
         if self.pool is not None:
             await self.pool.stop()  # a half-built pool venv is removed, never handed out
+        if self.disk is not None:
+            await self.disk.stop()
         # Requests in flight (installs, on-demand builds) get a grace period to finish; idle
         # connections (kernel lifelines) and whatever is still running then are cancelled.
         busy = [task for task in self._busy if not task.done()]
@@ -341,6 +355,8 @@ class Daemon:
                 if request.op == "acquire" and lifeline_env is None:
                     lifeline_env = result["env_id"]
                     self.live[lifeline_env].add(connection_id)
+                    if self.store is not None:
+                        self.store.add_kernel(lifeline_env, peer.pid)
                 await self._send(writer, protocol.ok_response(request.id, result))
         except (ConnectionError, asyncio.TimeoutError):
             pass
@@ -349,6 +365,9 @@ class Daemon:
                 self.live[lifeline_env].discard(connection_id)
                 if not self.live[lifeline_env]:
                     del self.live[lifeline_env]
+                # On shutdown the kernel lives on: keep its pid so the next daemon knows.
+                if not self._stop.is_set() and self.store is not None:
+                    self.store.remove_kernel(lifeline_env, peer.pid)
                     log.info("kernel for env %s ended", lifeline_env)
             self._connections.discard(task)
             writer.close()
@@ -367,107 +386,77 @@ class Daemon:
 
     # --- ops ------------------------------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def live_env_ids(self) -> set[str]:
+        """Envs with a running kernel: a lifeline connected now, or a kernel that was running
+        when an earlier daemon stopped and whose process still exists."""
+        live = set(self.live)
+        if self.store is not None:
+            for env_id, pid in self.store.kernels():
+                if env_id not in live and _pid_exists(pid):
+                    live.add(env_id)
+        return live
+
     async def _dispatch(
         self, request: protocol.Request, peer: PeerCredentials, writer: asyncio.StreamWriter
     ) -> dict[str, Any]:
         self._authorize(peer)
-        if request.op == "acquire":
-            return await self._op_acquire(request.args["key"], peer)
-        if request.op == "status":
-            return self.status()
-        if request.op == "pip":
-            return await self._op_pip(request, peer, writer)
-        if request.op == "remove":
-            assert self.installs is not None and self.envs is not None
-            record = self.installs.owned_env(peer.uid, request.args["env"])
-            if record.id in self.live:
-                raise protocol.NotAllowed(
-                    "env %s has a running kernel; shut the kernel down first" % record.id
-                )
-            if record.state == states.INSTALLING:
-                raise protocol.NotAllowed("a package install is running in env %s; try again when it ends" % record.id)
-            await self.envs.remove(record)
-            log.info("removed env %s (%s) for uid %d", record.id, record.key, peer.uid)
-            return {"env_id": record.id, "removed": True}
-        if request.op == "installs":
-            assert self.installs is not None
-            record = self.installs.owned_env(peer.uid, request.args["env"])
-            return {
-                "env_id": record.id,
-                "installs": self.store.installs(record.id) if self.store else [],
-                "requirements": self.store.requirements(record.id) if self.store else [],
-            }
-        raise protocol.UnknownOp("op %r is not implemented" % request.op)  # pragma: no cover
 
-    async def _op_pip(
-        self, request: protocol.Request, peer: PeerCredentials, writer: asyncio.StreamWriter
-    ) -> dict[str, Any]:
-        assert self.installs is not None
-        if self._stop.is_set():
-            raise protocol.ShuttingDown("uvkerneld is shutting down; run the command again in a moment")
-
-        def send_line(line: str) -> None:
-            # Each line of uv's output goes out as it is produced. No drain here: a client
-            # that stopped reading must not stall the install (the buffer is bounded by uv's output).
+        def send_event(name: str, data: Any) -> None:
+            # Events (uv's output lines) go out as produced. No drain: a client that stopped
+            # reading must not stall an install (the buffer is bounded by uv's output).
             if not writer.is_closing():
-                writer.write(protocol.encode_frame(protocol.event(request.id, "output", line)))
+                writer.write(protocol.encode_frame(protocol.event(request.id, name, data)))
 
-        args = request.args
-        return await self.installs.run(peer.uid, args["env"], args["argv"], args["files"], send_line)
+        assert self.ops is not None
+        return await self.ops.dispatch(request, peer, send_event)
 
     def _authorize(self, peer: PeerCredentials) -> None:
         # A user-mode daemon serves its own user only (its socket is 0600 anyway). In system
-        # mode every uid may connect; each op checks that the envs it touches are the peer's.
+        # mode every uid may connect; ops.py checks that the envs each op touches are the peer's.
         if self.config.mode == "user" and peer.uid != os.getuid():
             raise protocol.NotAllowed(
                 "this uvkerneld serves uid %d only; uid %d should run its own daemon"
                 % (os.getuid(), peer.uid)
             )
 
-    async def _op_acquire(self, key: protocol.EnvKey, peer: PeerCredentials) -> dict[str, Any]:
-        assert self.envs is not None
-        if self._stop.is_set():
-            raise protocol.ShuttingDown("uvkerneld is shutting down; start the kernel again in a moment")
-        started = time.monotonic()
-        record, source = await self.envs.acquire(peer.uid, key)
-        self.kernels_started[source] += 1
-        log.info(
-            "kernel start: pid=%d uid=%d key=%s env=%s source=%s%s (%.1f ms)",
-            peer.pid, peer.uid, key, record.id, source,
-            " (from pool)" if source == "pool" else "", (time.monotonic() - started) * 1000,
-        )
+    def status(self) -> dict[str, Any]:
+        assert self.ops is not None
+        return self.ops.status()
+
+    async def _scheduled_gc(self) -> None:
+        assert self.ops is not None
+        while True:
+            await asyncio.sleep(self.config.gc_interval)
+            try:
+                result = await self.ops.collect(
+                    older_than_s=self.config.gc_older_than, orphan_ids=self._orphaned_env_ids(),
+                    dry_run=False, uid=None, progress=lambda line: log.info("gc: %s", line),
+                )
+                log.info("scheduled gc removed %d env(s), freed %d bytes", len(result["removed"]), result["freed_bytes"])
+            except Exception:  # noqa: BLE001 - the schedule must survive a failed run
+                log.exception("scheduled gc failed")
+
+    def _orphaned_env_ids(self) -> set[str]:
+        # Only a user-mode daemon may look at notebook paths: in system mode it never reads a
+        # user's files (ProtectHome=yes hides them anyway); there `uvkernelctl gc --orphans`,
+        # run by the user, finds orphans and names them.
+        if self.config.mode != "user" or self.store is None:
+            return set()
         return {
-            "env_id": record.id,
-            "path": str(record.path),
-            "python": str(record.interpreter),
-            "source": source,
-            "key": key.to_wire(),
+            record.id for record in self.store.all()
+            if record.key is not None and record.key.kind in ("notebook", "dir") and not os.path.exists(record.key.value)
         }
 
-    def status(self) -> dict[str, Any]:
-        assert self.store is not None and self.pool is not None and self.envs is not None
-        by_state = self.store.count_by_state()
-        notebook_envs = sum(
-            n for state, n in by_state.items() if state not in (states.POOLED, states.CREATING)
-        ) + self.store.count_creating_owned()
-        return {
-            "version": __version__,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "mode": self.config.mode,
-            "pid": os.getpid(),
-            "socket": str(self.config.socket),
-            "socket_activated": self.socket_activated,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "pool": self.pool.status(),
-            "envs": {
-                "total": notebook_envs,
-                "live": len(self.live),
-                "broken": by_state[states.BROKEN],
-                "by_state": by_state,
-            },
-            "kernels_started": dict(self.kernels_started),
-            "installs": self.installs.status() if self.installs else {},
-            "link_fallback_seen": self.envs.uv.link_fallback_seen,
-            "paths": self.config.public_summary(),
-            "errors": list(self.envs.last_errors),
-        }
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: it exists
+    return True

@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS installs (
     exit_status   INTEGER
 );
 CREATE INDEX IF NOT EXISTS installs_by_env ON installs (env_id, id);
+CREATE TABLE IF NOT EXISTS kernels (         -- running kernels, so a restarted daemon knows them
+    env_id        TEXT NOT NULL,
+    pid           INTEGER NOT NULL,
+    started_at    REAL NOT NULL,
+    PRIMARY KEY (env_id, pid)
+);
 CREATE TABLE IF NOT EXISTS requirements (
     env_id        TEXT NOT NULL,
     name          TEXT NOT NULL,             -- normalized project name, or the path/URL itself
@@ -266,6 +272,17 @@ class Store:
         ).fetchall()
         return [row["requirement"] for row in rows]
 
+    def add_kernel(self, env_id: str, pid: int) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO kernels (env_id, pid, started_at) VALUES (?,?,?)", (env_id, pid, time.time())
+        )
+
+    def remove_kernel(self, env_id: str, pid: int) -> None:
+        self._db.execute("DELETE FROM kernels WHERE env_id=? AND pid=?", (env_id, pid))
+
+    def kernels(self) -> list[tuple[str, int]]:
+        return [(row["env_id"], row["pid"]) for row in self._db.execute("SELECT env_id, pid FROM kernels")]
+
     def touch(self, env_id: str) -> None:
         self._db.execute("UPDATE envs SET last_used_at=? WHERE id=?", (time.time(), env_id))
 
@@ -281,3 +298,4 @@ class Store:
                 )
             db.execute("DELETE FROM envs WHERE id=?", (env_id,))
             db.execute("DELETE FROM requirements WHERE env_id=?", (env_id,))
+            db.execute("DELETE FROM kernels WHERE env_id=?", (env_id,))

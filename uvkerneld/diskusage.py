@@ -1,0 +1,147 @@
+"""Disk figures: what the venvs would take as copies vs what they really take with hardlinks.
+
+Counting follows du(1): *real* bytes are ``st_blocks * 512`` of each inode once (so a file
+hardlinked from the uv cache into 50 venvs counts once), *apparent* bytes are ``st_size`` of
+every link. The scan walks every file, so it runs in a worker thread on a timer and after
+changes, and requests read the last result: ``status`` answers in microseconds however many
+envs there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("uvkerneld.diskusage")
+
+
+class TreeUsage:
+    __slots__ = ("apparent", "real", "new", "unshared", "files")
+
+    def __init__(self) -> None:
+        self.apparent = 0  # every link's st_size, like `du --apparent-size --count-links`
+        self.real = 0  # each inode of this tree once, like `du`
+        self.new = 0  # like real, minus inodes already in ``seen`` (counted in an earlier tree)
+        self.unshared = 0  # inodes with no link outside this tree: what deleting it frees
+        self.files = 0
+
+
+def scan_tree(root: Path, seen: set[tuple[int, int]] | None = None) -> TreeUsage:
+    """Usage of one tree; ``seen`` (shared across calls) makes ``real`` count inodes once overall."""
+    usage = TreeUsage()
+    links_here: dict[tuple[int, int], list[int]] = {}
+    stack = [str(root)]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = os.scandir(directory)
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                usage.apparent += info.st_size
+                usage.files += 1
+                inode = (info.st_dev, info.st_ino)
+                blocks = info.st_blocks * 512
+                counted = links_here.get(inode)
+                if counted is None:
+                    links_here[inode] = [1, info.st_nlink, blocks]
+                    usage.real += blocks
+                    if seen is None or inode not in seen:
+                        usage.new += blocks
+                        if seen is not None:
+                            seen.add(inode)
+                else:
+                    counted[0] += 1
+    try:
+        root_info = os.lstat(root)
+        usage.apparent += root_info.st_size
+        usage.real += root_info.st_blocks * 512
+        usage.new += root_info.st_blocks * 512
+    except OSError:
+        pass
+    usage.unshared = sum(blocks for here, total, blocks in links_here.values() if here >= total)
+    return usage
+
+
+class DiskUsage:
+    """The last scan of the cache and of every venv, refreshed in the background."""
+
+    def __init__(self, cache_dir: Path, venvs_dir: Path, interval: float = 300.0) -> None:
+        self.cache_dir = cache_dir
+        self.venvs_dir = venvs_dir
+        self.interval = interval
+        self.figures: dict[str, Any] = {"computed_at": None}
+        self.per_env: dict[str, dict[str, int]] = {}
+        self._dirty = asyncio.Event()
+        self._dirty.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="disk-usage")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def refresh(self) -> dict[str, Any]:
+        figures, per_env = await asyncio.to_thread(self._scan)
+        self.figures, self.per_env = figures, per_env
+        return figures
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._dirty.clear()
+            # Changes come in bursts (a pool refill, an install): let them settle first.
+            await asyncio.sleep(2.0)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - a failed scan must not kill the daemon
+                log.exception("disk usage scan failed")
+
+    def _scan(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+        started = time.monotonic()
+        cache = scan_tree(self.cache_dir)
+        venvs_seen: set[tuple[int, int]] = set()
+        per_env = {}
+        apparent = real = 0
+        try:
+            entries = sorted(p for p in self.venvs_dir.iterdir() if p.is_dir())
+        except OSError:
+            entries = []
+        for env_dir in entries:
+            usage = scan_tree(env_dir, venvs_seen)
+            per_env[env_dir.name] = {"disk_bytes": usage.real, "unshared_bytes": usage.unshared,
+                                     "apparent_bytes": usage.apparent}
+            apparent += usage.apparent
+            real += usage.new
+        figures = {
+            "computed_at": time.time(),
+            "scan_seconds": round(time.monotonic() - started, 3),
+            "cache_bytes": cache.real,
+            "venvs_apparent_bytes": apparent,
+            "venvs_real_bytes": real,
+            "dedup_ratio": round(apparent / real, 2) if real else None,
+        }
+        return figures, per_env
