@@ -189,13 +189,19 @@ def test_disk_figures_match_du_with_hardlinks_counted_once(ctl_daemon: Daemon, l
     disk = wait_disk_fresh(layout, after=max(started, time.time()))
     real = du(layout.venvs_dir)
     apparent = du(layout.venvs_dir, "--apparent-size", "--count-links")
+    linked = du(layout.venvs_dir, "--count-links")
     cache = du(layout.cache_dir)
     print("venvs real %d (du %d), apparent %d (du %d), cache %d (du %d), dedup %s" % (
         disk["venvs_real_bytes"], real, disk["venvs_apparent_bytes"], apparent, disk["cache_bytes"], cache, disk["dedup_ratio"]))
     assert abs(disk["venvs_real_bytes"] - real) <= 0.05 * real
     assert abs(disk["venvs_apparent_bytes"] - apparent) <= 0.05 * apparent
+    assert abs(disk["venvs_linked_bytes"] - linked) <= 0.05 * linked
     assert abs(disk["cache_bytes"] - cache) <= 0.05 * cache
-    assert disk["venvs_apparent_bytes"] > disk["venvs_real_bytes"]  # hardlinks shared the files
+    assert disk["venvs_linked_bytes"] > 2 * disk["venvs_real_bytes"]  # 3 venvs shared their files
+    assert disk["dedup_ratio"] > 2
+    # Beyond the cache a venv holds only its own directories (4 KiB each, never shared), scripts,
+    # RECORD files and config: issue 6's target is <= 10 MB per env.
+    assert disk["venvs_beyond_cache_bytes"] / len(envs) < 10 * 1024 * 1024
     rows = {row["path"]: row for row in ctl_json(layout, "list")}
     for env_path in envs:
         assert abs(rows[env_path]["disk_bytes"] - du(Path(env_path))) <= 0.05 * du(Path(env_path))

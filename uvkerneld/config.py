@@ -23,7 +23,7 @@ else:  # pragma: no cover - exercised only on 3.10
 LINK_MODES = ("hardlink", "symlink", "copy", "clone")
 MODES = ("user", "system")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-BYTECODE_MODES = ("per-env", "off")
+BYTECODE_MODES = ("shared", "per-env", "off")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -177,7 +177,7 @@ def load_config(
         "kernel_packages": None,
         "max_parallel_creates": max(1, os.cpu_count() or 1),
         "max_parallel_installs": max(1, os.cpu_count() or 1),
-        "bytecode": "per-env",
+        "bytecode": "shared",
         "uv": None,
         "admin_group": None,
         # The shared host collects daily; a personal daemon only when asked (uvkernelctl gc).

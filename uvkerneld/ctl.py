@@ -220,9 +220,13 @@ def format_status(status: dict[str, Any]) -> str:
         ("uv cache", paths.get("cache_dir", "?")),
     ]
     if disk.get("computed_at"):
-        rows.append(("disk", "cache %s; venvs %s as copies, %s on disk (dedup %sx); measured %s" % (
-            human_bytes(disk["cache_bytes"]), human_bytes(disk["venvs_apparent_bytes"]),
-            human_bytes(disk["venvs_real_bytes"]), disk.get("dedup_ratio") or "-", _ago(disk["computed_at"]))))
+        rows.append(("disk", "%s in all: uv cache %s, venvs %s beyond it (measured %s)" % (
+            human_bytes(disk["total_real_bytes"]), human_bytes(disk["cache_bytes"]),
+            human_bytes(disk["venvs_beyond_cache_bytes"]), _ago(disk["computed_at"]))))
+        rows.append(("dedup", "%d venvs: %s as copies (%s apparent size), %s on disk with hardlinks: %sx" % (
+            disk.get("envs_scanned", 0), human_bytes(disk["venvs_linked_bytes"]),
+            human_bytes(disk["venvs_apparent_bytes"]), human_bytes(disk["venvs_real_bytes"]),
+            disk.get("dedup_ratio") or "-")))
     else:
         rows.append(("disk", "not measured yet"))
     if pool.get("last_error"):
@@ -325,10 +329,10 @@ def cmd_gc(socket_path: str, args: argparse.Namespace) -> int:
                 orphans.append(env["env_id"])
     request = {"older_than_s": older_than, "env_ids": orphans, "all": args.all}
     preview = _request(socket_path, "gc", dict(request, dry_run=True), timeout=600)
-    if args.dry_run or not preview["removed"]:
+    if args.dry_run:
         _print_gc(preview, args.json)
         return EXIT_OK
-    if not args.yes:
+    if preview["removed"] and not args.yes:
         if not sys.stdin.isatty():
             raise CtlError("gc would remove %d env(s); add --yes to do it, or --dry-run to list them"
                            % len(preview["removed"]), EXIT_USAGE)

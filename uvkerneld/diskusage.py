@@ -20,10 +20,11 @@ log = logging.getLogger("uvkerneld.diskusage")
 
 
 class TreeUsage:
-    __slots__ = ("apparent", "real", "new", "unshared", "files")
+    __slots__ = ("apparent", "linked", "real", "new", "unshared", "files")
 
     def __init__(self) -> None:
         self.apparent = 0  # every link's st_size, like `du --apparent-size --count-links`
+        self.linked = 0  # every link's blocks, like `du --count-links`: the disk use as copies
         self.real = 0  # each inode of this tree once, like `du`
         self.new = 0  # like real, minus inodes already in ``seen`` (counted in an earlier tree)
         self.unshared = 0  # inodes with no link outside this tree: what deleting it frees
@@ -53,6 +54,7 @@ def scan_tree(root: Path, seen: set[tuple[int, int]] | None = None) -> TreeUsage
                 usage.files += 1
                 inode = (info.st_dev, info.st_ino)
                 blocks = info.st_blocks * 512
+                usage.linked += blocks
                 counted = links_here.get(inode)
                 if counted is None:
                     links_here[inode] = [1, info.st_nlink, blocks]
@@ -66,6 +68,7 @@ def scan_tree(root: Path, seen: set[tuple[int, int]] | None = None) -> TreeUsage
     try:
         root_info = os.lstat(root)
         usage.apparent += root_info.st_size
+        usage.linked += root_info.st_blocks * 512
         usage.real += root_info.st_blocks * 512
         usage.new += root_info.st_blocks * 512
     except OSError:
@@ -122,10 +125,11 @@ class DiskUsage:
 
     def _scan(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
         started = time.monotonic()
-        cache = scan_tree(self.cache_dir)
+        everything: set[tuple[int, int]] = set()
+        cache = scan_tree(self.cache_dir, everything)
         venvs_seen: set[tuple[int, int]] = set()
         per_env = {}
-        apparent = real = 0
+        apparent = linked = real = beyond_cache = 0
         try:
             entries = sorted(p for p in self.venvs_dir.iterdir() if p.is_dir())
         except OSError:
@@ -135,13 +139,20 @@ class DiskUsage:
             per_env[env_dir.name] = {"disk_bytes": usage.real, "unshared_bytes": usage.unshared,
                                      "apparent_bytes": usage.apparent}
             apparent += usage.apparent
+            linked += usage.linked
             real += usage.new
+            beyond_cache += scan_tree(env_dir, everything).new
         figures = {
             "computed_at": time.time(),
             "scan_seconds": round(time.monotonic() - started, 3),
+            "envs_scanned": len(entries),
             "cache_bytes": cache.real,
             "venvs_apparent_bytes": apparent,
+            "venvs_linked_bytes": linked,
             "venvs_real_bytes": real,
-            "dedup_ratio": round(apparent / real, 2) if real else None,
+            "venvs_beyond_cache_bytes": beyond_cache,
+            "total_real_bytes": cache.real + beyond_cache,
+            # Like for like: the venvs' blocks if every link were a copy, over their real blocks.
+            "dedup_ratio": round(linked / real, 2) if real else None,
         }
         return figures, per_env

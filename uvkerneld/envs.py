@@ -33,6 +33,7 @@ from . import states
 from .config import Config
 from .protocol import EnvKey, EnvUnavailable
 from .store import EnvRecord, Store
+from .bytecode import SharedBytecode
 from .pipargs import requirement_name
 from .uv import Uv, UvFailed
 from .venvfiles import write_kernel_files
@@ -54,10 +55,11 @@ def env_spec(config: Config) -> str:
 
 
 class EnvManager:
-    def __init__(self, config: Config, store: Store, uv: Uv) -> None:
+    def __init__(self, config: Config, store: Store, uv: Uv, bytecode: SharedBytecode | None = None) -> None:
         self.config = config
         self.store = store
         self.uv = uv
+        self.bytecode = bytecode
         self.spec = env_spec(config)
         self.venvs_dir = config.venvs_dir
         self._key_locks: dict[tuple[int, EnvKey], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -155,6 +157,8 @@ class EnvManager:
             )
             try:
                 await self.uv.run(argv)
+                if self.bytecode is not None:
+                    await self.bytecode.share(fresh.path)
             except UvFailed as exc:
                 self.store.transition(fresh.id, states.BROKEN, "rebuild failed: %s" % exc)
                 self.record_error("rebuilding env %s for %r failed: %s" % (fresh.id, key, exc))
@@ -190,6 +194,8 @@ class EnvManager:
                     ),
                     low_priority=low_priority,
                 )
+                if self.bytecode is not None:
+                    await self.bytecode.share(path)
         except UvFailed as exc:
             self.store.transition(record.id, states.BROKEN, str(exc))
             await self._remove(self.store.get(record.id))

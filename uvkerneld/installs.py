@@ -25,6 +25,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from . import pipargs, protocol, states
+from .bytecode import SharedBytecode, sweep_orphaned_bytecode
 from .config import Config
 from .store import EnvRecord, Store
 from .uv import Uv
@@ -48,10 +49,11 @@ def changed_distributions(output: str) -> dict[str, list[str]]:
 
 
 class InstallManager:
-    def __init__(self, config: Config, store: Store, uv: Uv) -> None:
+    def __init__(self, config: Config, store: Store, uv: Uv, bytecode: SharedBytecode | None = None) -> None:
         self.config = config
         self.store = store
         self.uv = uv
+        self.bytecode = bytecode
         self._env_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slots = asyncio.Semaphore(config.max_parallel_installs)
         self.running = 0
@@ -133,6 +135,10 @@ class InstallManager:
                     compile_bytecode=self.config.bytecode == "per-env",
                 )
                 returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)
+                if returncode == 0 and mutating:
+                    if self.bytecode is not None and command.subcommand == "install":
+                        await self.bytecode.share(record.path, send_line)
+                    sweep_orphaned_bytecode(record.path)
         except BaseException:
             # Cancelled (daemon shutdown) or failed to run uv: uv may have stopped half-way, so
             # the env is not trusted until rebuilt from its recorded requirements.

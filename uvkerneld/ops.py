@@ -250,7 +250,8 @@ class Operations:
             progress("uv cache prune skipped: installs or venv builds are running")
             return {"ran": False, "reason": "installs or venv builds were running"}
         returncode, output = await self.daemon.uv.run_unchecked([self.daemon.uv.binary, "cache", "prune"])
-        summary = next((line.strip() for line in output.splitlines() if line.strip().startswith("Removed")), output.strip())
+        lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("Pruning cache at")]
+        summary = "; ".join(lines) or "done"
         progress("uv cache prune: %s" % summary)
         return {"ran": True, "exit_status": returncode, "summary": summary}
 

@@ -30,6 +30,7 @@ from typing import Any
 from . import __version__, protocol, states
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
+from .bytecode import SharedBytecode
 from .diskusage import DiskUsage
 from .installs import InstallManager
 from .notify import Notifier, inherited_listener
@@ -157,13 +158,14 @@ class Daemon:
         self.store = Store(config.store_path)
         os.chmod(config.store_path, 0o600)  # notebook paths of every user: the daemon's only
         uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
-        self.envs = EnvManager(config, self.store, uv)
+        bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
+        self.envs = EnvManager(config, self.store, uv, bytecode)
         await self.envs.recover()
         for env_id, pid in self.store.kernels():
             if not _pid_exists(pid):
                 self.store.remove_kernel(env_id, pid)
         self.pool = WarmPool(self.envs, config.pool_size)
-        self.installs = InstallManager(config, self.store, uv)
+        self.installs = InstallManager(config, self.store, uv, bytecode)
         self.disk = DiskUsage(config.cache_dir, config.venvs_dir)
         self.ops = Operations(self)
         if inherited is not None:
