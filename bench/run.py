@@ -1,11 +1,11 @@
-"""Kernel start-up benchmark: launch to the first ``kernel_info_reply``, against plain ipykernel.
+"""uvkerneld benchmarks: kernel start-up against plain ipykernel, stub cost, the daemon with many
+envs, parallel installs, and disk use against pip-made venvs.
 
-Every case is measured in the same run, interleaved (one of each per round) so that load from
-other work on a shared machine hits all cases alike; the table shows medians and ratios against
-plain ipykernel from a venv with compiled bytecode (the 1.00 line).
-
-We send ``kernel_info`` once right after launching and time until its reply: ZMQ queues the
-request until the kernel binds, so this is exact, unlike ``wait_for_ready`` which polls.
+Every kernel-start case is measured in the same run, interleaved one of each per round, so load
+from other work on a shared machine hits all cases alike; tables show medians and ratios
+against plain ipykernel from a venv with compiled bytecode (the 1.00 line). A start is timed from
+launch to the first ``kernel_info_reply``: we send ``kernel_info`` once right after launching
+(ZMQ queues it until the kernel binds), rather than timing ``wait_for_ready``, which polls.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,131 +27,22 @@ from typing import Any, Callable
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from bench.fixtures import register_envs
 from uvkerneld import client
 from uvkerneld.config import default_kernel_packages
+from uvkerneld.diskusage import scan_tree
+from uvkerneld.kernelspec import kernel_json
 from uvkerneld.uv import find_uv
 
-
-def time_to_kernel_info(kernel_name: str, env: dict[str, str], cwd: str, timeout: float = 120) -> float:
-    manager = KernelManager(kernel_name=kernel_name)
-    started = time.perf_counter()
-    manager.start_kernel(env=env, cwd=cwd)
-    kernel = manager.blocking_client()
-    kernel.start_channels()
-    try:
-        msg_id = kernel.kernel_info()
-        deadline = started + timeout
-        while True:
-            reply = kernel.get_shell_msg(timeout=max(0.01, deadline - time.perf_counter()))
-            if reply["parent_header"].get("msg_id") == msg_id:
-                return time.perf_counter() - started
-    finally:
-        kernel.stop_channels()
-        manager.shutdown_kernel(now=True)
+TARGETS = {
+    "known": 1.10, "pool": 1.15, "known_nowrite": 1.10, "pool_nowrite": 1.15,
+    "pool_empty_extra_s": 1.5, "stub_ms": 40.0, "acquire_p50_ms": 5.0, "rss_many_mb": 80.0,
+    "status_many_ms": 1000.0, "per_env_unshared_mb": 10.0, "disk_ratio": 0.25,
+}
 
 
-class Bench:
-    def __init__(self, root: Path, cache_dir: Path) -> None:
-        self.root = root
-        self.cache_dir = cache_dir
-        self.socket = root / "d.sock"
-        self.jupyter_path = root / "share" / "jupyter"
-        self.notebooks = root / "nb"
-        self.notebooks.mkdir(parents=True)
-        self.daemon: subprocess.Popen[bytes] | None = None
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("UVKERNEL", "JPY_"))}
-        self.env.update(
-            UVKERNELD_SOCKET=str(self.socket),
-            UVKERNELD_STATE_DIR=str(root / "state"),
-            UVKERNELD_VENVS_DIR=str(root / "venvs"),
-            UVKERNELD_CACHE_DIR=str(cache_dir),
-            UVKERNELD_AUTOSTART="0",
-            JUPYTER_PATH=str(self.jupyter_path),
-        )
-        os.environ["JUPYTER_PATH"] = str(self.jupyter_path)
-
-    # --- set-up (not timed) ---------------------------------------------------------------------
-
-    def install_kernelspecs(self) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "uvkerneld.ctl", "install-kernelspec", "--prefix", str(self.root)],
-            env=self.env, check=True, capture_output=True,
-        )
-        # The baseline: plain ipykernel in a venv with compiled bytecode, built by uv from the
-        # same cache, so the only difference measured is the stub + daemon round trip.
-        plain = self.root / "plain-venv"
-        uv = find_uv(None)
-        uv_env = dict(self.env, UV_CACHE_DIR=str(self.cache_dir))
-        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(plain)], env=uv_env, check=True)
-        subprocess.run(
-            [uv, "pip", "install", "-q", "--python", str(plain / "bin" / "python"), "--compile-bytecode",
-             *default_kernel_packages()],
-            env=uv_env, check=True,
-        )
-        staging = self.root / "plain-spec"
-        staging.mkdir()
-        (staging / "kernel.json").write_text(json.dumps({
-            "argv": [str(plain / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "plain ipykernel", "language": "python",
-        }))
-        KernelSpecManager().install_kernel_spec(str(staging), "plain", prefix=str(self.root))
-
-    def start_daemon(self, pool_size: int) -> None:
-        self.stop_daemon()
-        log = open(self.root / ("daemon-pool%d.log" % pool_size), "ab")
-        self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "uvkerneld", "--pool-size", str(pool_size)],
-            env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self._wait(lambda: self._status() is not None, 60, "the daemon to answer")
-
-    def stop_daemon(self) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            self.daemon.wait(60)
-        self.daemon = None
-
-    def _status(self) -> dict[str, Any] | None:
-        try:
-            return client.request(str(self.socket), "status", timeout=10)
-        except client.DaemonNotRunning:
-            return None
-
-    def wait_pool_full(self) -> None:
-        def full() -> bool:
-            status = self._status()
-            return bool(status) and status["pool"]["ready"] >= status["pool"]["target"] and not status["pool"]["filling"]
-
-        self._wait(full, 300, "the pool to refill")
-
-    @staticmethod
-    def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise SystemExit("bench: timed out waiting for %s" % what)
-            time.sleep(0.1)
-
-    # --- timed cases ------------------------------------------------------------------------------
-
-    def start(self, kernel_name: str, **extra_env: str) -> float:
-        return time_to_kernel_info(kernel_name, dict(self.env, **extra_env), str(self.notebooks))
-
-    def notebook(self, name: str) -> str:
-        return str(self.notebooks / name)
-
-
-def acquire_round_trips(socket_path: str, count: int) -> list[float]:
-    """Wall time of ``acquire`` for a known notebook over a fresh connection, as the stub does it."""
-    args = {"key": {"kind": "env", "value": "bench-known"}}
-    client.request(socket_path, "acquire", args, timeout=300)
-    samples = []
-    for _ in range(count):
-        started = time.perf_counter()
-        client.request(socket_path, "acquire", args, timeout=30)
-        samples.append(time.perf_counter() - started)
-    return samples
+def median(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -158,92 +50,416 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def run(runs: int, pool_empty_runs: int, cache_dir: Path | None) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="uvk-bench-", dir="/tmp"))
-    cache = cache_dir or root / "cache"
-    bench = Bench(root, cache)
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: timed out waiting for %s" % what)
+        time.sleep(0.05)
+
+
+def time_to_kernel_info(kernel_name: str, env: dict[str, str], cwd: str, timeout: float = 300) -> float:
+    manager = KernelManager(kernel_name=kernel_name)
+    started = time.perf_counter()
+    manager.start_kernel(env=env, cwd=cwd)
+    kernel = manager.blocking_client()
+    kernel.start_channels()
     try:
-        bench.install_kernelspecs()
-        bench.start_daemon(pool_size=2)
-        bench.wait_pool_full()
-        known = bench.notebook("known.ipynb")
-        bench.start("uv", JPY_SESSION_NAME=known)  # assign it once; also warms the OS caches
-        bench.start("plain")
-        samples: dict[str, list[float]] = {"plain": [], "known": [], "pool": []}
-        for index in range(runs):
-            bench.wait_pool_full()  # not timed: a pool hit is what this case measures
-            samples["plain"].append(bench.start("plain"))
-            samples["known"].append(bench.start("uv", JPY_SESSION_NAME=known))
-            samples["pool"].append(bench.start("uv", JPY_SESSION_NAME=bench.notebook("new-%d.ipynb" % index)))
-        round_trips = acquire_round_trips(str(bench.socket), 200)
-        bench.start_daemon(pool_size=0)
-        samples["pool_empty"] = []
-        samples["plain_2"] = []
-        for index in range(pool_empty_runs):
-            samples["plain_2"].append(bench.start("plain"))
-            samples["pool_empty"].append(bench.start("uv", UVKERNEL_ENV="empty-%d" % index))
+        msg_id = kernel.kernel_info()
+        while True:
+            reply = kernel.get_shell_msg(timeout=max(0.01, started + timeout - time.perf_counter()))
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return time.perf_counter() - started
     finally:
-        bench.stop_daemon()
-        shutil.rmtree(root, ignore_errors=True)
-    plain = statistics.median(samples["plain"])
-    plain_2 = statistics.median(samples["plain_2"]) if samples["plain_2"] else plain
-    result: dict[str, Any] = {
-        "runs": runs,
-        "python": sys.version.split()[0],
-        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
-        "cases": {
-            "plain": {"median_s": plain, "ratio": 1.0, "samples": samples["plain"]},
-            "known": {"median_s": statistics.median(samples["known"]),
-                      "ratio": statistics.median(samples["known"]) / plain, "samples": samples["known"]},
-            "pool": {"median_s": statistics.median(samples["pool"]),
-                     "ratio": statistics.median(samples["pool"]) / plain, "samples": samples["pool"]},
-        },
-        "acquire_round_trip_ms": {
-            "p50": percentile(round_trips, 0.5) * 1000, "p99": percentile(round_trips, 0.99) * 1000,
-        },
+        kernel.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Workspace:
+    """A private uvkerneld installation under /tmp: dirs, kernelspecs, daemons."""
+
+    def __init__(self, root: Path, cache_dir: Path) -> None:
+        self.root = root
+        self.cache_dir = cache_dir
+        self.uv = find_uv(None)
+        self.jupyter = root / "share" / "jupyter"
+        self.notebooks = root / "nb"
+        self.notebooks.mkdir(parents=True)
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("UVKERNEL", "JPY_"))}
+        self.env["JUPYTER_PATH"] = str(self.jupyter)
+        os.environ["JUPYTER_PATH"] = str(self.jupyter)
+        self.use("main")
+
+    def use(self, name: str, cache_dir: Path | None = None) -> None:
+        """Point clients and the next daemon at the installation called ``name``."""
+        base = self.root / name
+        self.socket = base / "d.sock"
+        self.state_dir = base / "state"
+        self.venvs_dir = base / "venvs"
+        self.env.update(
+            UVKERNELD_SOCKET=str(self.socket), UVKERNELD_STATE_DIR=str(self.state_dir),
+            UVKERNELD_VENVS_DIR=str(self.venvs_dir), UVKERNELD_CACHE_DIR=str(cache_dir or self.cache_dir),
+            UVKERNELD_AUTOSTART="0",
+        )
+
+    def uv_run(self, *args: str) -> None:
+        subprocess.run([self.uv, *args], env=dict(self.env, UV_CACHE_DIR=str(self.cache_dir)), check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def install_spec(self, name: str, spec: dict[str, Any]) -> None:
+        staging = self.root / ("spec-" + name)
+        staging.mkdir()
+        (staging / "kernel.json").write_text(json.dumps(spec))
+        KernelSpecManager().install_kernel_spec(str(staging), name, prefix=str(self.root))
+
+    def start_daemon(self, pool_size: int, *extra: str) -> subprocess.Popen[bytes]:
+        self.stop_daemon()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.state_dir.parent / "daemon.log", "ab")
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "uvkerneld", "--pool-size", str(pool_size), *extra],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for(lambda: self.status() is not None, 60, "the daemon to answer")
+        return self.daemon
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            self.daemon.wait(120)
+        self.daemon = None
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return client.request(str(self.socket), "status", timeout=30)
+        except client.DaemonNotRunning:
+            return None
+
+    def request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return client.request(str(self.socket), op, args, timeout=900)
+
+    def wait_pool_full(self) -> None:
+        def full() -> bool:
+            pool = (self.status() or {}).get("pool", {})
+            return bool(pool) and pool["ready"] >= pool["target"] and not pool["filling"]
+
+        wait_for(full, 600, "the pool to fill")
+
+    def start(self, kernel_name: str, **extra_env: str | None) -> float:
+        env = dict(self.env)
+        for name, value in extra_env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return time_to_kernel_info(kernel_name, env, str(self.notebooks))
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, Any]:
+    ws.install_spec("uv", kernel_json())
+    plain = ws.root / "plain-venv"
+    ws.uv_run("venv", "-q", "--python", sys.executable, str(plain))
+    ws.uv_run("pip", "install", "-q", "--python", str(plain / "bin" / "python"), "--compile-bytecode",
+              *default_kernel_packages())
+    ws.install_spec("plain", {"argv": [str(plain / "bin" / "python"), "-m", "ipykernel_launcher", "-f",
+                                       "{connection_file}"], "display_name": "plain", "language": "python"})
+    # The honest cold case: the same venv with no bytecode at all (read-only venv, or
+    # PYTHONDONTWRITEBYTECODE): every start compiles ipykernel and its dependencies.
+    cold = ws.root / "cold-venv"
+    ws.uv_run("venv", "-q", "--python", sys.executable, str(cold))
+    ws.uv_run("pip", "install", "-q", "--python", str(cold / "bin" / "python"), *default_kernel_packages())
+    for pycache in list(cold.rglob("__pycache__")):
+        shutil.rmtree(pycache)
+    ws.install_spec("cold", {"argv": [str(cold / "bin" / "python"), "-m", "ipykernel_launcher", "-f",
+                                      "{connection_file}"], "display_name": "cold", "language": "python"})
+    if with_seed:
+        seed = ws.root / "seed-venv"
+        ws.uv_run("venv", "-q", "--python", sys.executable, str(seed))
+        ws.uv_run("pip", "install", "-q", "--python", str(seed / "bin" / "python"), "--compile-bytecode",
+                  "jupyter-uv-venv==0.1.4", *default_kernel_packages())
+        # Its kernel.json names a module that does not exist; this is how it really runs.
+        ws.install_spec("seed", {
+            "argv": [str(seed / "bin" / "python"), "-m", "jupyter-uv-venv.kernel", "-f", "{connection_file}"],
+            "display_name": "seed", "language": "python",
+            "env": {"UV_VENV_DIR": str(ws.root / "seed-venvs"), "UV_CACHE_DIR": str(ws.cache_dir),
+                    "PATH": os.path.dirname(ws.uv) + os.pathsep + os.environ.get("PATH", "")},
+        })
+    ws.start_daemon(pool_size=2)
+    ws.wait_pool_full()
+    known = str(ws.notebooks / "known.ipynb")
+    seed_known = str(ws.notebooks / "seed-known.ipynb")
+    # Warm-up, not timed: assigns the known notebooks and brings every file into the page cache.
+    ws.start("uv", JPY_SESSION_NAME=known)
+    ws.start("plain")
+    ws.start("cold", PYTHONDONTWRITEBYTECODE="1")
+    if with_seed:
+        ws.start("seed", JPY_SESSION_NAME=seed_known)
+    ws.wait_pool_full()
+    samples: dict[str, list[float]] = {}
+
+    def measure(case: str, kernel: str, **env: str | None) -> None:
+        samples.setdefault(case, []).append(ws.start(kernel, **env))
+
+    for index in range(runs):
+        measure("plain", "plain", PYTHONDONTWRITEBYTECODE="1")
+        measure("plain_cold", "cold", PYTHONDONTWRITEBYTECODE="1")
+        measure("known", "uv", JPY_SESSION_NAME=known, PYTHONDONTWRITEBYTECODE=None)
+        measure("known_nowrite", "uv", JPY_SESSION_NAME=known, PYTHONDONTWRITEBYTECODE="1")
+        ws.wait_pool_full()  # not timed: a pool hit is what this case measures
+        measure("pool", "uv", JPY_SESSION_NAME=str(ws.notebooks / ("new-%d.ipynb" % index)), PYTHONDONTWRITEBYTECODE=None)
+        ws.wait_pool_full()
+        measure("pool_nowrite", "uv", JPY_SESSION_NAME=str(ws.notebooks / ("new-nw-%d.ipynb" % index)),
+                PYTHONDONTWRITEBYTECODE="1")
+        if with_seed:
+            measure("seed_new", "seed", JPY_SESSION_NAME=str(ws.notebooks / ("seed-new-%d.ipynb" % index)))
+            measure("seed_known", "seed", JPY_SESSION_NAME=seed_known)
+    # Pool empty: a daemon with no pool (and no venvs left from the pool above) builds the venv
+    # while the kernel waits, from the warm uv cache.
+    ws.use("empty")
+    ws.start_daemon(pool_size=0)
+    for index in range(runs):
+        measure("plain_2", "plain", PYTHONDONTWRITEBYTECODE="1")
+        measure("pool_empty", "uv", UVKERNEL_ENV="empty-%d" % index, PYTHONDONTWRITEBYTECODE="1")
+    ws.stop_daemon()
+    plain = median(samples["plain"])
+    cases = {}
+    for case, values in samples.items():
+        base = median(samples["plain_2"]) if case == "pool_empty" else plain
+        cases[case] = {"median_s": median(values), "ratio": median(values) / base, "samples": values}
+    cases["pool_empty"]["extra_s"] = cases["pool_empty"]["median_s"] - median(samples["plain_2"])
+    del cases["plain_2"]
+    return cases
+
+
+def bench_stub(ws: Workspace, runs: int) -> dict[str, Any]:
+    """The stub's own cost, launch to exec: the env's interpreter is replaced by /bin/true, so
+    what remains is process start + stub + acquire round trip + exec."""
+    ws.use("stub")
+    ws.start_daemon(pool_size=0)
+    env_path = Path(ws.request("acquire", {"key": {"kind": "env", "value": "stub-cost"}})["path"])
+    interpreter = env_path / "bin" / "python"
+    interpreter.unlink()
+    interpreter.symlink_to("/bin/true")
+    argv = kernel_json()["argv"]
+    argv = [arg.replace("{connection_file}", str(ws.root / "unused.json")) for arg in argv]  # type: ignore[union-attr]
+    env = dict(ws.env, UVKERNEL_ENV="stub-cost")
+    stub, bare = [], []
+    for _ in range(max(runs * 3, 3)):
+        started = time.perf_counter()
+        subprocess.run(argv, env=env, check=True)
+        stub.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        subprocess.run(["/bin/true"], env=env, check=True)
+        bare.append(time.perf_counter() - started)
+    ws.stop_daemon()
+    return {"total_ms": median(stub) * 1000, "bin_true_ms": median(bare) * 1000,
+            "stub_ms": (median(stub) - median(bare)) * 1000}
+
+
+def bench_many_envs(ws: Workspace, count: int, rounds: int) -> dict[str, Any]:
+    ws.use("many")
+    idle = ws.start_daemon(pool_size=0)
+    time.sleep(1.0)  # let start-up allocations settle before reading RSS (a reading, not a wait for work)
+    rss_idle = rss_mb(idle.pid)
+    ws.stop_daemon()
+    names = register_envs(ws.state_dir, ws.venvs_dir, count)
+    daemon = ws.start_daemon(pool_size=0)
+    trips = []
+    for index in range(rounds):
+        args = {"key": {"kind": "env", "value": names[(index * 7919) % len(names)]}}
+        started = time.perf_counter()
+        client.request(str(ws.socket), "acquire", args, timeout=30)
+        trips.append(time.perf_counter() - started)
+    status_times, list_times = [], []
+    for _ in range(20):
+        started = time.perf_counter()
+        status = ws.status()
+        status_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        ws.request("list", {"all": False})
+        list_times.append(time.perf_counter() - started)
+    assert status is not None and status["envs"]["total"] == count
+    result = {
+        "envs": count, "acquire_p50_ms": percentile(trips, 0.5) * 1000, "acquire_p99_ms": percentile(trips, 0.99) * 1000,
+        "status_ms": median(status_times) * 1000, "list_ms": median(list_times) * 1000,
+        "rss_idle_mb": rss_idle, "rss_many_mb": rss_mb(daemon.pid),
     }
-    if samples["pool_empty"]:
-        empty = statistics.median(samples["pool_empty"])
-        result["cases"]["pool_empty"] = {
-            "median_s": empty, "ratio": empty / plain_2, "extra_s": empty - plain_2,
-            "samples": samples["pool_empty"],
-        }
+    ws.stop_daemon()
     return result
 
 
+def bench_parallel_installs(ws: Workspace) -> dict[str, Any]:
+    ws.use("parallel")
+    ws.start_daemon(pool_size=0)
+    packages = ["six==1.16.0", "idna==3.10", "attrs==24.2.0", "pyparsing==3.2.0"]
+    envs = [ws.request("acquire", {"key": {"kind": "env", "value": "p-%d" % i}})["path"] for i in range(9)]
+    ws.request("pip", {"env": envs[8], "argv": ["install", *packages]})  # warm the cache: not timed
+
+    def install(env: str, package: str) -> None:
+        assert ws.request("pip", {"env": env, "argv": ["install", package]})["exit_status"] == 0
+
+    started = time.perf_counter()
+    for env, package in zip(envs[:4], packages):
+        install(env, package)
+    serial = time.perf_counter() - started
+    threads = [threading.Thread(target=install, args=(env, package)) for env, package in zip(envs[4:8], packages)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    parallel = time.perf_counter() - started
+    ws.stop_daemon()
+    return {"serial_s": serial, "parallel_s": parallel, "ratio": parallel / serial}
+
+
+def bench_disk(ws: Workspace, notebooks: int) -> dict[str, Any]:
+    """N notebooks that each install numpy: uvkerneld (shared cache, hardlinks, shared bytecode)
+    against the same N venvs made by `python -m venv` + pip."""
+    cache = ws.root / "disk-cache"
+    ws.use("disk", cache_dir=cache)
+    ws.start_daemon(pool_size=2)
+    envs = []
+    for index in range(notebooks):
+        env = ws.request("acquire", {"key": {"kind": "notebook", "value": str(ws.notebooks / ("numpy-%d.ipynb" % index))}})["path"]
+        result = ws.request("pip", {"env": env, "argv": ["install", "numpy"]})
+        assert result["exit_status"] == 0
+        envs.append(Path(env))
+    ws.stop_daemon()
+    seen: set[tuple[int, int]] = set()
+    total = scan_tree(cache, seen).new + sum(scan_tree(env, seen).new for env in envs)
+    unshared = [scan_tree(env).unshared for env in envs]
+    pip_envs = []
+    for index in range(notebooks):
+        venv = ws.root / ("pip-venv-%d" % index)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        installed = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             *default_kernel_packages(), "numpy"], capture_output=True, text=True,
+        )
+        if installed.returncode != 0:
+            raise SystemExit("bench: pip install failed:\n%s" % installed.stderr)
+        pip_envs.append(venv)
+    pip_seen: set[tuple[int, int]] = set()
+    pip_total = sum(scan_tree(venv, pip_seen).new for venv in pip_envs)
+    return {
+        "notebooks": notebooks, "uvkerneld_total_bytes": total, "pip_total_bytes": pip_total,
+        "ratio": total / pip_total, "per_env_unshared_bytes": median([float(u) for u in unshared]),
+    }
+
+
+# --- report -------------------------------------------------------------------------------------
+
 LABELS = {
     "plain": "plain ipykernel (venv with bytecode)",
+    "plain_cold": "plain ipykernel, venv without bytecode",
     "known": "uvkerneld, known notebook",
     "pool": "uvkerneld, new notebook (pool hit)",
+    "known_nowrite": "  same, PYTHONDONTWRITEBYTECODE=1",
+    "pool_nowrite": "  same (pool hit), PYTHONDONTWRITEBYTECODE=1",
     "pool_empty": "uvkerneld, new notebook (pool empty)",
+    "seed_new": "jupyter-uv-venv 0.1.4, new notebook",
+    "seed_known": "jupyter-uv-venv 0.1.4, known notebook",
 }
 
 
-def format_table(result: dict[str, Any]) -> str:
-    lines = [
-        "kernel start: launch -> first kernel_info_reply, median of %d runs (Python %s, "
-        "PYTHONDONTWRITEBYTECODE=%s)" % (result["runs"], result["python"], result["PYTHONDONTWRITEBYTECODE"] or "unset"),
-        "%-40s %10s %10s" % ("case", "median", "vs plain"),
-    ]
-    for name, case in result["cases"].items():
-        extra = " (+%.2f s)" % case["extra_s"] if "extra_s" in case else ""
-        lines.append("%-40s %9.3fs %9.2fx%s" % (LABELS[name], case["median_s"], case["ratio"], extra))
-    trip = result["acquire_round_trip_ms"]
-    lines.append("acquire round trip (known env, new connection): p50 %.2f ms, p99 %.2f ms" % (trip["p50"], trip["p99"]))
+def verdict(value: float, target: float) -> str:
+    return "ok" if value <= target else "MISSED (target %s)" % target
+
+
+def format_report(result: dict[str, Any]) -> str:
+    lines = ["uvkerneld bench: Python %s, %d runs per case, medians; PYTHONDONTWRITEBYTECODE in this shell: %s"
+             % (result["python"], result["runs"], result["PYTHONDONTWRITEBYTECODE"] or "unset")]
+    starts = result.get("kernel_start")
+    if starts:
+        lines += ["", "kernel start, launch -> first kernel_info_reply",
+                  "%-46s %9s %9s" % ("case", "median", "vs plain")]
+        order = ["plain", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty", "seed_new", "seed_known"]
+        for case in [c for c in order if c in starts]:
+            data = starts[case]
+            note = ""
+            if case in TARGETS:
+                note = verdict(data["ratio"], TARGETS[case])
+            if case == "pool_empty":
+                note = "+%.2f s, %s" % (data["extra_s"], verdict(data["extra_s"], TARGETS["pool_empty_extra_s"]))
+            lines.append("%-46s %8.3fs %8.2fx  %s" % (LABELS[case], data["median_s"], data["ratio"], note))
+    stub = result.get("stub")
+    if stub:
+        lines += ["", "kernel stub, launch to exec: %.1f ms (%.1f ms total minus %.1f ms for /bin/true alone)  %s"
+                  % (stub["stub_ms"], stub["total_ms"], stub["bin_true_ms"], verdict(stub["stub_ms"], TARGETS["stub_ms"]))]
+    many = result.get("many_envs")
+    if many:
+        lines += ["", "daemon with %d envs in the store" % many["envs"],
+                  "  acquire round trip (new connection, like the stub): p50 %.2f ms, p99 %.2f ms  %s"
+                  % (many["acquire_p50_ms"], many["acquire_p99_ms"], verdict(many["acquire_p50_ms"], TARGETS["acquire_p50_ms"])),
+                  "  status %.1f ms, list %.1f ms  %s" % (many["status_ms"], many["list_ms"], verdict(many["status_ms"], TARGETS["status_many_ms"])),
+                  "  RSS idle %.1f MB, with %d envs %.1f MB  %s" % (many["rss_idle_mb"], many["envs"], many["rss_many_mb"],
+                                                                    verdict(many["rss_many_mb"], TARGETS["rss_many_mb"]))]
+    parallel = result.get("parallel_installs")
+    if parallel:
+        lines += ["", "4 installs into 4 envs (warm cache): one after another %.2f s, at once %.2f s, ratio %.2f"
+                  % (parallel["serial_s"], parallel["parallel_s"], parallel["ratio"])]
+    disk = result.get("disk")
+    if disk:
+        mb = 1024 * 1024
+        lines += ["", "disk, %d notebooks that each install numpy (hardlinks counted once)" % disk["notebooks"],
+                  "  uvkerneld (uv cache + venvs): %.1f MB; python -m venv + pip: %.1f MB; ratio %.3f  %s"
+                  % (disk["uvkerneld_total_bytes"] / mb, disk["pip_total_bytes"] / mb, disk["ratio"], verdict(disk["ratio"], TARGETS["disk_ratio"])),
+                  "  per-env bytes beyond the shared files (median): %.1f MB  %s"
+                  % (disk["per_env_unshared_bytes"] / mb, verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7, help="rounds per case (default 7)")
-    parser.add_argument("--pool-empty-runs", type=int, default=None, help="rounds for the pool-empty case (default: --runs)")
+    parser = argparse.ArgumentParser(prog="python -m bench", description="uvkerneld benchmarks (see bench/run.py)")
+    parser.add_argument("--runs", type=int, default=7, help="rounds per kernel-start case (default 7)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 50 envs, 2 disk notebooks, no seed")
+    parser.add_argument("--envs", type=int, default=1000, help="envs in the store for the daemon figures (default 1000)")
+    parser.add_argument("--notebooks", type=int, default=10, help="numpy notebooks for the disk figures (default 10)")
+    parser.add_argument("--skip", action="append", default=[], choices=["starts", "stub", "many", "parallel", "disk", "seed"],
+                        help="leave a section out (repeatable)")
     parser.add_argument("--cache-dir", type=Path, help="reuse this uv cache (default: a fresh one, downloaded once)")
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON ('-' for stdout)")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.envs, args.notebooks = 1, 50, 2
+        args.skip.append("seed")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    result = run(args.runs, args.runs if args.pool_empty_runs is None else args.pool_empty_runs, args.cache_dir)
-    print(format_table(result))
+    root = Path(tempfile.mkdtemp(prefix="uvk-bench-", dir="/tmp"))
+    result: dict[str, Any] = {"runs": args.runs, "python": sys.version.split()[0],
+                              "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""), "targets": TARGETS}
+    ws = Workspace(root, args.cache_dir or root / "cache")
+    try:
+        if "starts" not in args.skip:
+            result["kernel_start"] = bench_kernel_starts(ws, args.runs, with_seed="seed" not in args.skip)
+        if "stub" not in args.skip:
+            result["stub"] = bench_stub(ws, args.runs)
+        if "many" not in args.skip:
+            result["many_envs"] = bench_many_envs(ws, args.envs, rounds=max(100, args.envs // 2))
+        if "parallel" not in args.skip:
+            result["parallel_installs"] = bench_parallel_installs(ws)
+        if "disk" not in args.skip:
+            result["disk"] = bench_disk(ws, args.notebooks)
+    finally:
+        ws.stop_daemon()
+        shutil.rmtree(root, ignore_errors=True)
+    print(format_report(result))
     if args.json:
         text = json.dumps(result, indent=1)
         if args.json == "-":

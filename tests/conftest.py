@@ -12,6 +12,8 @@ from typing import Iterator
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# bench/ holds set-up code the tests share (and the benchmark smoke test runs it).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from helpers import Daemon, Layout, process_alive  # noqa: E402
 

@@ -173,27 +173,8 @@ def run_code(kernel_client: Any, code: str, timeout: float = 60) -> str:
     return "".join(chunks)
 
 
-def register_envs(layout: Layout, count: int) -> list[str]:
-    """Put ``count`` assigned envs into the store, each a minimal venv-shaped directory (an
-    interpreter link), as a long-lived host would have. Returns their env keys' names."""
-    from uvkerneld import states
-    from uvkerneld.protocol import EnvKey
-    from uvkerneld.store import Store
 
-    layout.state_dir.mkdir(parents=True, exist_ok=True)
-    layout.venvs_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(layout.state_dir / "state.db")
-    names = []
-    try:
-        for index in range(count):
-            env_id = "e-%012x" % (0xA00000000000 + index)
-            path = layout.venvs_dir / env_id
-            (path / "bin").mkdir(parents=True)
-            (path / "bin" / "python").symlink_to(sys.executable)
-            name = "registered-%d" % index
-            store.insert_creating(env_id, path, "registered", sys.executable, owner_uid=os.getuid(), key=EnvKey("env", name))
-            store.transition(env_id, states.ASSIGNED)
-            names.append(name)
-    finally:
-        store.close()
-    return names
+def register_envs(layout: Layout, count: int) -> list[str]:
+    from bench.fixtures import register_envs as register
+
+    return register(layout.state_dir, layout.venvs_dir, count)

@@ -226,6 +226,9 @@ class EnvManager:
             if current is not None:
                 await self._remove(current)
 
+    async def delete_files_and_row(self, record: EnvRecord) -> None:
+        await self._remove(record)
+
     async def _remove(self, record: EnvRecord | None) -> None:
         if record is None:
             return

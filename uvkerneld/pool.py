@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from . import states
 from .envs import EnvManager
 from .protocol import EnvUnavailable
 
@@ -63,11 +64,24 @@ class WarmPool:
                 return
             await asyncio.sleep(max(remaining, 0.01))
 
+    async def _trim(self) -> None:
+        """Give back pooled venvs beyond the target (after `pool --size` or a config reload)."""
+        while self.ready > self.target:
+            record = self.envs.store.oldest_pooled(self.envs.spec)
+            if record is None:
+                return
+            # Read and state change with no await in between: an acquire (which claims pooled
+            # venvs synchronously too) can never be handed this venv once it is 'deleting'.
+            record = self.envs.store.transition(record.id, states.DELETING)
+            log.info("pool: removing %s (%d ready, target %d)", record.id, self.ready, self.target)
+            await self.envs.delete_files_and_row(record)
+
     async def _run(self) -> None:
         backoff = 1.0
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._trim()
             while self.ready < self.target:
                 await self._wait_for_quiet()
                 self.filling = 1

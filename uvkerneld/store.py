@@ -165,6 +165,12 @@ class Store:
         ).fetchone()
         return int(row["n"])
 
+    def oldest_pooled(self, spec: str) -> EnvRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM envs WHERE state=? AND spec=? ORDER BY created_at LIMIT 1", (states.POOLED, spec)
+        ).fetchone()
+        return EnvRecord(row) if row else None
+
     def count_pooled(self, spec: str) -> int:
         row = self._db.execute(
             "SELECT COUNT(*) AS n FROM envs WHERE state=? AND spec=?", (states.POOLED, spec)

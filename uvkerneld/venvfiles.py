@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import py_compile
 import shutil
 import sys
 from pathlib import Path
@@ -55,4 +56,8 @@ def write_kernel_files(venv: Path, python: str | None = None) -> None:
     config_dir = venv / "etc" / "ipython"
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "ipython_kernel_config.py").write_text(_KERNEL_CONFIG.format(module=EXTENSION_MODULE))
-    shutil.copyfile(_EXTENSION_SOURCE, site_packages(venv) / (EXTENSION_MODULE + ".py"))
+    extension = site_packages(venv) / (EXTENSION_MODULE + ".py")
+    shutil.copyfile(_EXTENSION_SOURCE, extension)
+    # Every kernel start imports it; with PYTHONDONTWRITEBYTECODE nothing would cache it. The
+    # .pyc is tagged for this interpreter: a venv of another Python version just ignores it.
+    py_compile.compile(str(extension), doraise=False, quiet=1)
