@@ -157,6 +157,16 @@ class Workspace:
 
         wait_for(full, 600, "the pool to fill")
 
+    def wait_quiet(self) -> None:
+        """Pool full, no disk scan running: each start is timed alone, not against the
+        background work the previous start triggered (refill builds, disk scans)."""
+        def quiet() -> bool:
+            status = self.status() or {}
+            pool, disk = status.get("pool", {}), status.get("disk", {})
+            return bool(pool) and pool["ready"] >= pool["target"] and not pool["filling"] and not disk.get("scanning")
+
+        wait_for(quiet, 600, "the daemon to be idle")
+
     def start(self, kernel_name: str, **extra_env: str | None) -> float:
         env = dict(self.env)
         for name, value in extra_env.items():
@@ -209,20 +219,20 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
     ws.start("cold", PYTHONDONTWRITEBYTECODE="1")
     if with_seed:
         ws.start("seed", JPY_SESSION_NAME=seed_known)
-    ws.wait_pool_full()
     samples: dict[str, list[float]] = {}
 
     def measure(case: str, kernel: str, **env: str | None) -> None:
+        ws.wait_quiet()
         samples.setdefault(case, []).append(ws.start(kernel, **env))
 
     for index in range(runs):
-        measure("plain", "plain", PYTHONDONTWRITEBYTECODE="1")
+        # Each uvkerneld case is compared with plain ipykernel under the same bytecode setting.
+        measure("plain", "plain", PYTHONDONTWRITEBYTECODE=None)
+        measure("plain_nowrite", "plain", PYTHONDONTWRITEBYTECODE="1")
         measure("plain_cold", "cold", PYTHONDONTWRITEBYTECODE="1")
         measure("known", "uv", JPY_SESSION_NAME=known, PYTHONDONTWRITEBYTECODE=None)
         measure("known_nowrite", "uv", JPY_SESSION_NAME=known, PYTHONDONTWRITEBYTECODE="1")
-        ws.wait_pool_full()  # not timed: a pool hit is what this case measures
         measure("pool", "uv", JPY_SESSION_NAME=str(ws.notebooks / ("new-%d.ipynb" % index)), PYTHONDONTWRITEBYTECODE=None)
-        ws.wait_pool_full()
         measure("pool_nowrite", "uv", JPY_SESSION_NAME=str(ws.notebooks / ("new-nw-%d.ipynb" % index)),
                 PYTHONDONTWRITEBYTECODE="1")
         if with_seed:
@@ -236,11 +246,13 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         measure("plain_2", "plain", PYTHONDONTWRITEBYTECODE="1")
         measure("pool_empty", "uv", UVKERNEL_ENV="empty-%d" % index, PYTHONDONTWRITEBYTECODE="1")
     ws.stop_daemon()
-    plain = median(samples["plain"])
+    baseline = {"pool_empty": "plain_2", "known_nowrite": "plain_nowrite", "pool_nowrite": "plain_nowrite",
+                "plain_cold": "plain_nowrite"}
     cases = {}
     for case, values in samples.items():
-        base = median(samples["plain_2"]) if case == "pool_empty" else plain
-        cases[case] = {"median_s": median(values), "ratio": median(values) / base, "samples": values}
+        base = median(samples[baseline.get(case, "plain")])
+        cases[case] = {"median_s": median(values), "ratio": median(values) / base, "samples": values,
+                       "baseline": baseline.get(case, "plain")}
     cases["pool_empty"]["extra_s"] = cases["pool_empty"]["median_s"] - median(samples["plain_2"])
     del cases["plain_2"]
     return cases
@@ -367,7 +379,8 @@ def bench_disk(ws: Workspace, notebooks: int) -> dict[str, Any]:
 
 LABELS = {
     "plain": "plain ipykernel (venv with bytecode)",
-    "plain_cold": "plain ipykernel, venv without bytecode",
+    "plain_nowrite": "  same, PYTHONDONTWRITEBYTECODE=1",
+    "plain_cold": "  same, venv without bytecode (=1)",
     "known": "uvkerneld, known notebook",
     "pool": "uvkerneld, new notebook (pool hit)",
     "known_nowrite": "  same, PYTHONDONTWRITEBYTECODE=1",
@@ -387,9 +400,9 @@ def format_report(result: dict[str, Any]) -> str:
              % (result["python"], result["runs"], result["PYTHONDONTWRITEBYTECODE"] or "unset")]
     starts = result.get("kernel_start")
     if starts:
-        lines += ["", "kernel start, launch -> first kernel_info_reply",
-                  "%-46s %9s %9s" % ("case", "median", "vs plain")]
-        order = ["plain", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty", "seed_new", "seed_known"]
+        lines += ["", "kernel start, launch -> first kernel_info_reply (ratios against plain under the same "
+                  "PYTHONDONTWRITEBYTECODE)", "%-46s %9s %9s" % ("case", "median", "vs plain")]
+        order = ["plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty", "seed_new", "seed_known"]
         for case in [c for c in order if c in starts]:
             data = starts[case]
             note = ""
@@ -427,7 +440,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="uvkerneld benchmarks (see bench/run.py)")
-    parser.add_argument("--runs", type=int, default=7, help="rounds per kernel-start case (default 7)")
+    parser.add_argument("--runs", type=int, default=9, help="rounds per kernel-start case (default 9)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 50 envs, 2 disk notebooks, no seed")
     parser.add_argument("--envs", type=int, default=1000, help="envs in the store for the daemon figures (default 1000)")
     parser.add_argument("--notebooks", type=int, default=10, help="numpy notebooks for the disk figures (default 10)")

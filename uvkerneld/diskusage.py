@@ -10,6 +10,7 @@ envs there are.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import time
@@ -17,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("uvkerneld.diskusage")
+
+
+def _idle_thread() -> None:
+    # On Linux, pid 0 means the calling *thread*: only this worker drops to SCHED_IDLE.
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
 
 
 class TreeUsage:
@@ -85,10 +94,16 @@ class DiskUsage:
         self.venvs_dir = venvs_dir
         self.interval = interval
         self.figures: dict[str, Any] = {"computed_at": None}
+        self.scanning = False
         self.per_env: dict[str, dict[str, int]] = {}
         self._dirty = asyncio.Event()
         self._dirty.set()
         self._task: asyncio.Task[None] | None = None
+        # Its own thread at idle priority: a scan walks every file of every venv, and must never
+        # compete with a kernel that is starting.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="disk-usage", initializer=_idle_thread
+        )
 
     def mark_dirty(self) -> None:
         self._dirty.set()
@@ -103,9 +118,15 @@ class DiskUsage:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def refresh(self) -> dict[str, Any]:
-        figures, per_env = await asyncio.to_thread(self._scan)
+        loop = asyncio.get_running_loop()
+        self.scanning = True
+        try:
+            figures, per_env = await loop.run_in_executor(self._executor, self._scan)
+        finally:
+            self.scanning = False
         self.figures, self.per_env = figures, per_env
         return figures
 

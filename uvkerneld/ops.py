@@ -291,7 +291,7 @@ class Operations:
             },
             "kernels_started": dict(self.kernels_started),
             "installs": daemon.installs.status(),
-            "disk": dict(daemon.disk.figures),
+            "disk": dict(daemon.disk.figures, scanning=daemon.disk.scanning),
             "link_fallback_seen": daemon.uv.link_fallback_seen,
             "paths": daemon.config.public_summary(),
             "errors": list(daemon.envs.last_errors),

@@ -1,0 +1,37 @@
+"""A smoke run of bench/ (one round, small sizes) so the benchmark cannot rot. No timing asserts:
+figures are checked for shape and sanity only; the real numbers come from `python -m bench`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import Layout
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(1200)
+def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
+    out = layout.root / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--cache-dir", str(layout.cache_dir), "--json", str(out)],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    starts = figures["kernel_start"]
+    for case in ("plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty"):
+        assert starts[case]["median_s"] > 0 and math.isfinite(starts[case]["ratio"]), case
+    assert starts["pool_empty"]["extra_s"] > 0  # it really built a venv on demand
+    assert 0 < figures["stub"]["stub_ms"] < figures["stub"]["total_ms"]
+    many = figures["many_envs"]
+    assert many["envs"] == 50 and many["acquire_p50_ms"] > 0 and many["rss_many_mb"] > 0
+    assert figures["parallel_installs"]["ratio"] > 0
+    disk = figures["disk"]
+    assert disk["notebooks"] == 2 and 0 < disk["ratio"] < 1 and disk["per_env_unshared_bytes"] > 0
+    assert "kernel start, launch -> first kernel_info_reply" in result.stdout
