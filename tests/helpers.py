@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from uvkerneld import client, protocol
 
@@ -178,3 +179,23 @@ def register_envs(layout: Layout, count: int) -> list[str]:
     from bench.fixtures import register_envs as register
 
     return register(layout.state_dir, layout.venvs_dir, count)
+
+
+@contextmanager
+def running_kernel(layout: Layout, kernel_name: str = "uv", cwd: str | None = None, **extra_env: str) -> Iterator[Any]:
+    """A kernel launched by jupyter_client from the installed kernelspec; yields (manager, client)."""
+    from jupyter_client.manager import KernelManager
+
+    env = layout.env
+    env.update(extra_env)
+    manager = KernelManager(kernel_name=kernel_name)
+    manager.start_kernel(env=env, cwd=cwd or str(layout.notebooks))
+    kernel = manager.client()
+    kernel.start_channels()
+    try:
+        kernel.wait_for_ready(timeout=180)
+        yield manager, kernel
+    finally:
+        kernel.stop_channels()
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)

@@ -64,7 +64,6 @@ def test_pool_venvs_import_ipykernel_without_compiling_anything(pooled: Daemon, 
     assert cached.startswith(env_path) and os.path.exists(cached)
     # The .pyc is the cache's file, shared: cache + both pool venvs (+ any later venv).
     assert os.stat(cached).st_nlink >= 3
-    assert "compiled" in pooled.log and "cache entr" in pooled.log
 
 
 def test_tracebacks_name_the_venv_not_the_cache(pooled: Daemon, layout: Layout) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers import Daemon, Layout, register_envs, run_code, wait_until
-from jupyter_client.manager import KernelManager
+from helpers import Daemon, Layout, register_envs, run_code, running_kernel, wait_until
 
 
 def ctl(layout: Layout, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -60,14 +59,7 @@ def test_list_and_status_count_envs_and_live_kernels(ctl_daemon: Daemon, layout:
     notebook = layout.notebook("live.ipynb")
     acquire(layout, "env", "first")
     acquire(layout, "env", "second")
-    env = layout.env
-    env["JPY_SESSION_NAME"] = str(notebook)
-    manager = KernelManager(kernel_name=kernelspec)
-    manager.start_kernel(env=env, cwd=str(layout.notebooks))
-    kernel = manager.client()
-    kernel.start_channels()
-    try:
-        kernel.wait_for_ready(timeout=180)
+    with running_kernel(layout, kernelspec, JPY_SESSION_NAME=str(notebook)) as (_, kernel):
         prefix = run_code(kernel, "import sys; print(sys.prefix)").strip()
         rows = {row["path"]: row for row in ctl_json(layout, "list")}
         assert len(rows) == 3
@@ -78,34 +70,23 @@ def test_list_and_status_count_envs_and_live_kernels(ctl_daemon: Daemon, layout:
         assert status["envs"]["total"] == 3 and status["envs"]["live"] == 1
         table = ctl(layout, "list").stdout
         assert str(notebook) in table and "env:first" in table and "yes" in table
-    finally:
-        kernel.stop_channels()
-        manager.shutdown_kernel(now=False)
     wait_until(lambda: ctl_json(layout, "status")["envs"]["live"] == 0, 30, "the kernel to be seen gone")
     assert all(row["live"] is False for row in ctl_json(layout, "list"))
 
 
 def test_live_kernel_is_remembered_across_a_daemon_restart(layout: Layout, kernelspec: str) -> None:
     daemon = Daemon(layout, "--pool-size", "0").start()
-    env = layout.env
-    env["UVKERNEL_ENV"] = "survivor"
-    manager = KernelManager(kernel_name=kernelspec)
-    manager.start_kernel(env=env, cwd=str(layout.notebooks))
-    kernel = manager.client()
-    kernel.start_channels()
     try:
-        kernel.wait_for_ready(timeout=180)
-        assert daemon.stop() == 0
-        daemon = Daemon(layout, "--pool-size", "0").start()
-        # The lifeline died with the old daemon, but the kernel still runs: gc must keep its env.
-        assert layout.status()["envs"]["live"] == 1
-        result = ctl(layout, "gc", "--older-than", "0s", "--yes")
-        assert result.returncode == 0, result.stderr
-        assert "kept" in result.stdout and "a kernel is running in it" in result.stdout
-        assert [row["key"]["value"] for row in ctl_json(layout, "list")] == ["survivor"]
+        with running_kernel(layout, kernelspec, UVKERNEL_ENV="survivor"):
+            assert daemon.stop() == 0
+            daemon = Daemon(layout, "--pool-size", "0").start()
+            # The lifeline died with the old daemon, but the kernel still runs: gc must keep its env.
+            assert layout.status()["envs"]["live"] == 1
+            result = ctl(layout, "gc", "--older-than", "0s", "--yes")
+            assert result.returncode == 0, result.stderr
+            assert "kept" in result.stdout and "a kernel is running in it" in result.stdout
+            assert [row["key"]["value"] for row in ctl_json(layout, "list")] == ["survivor"]
     finally:
-        kernel.stop_channels()
-        manager.shutdown_kernel(now=True)
         daemon.stop()
 
 
@@ -168,19 +149,9 @@ def test_show_export_and_rm(ctl_daemon: Daemon, layout: Layout) -> None:
 
 
 def test_rm_refuses_an_env_with_a_running_kernel(ctl_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
-    env = layout.env
-    env["UVKERNEL_ENV"] = "busy"
-    manager = KernelManager(kernel_name=kernelspec)
-    manager.start_kernel(env=env, cwd=str(layout.notebooks))
-    kernel = manager.client()
-    kernel.start_channels()
-    try:
-        kernel.wait_for_ready(timeout=180)
+    with running_kernel(layout, kernelspec, UVKERNEL_ENV="busy"):
         result = ctl(layout, "rm", "busy")
         assert result.returncode == 3 and "has a running kernel; shut the kernel down first" in result.stderr
-    finally:
-        kernel.stop_channels()
-        manager.shutdown_kernel(now=True)
 
 
 def test_disk_figures_match_du_with_hardlinks_counted_once(ctl_daemon: Daemon, layout: Layout) -> None:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers import Daemon, Layout, run_code, wait_until
-from jupyter_client.manager import KernelManager
+from helpers import Daemon, Layout, run_code, running_kernel, wait_until
 
 from uvkerneld import client, protocol
 
@@ -50,18 +47,8 @@ def base_freeze() -> str:
 
 @contextmanager
 def notebook_kernel(layout: Layout, notebook: str) -> Iterator[Any]:
-    env = layout.env
-    env["JPY_SESSION_NAME"] = str(layout.notebook(notebook))
-    manager = KernelManager(kernel_name="uv")
-    manager.start_kernel(env=env, cwd=str(layout.notebooks))
-    kernel = manager.client()
-    kernel.start_channels()
-    try:
-        kernel.wait_for_ready(timeout=180)
+    with running_kernel(layout, JPY_SESSION_NAME=str(layout.notebook(notebook))) as (_, kernel):
         yield kernel
-    finally:
-        kernel.stop_channels()
-        manager.shutdown_kernel(now=True)
 
 
 @pytest.fixture

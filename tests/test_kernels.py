@@ -6,31 +6,12 @@ import json
 import os
 import queue
 import sys
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
-from helpers import Daemon, Layout, process_alive, processes_matching, run_code, wait_until
+from helpers import Daemon, Layout, process_alive, processes_matching, run_code, running_kernel, wait_until
 from jupyter_client.manager import KernelManager
 
 PREFIX_CODE = "import sys; print(sys.prefix)"
-
-
-@contextmanager
-def running_kernel(layout: Layout, kernelspec: str, cwd: str | None = None, **extra_env: str) -> Iterator[Any]:
-    env = layout.env
-    env.update(extra_env)
-    manager = KernelManager(kernel_name=kernelspec)
-    manager.start_kernel(env=env, cwd=cwd or str(layout.notebooks))
-    kernel = manager.client()
-    kernel.start_channels()
-    try:
-        kernel.wait_for_ready(timeout=180)
-        yield manager, kernel
-    finally:
-        kernel.stop_channels()
-        if manager.has_kernel:
-            manager.shutdown_kernel(now=False)
 
 
 def kernel_prefix(layout: Layout, kernelspec: str, **extra_env: str) -> str:

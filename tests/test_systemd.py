@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from helpers import Daemon, Layout, wait_until
 
-from uvkerneld import client
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("systemd-analyze") or not shutil.which("systemd-socket-activate"),

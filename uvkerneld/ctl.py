@@ -118,33 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     socket_path = args.socket or locations.socket_path_from_env()
+    handlers = {
+        "status": lambda: cmd_status(socket_path, args.json),
+        "install-kernelspec": lambda: cmd_install_kernelspec(args),
+        "install-systemd": lambda: cmd_install_systemd(args),
+        "try": lambda: cmd_try(args),
+        "list": lambda: cmd_list(socket_path, args),
+        "show": lambda: cmd_show(socket_path, args),
+        "export": lambda: cmd_export(socket_path, args),
+        "rm": lambda: cmd_rm(socket_path, args),
+        "gc": lambda: cmd_gc(socket_path, args),
+        "pool": lambda: cmd_pool(socket_path, args),
+        "doctor": lambda: cmd_doctor(socket_path, args),
+    }
     try:
-        if args.command == "status":
-            return cmd_status(socket_path, args.json)
-        if args.command == "install-kernelspec":
-            return cmd_install_kernelspec(args)
-        if args.command == "try":
-            return cmd_try(args)
-        if args.command == "install-systemd":
-            return cmd_install_systemd(args)
-        if args.command == "list":
-            return cmd_list(socket_path, args)
-        if args.command == "show":
-            return cmd_show(socket_path, args)
-        if args.command == "export":
-            return cmd_export(socket_path, args)
-        if args.command == "rm":
-            return cmd_rm(socket_path, args)
-        if args.command == "gc":
-            return cmd_gc(socket_path, args)
-        if args.command == "pool":
-            return cmd_pool(socket_path, args)
-        if args.command == "doctor":
-            return cmd_doctor(socket_path, args)
+        return handlers[args.command]()
     except CtlError as exc:
         print("uvkernelctl: %s" % exc, file=sys.stderr)
         return exc.exit_code
-    raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
 def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,

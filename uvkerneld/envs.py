@@ -26,7 +26,6 @@ import secrets
 import shutil
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable
 
 from . import states

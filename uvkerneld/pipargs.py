@@ -242,7 +242,7 @@ def check_requirements_text(text):
         if "\0" in line:
             raise PipUsageError("requirements line %d has a NUL byte" % number)
         if line.startswith("-"):
-            option = re.split(r"[\s=]", line, 1)[0]
+            option = re.split(r"[\s=]", line, maxsplit=1)[0]
             if option in ("-e", "--editable"):
                 local_paths.append(line)
                 continue
