@@ -194,12 +194,28 @@ def test_status_with_a_thousand_envs(layout: Layout) -> None:
 
 
 def test_pool_resize_and_fill_with_progress(ctl_daemon: Daemon, layout: Layout) -> None:
-    result = ctl(layout, "pool", "--size", "1", "--fill", "--wait")
+    result = ctl(layout, "pool", "--size", "2", "--fill", "--wait")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "pool: 1/1 ready"
-    assert any("building" in line or "0/1" in line for line in lines[:-1])
+    assert lines[-1] == "pool: 2/2 ready"
+    assert any("building" in line or "0/2" in line for line in lines[:-1])
+    # Shrinking waits until the extra venv is really gone.
+    result = ctl(layout, "pool", "--size", "1", "--fill", "--wait")
+    assert result.stdout.strip().splitlines()[-1] == "pool: 1/1 ready"
     assert layout.status()["pool"]["ready"] == 1
+    wait_until(lambda: len(list(layout.venvs_dir.iterdir())) == 1, 30, "the extra venv's files to go")
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback(ctl_daemon: Daemon, layout: Layout) -> None:
+    # `uvkernelctl list --json | head -c 10` with more output than a pipe holds (64 KiB): head
+    # leaves after 10 bytes and uvkernelctl's next write fails with EPIPE.
+    register_envs(layout, 400)
+    result = subprocess.run(
+        "%s -m uvkerneld.ctl list --json | head -c 10 >/dev/null; exit ${PIPESTATUS[0]}" % sys.executable,
+        shell=True, executable="/bin/bash", env=layout.env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""
 
 
 def test_doctor_passes_on_a_good_setup(ctl_daemon: Daemon, layout: Layout, kernelspec: str) -> None:

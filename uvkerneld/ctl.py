@@ -132,10 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": lambda: cmd_doctor(socket_path, args),
     }
     try:
-        return handlers[args.command]()
+        exit_code = handlers[args.command]()
+        sys.stdout.flush()  # a closed pipe shows up here, where it can be handled
+        return exit_code
     except CtlError as exc:
         print("uvkernelctl: %s" % exc, file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `uvkernelctl export x | head`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and exit like a SIGPIPE'd tool would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,
@@ -362,7 +369,7 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
             if line != last:
                 print(line, flush=True)
                 last = line
-            if pool["ready"] >= pool["target"] and not pool["filling"]:
+            if pool["ready"] == pool["target"] and not pool["filling"]:
                 break
             if pool.get("last_error"):
                 raise CtlError("the pool cannot fill: %s" % pool["last_error"].splitlines()[0], EXIT_DAEMON_ERROR)
