@@ -127,8 +127,32 @@ def test_two_compiles_of_the_same_cache_entries_at_once(layout: Layout) -> None:
 
     async def both() -> list[int]:
         # Two independent compilers (as two daemons would be) racing on the same entries.
-        return await asyncio.gather(*(SharedBytecode(cache, sys.executable).share(venv) for venv in venvs))
+        return await asyncio.gather(*(SharedBytecode(cache, sys.executable).share(venv, 0.0) for venv in venvs))
 
     assert asyncio.run(both()) == [2, 2]
     for venv in venvs:
         assert import_probe(str(venv), "six", "idna")["compiled"] == []
+
+
+def test_concurrent_installs_into_two_envs_both_get_bytecode(layout: Layout) -> None:
+    # A cache of its own, so the packages are new to it; both installs run at once, so one env's
+    # files are linked before the other's install compiles them.
+    env = dict(layout.env, UVKERNELD_CACHE_DIR=str(layout.root / "own-cache"))
+    daemon = Daemon(layout, "--pool-size", "0", env=env).start()
+    try:
+        envs = [acquire(layout, "concurrent-%d" % index) for index in range(2)]
+        import threading
+
+        results = []
+        threads = [threading.Thread(target=lambda path=path: results.append(layout.request(
+            "pip", {"env": path, "argv": ["install", "six==1.16.0", "idna==3.10"]}, timeout=300)))
+            for path in envs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert [result["exit_status"] for result in results] == [0, 0]
+        for path in envs:
+            assert import_probe(path, "six", "idna", "ipykernel.kernelapp")["compiled"] == []
+    finally:
+        daemon.stop()

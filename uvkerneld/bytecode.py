@@ -9,10 +9,11 @@ time. Python accepts them there: a timestamp ``.pyc`` records the source's mtime
 the hardlinked ``.py`` shares (same inode), and the import system rewrites ``co_filename`` to the
 path it imported from, so tracebacks name the venv, not the cache.
 
-After each uv install, ``share_bytecode(venv)`` compiles the archive entries that are new since
-the last time (with the venvs' interpreter, so the cache tag matches), then links their fresh
-``.pyc`` files into the venv that was just installed (uv linked its files before the ``.pyc``
-existed). ``compileall`` writes each file atomically, so two compiles of one entry are harmless;
+After each uv install, ``share(venv, since)`` compiles the archive entries that are new since
+the last time (with the venvs' interpreter, so the cache tag matches), then links into the venv
+that was just installed the ``.pyc`` of every entry compiled since its install began: uv linked
+its files before those ``.pyc`` existed, whether this call compiled them or a concurrent install
+into another venv did. ``compileall`` writes each file atomically, so two compiles of one entry are harmless;
 ``uv cache prune`` deletes whole entries, which venvs keep alive through their own links.
 
 The cache belongs to the daemon (system mode: its own user), so no user can write a ``.pyc`` that
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("uvkerneld.bytecode")
@@ -36,7 +38,7 @@ class SharedBytecode:
     def __init__(self, cache_dir: Path, python: str) -> None:
         self.archive = cache_dir / ARCHIVE_DIR
         self.python = python
-        self._compiled: set[str] = set()
+        self._compiled: dict[str, float] = {}  # entry name -> time.monotonic() it was compiled
         self._lock = asyncio.Lock()
         self._seeded = False
         self._cache_tag: str | None = None
@@ -47,21 +49,27 @@ class SharedBytecode:
         except FileNotFoundError:
             return []
 
-    async def share(self, venv: Path, progress=lambda line: None) -> int:  # type: ignore[no-untyped-def]
-        """Compile new cache entries and link their bytecode into ``venv``; returns entries compiled."""
+    async def share(self, venv: Path, since: float, progress=lambda line: None) -> int:  # type: ignore[no-untyped-def]
+        """Compile new cache entries, link bytecode compiled at or after ``since`` (a
+        ``time.monotonic()`` taken before the venv's uv install) into ``venv``; returns entries compiled."""
         async with self._lock:
             if not self._seeded:
                 self._cache_tag = await self._interpreter_cache_tag()
                 # Entries compiled by an earlier daemon run already hold bytecode; compileall
                 # would skip them file by file anyway, but not walking them saves the time.
-                self._compiled.update(await asyncio.to_thread(_already_compiled, self._entries(), self._cache_tag))
+                for name in await asyncio.to_thread(_already_compiled, self._entries(), self._cache_tag):
+                    self._compiled[name] = 0.0
                 self._seeded = True
-            new = [entry for entry in self._entries() if entry.name not in self._compiled]
+            entries = self._entries()
+            new = [entry for entry in entries if entry.name not in self._compiled]
             if new:
                 progress("Compiling bytecode for %d new package(s), shared by every env" % len(new))
                 await self._compile(new)
-                self._compiled.update(entry.name for entry in new)
-            linked = await asyncio.to_thread(link_bytecode, new, venv)
+                now = time.monotonic()
+                for entry in new:
+                    self._compiled[entry.name] = now
+            fresh = [entry for entry in entries if self._compiled.get(entry.name, 0.0) >= since]
+            linked = await asyncio.to_thread(link_bytecode, fresh, venv)
             if new:
                 log.info("compiled %d cache entr%s, linked %d .pyc into %s",
                          len(new), "y" if len(new) == 1 else "ies", linked, venv.name)

@@ -175,7 +175,10 @@ def load_config(
         "python": sys.executable,
         "log_level": "info",
         "kernel_packages": None,
-        "max_parallel_creates": max(1, os.cpu_count() or 1),
+        # One venv build at a time: two uv runs that fill a cold cache at once unpack the same
+        # wheels into two cache entries, and their venvs then share nothing (seen here: a 204 MB
+        # cache instead of 105 MB, dedup 1.0x). On a warm cache a build takes ~0.6 s.
+        "max_parallel_creates": 1,
         "max_parallel_installs": max(1, os.cpu_count() or 1),
         "bytecode": "shared",
         "uv": None,

@@ -135,8 +135,15 @@ class EnvManager:
             self.on_pool_claimed()
             return claimed, "pool"
         log.warning("pool empty: creating env for uid %d %r on demand", uid, key)
-        self.on_pool_claimed()
-        return await self.create(owner_uid=uid, key=key), "created"
+        async with self._create_slots:
+            # The build we waited for may have been a pool venv (a daemon's first minutes): take it.
+            claimed = self.store.claim_pooled(self.spec, uid, key)
+            if claimed is not None:
+                log.info("a pool venv finished while uid %d %r waited; using it", uid, key)
+                self.on_pool_claimed()
+                return claimed, "pool"
+            self.on_pool_claimed()
+            return await self._create_holding_slot(owner_uid=uid, key=key), "created"
 
     async def _rebuild(self, uid: int, key: EnvKey, record: EnvRecord) -> EnvRecord:
         """Replace an unusable env by a fresh one holding the same recorded requirements."""
@@ -155,9 +162,10 @@ class EnvManager:
                 str(fresh.path), "install", [], requirements, compile_bytecode=self.config.bytecode == "per-env"
             )
             try:
+                install_started = time.monotonic()
                 await self.uv.run(argv)
                 if self.bytecode is not None:
-                    await self.bytecode.share(fresh.path)
+                    await self.bytecode.share(fresh.path, install_started)
             except UvFailed as exc:
                 self.store.transition(fresh.id, states.BROKEN, "rebuild failed: %s" % exc)
                 self.record_error("rebuilding env %s for %r failed: %s" % (fresh.id, key, exc))
@@ -176,6 +184,12 @@ class EnvManager:
         self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
     ) -> EnvRecord:
         """Build one venv with uv: pooled when no owner is given, else assigned to (uid, key)."""
+        async with self._create_slots:
+            return await self._create_holding_slot(owner_uid, key, low_priority)
+
+    async def _create_holding_slot(
+        self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
+    ) -> EnvRecord:
         env_id = ENV_DIR_PREFIX + secrets.token_hex(6)
         path = self.venvs_dir / env_id
         record = self.store.insert_creating(
@@ -184,17 +198,15 @@ class EnvManager:
         started = time.monotonic()
         self.creating += 1
         try:
-            async with self._create_slots:
-                await self.uv.run(self.uv.venv_argv(str(path)), low_priority=low_priority)
-                write_kernel_files(path)
-                await self.uv.run(
-                    self.uv.install_argv(
-                        str(path), self.config.kernel_packages, self.config.bytecode == "per-env"
-                    ),
-                    low_priority=low_priority,
-                )
-                if self.bytecode is not None:
-                    await self.bytecode.share(path)
+            install_started = time.monotonic()
+            await self.uv.run(self.uv.venv_argv(str(path)), low_priority=low_priority)
+            write_kernel_files(path)
+            await self.uv.run(
+                self.uv.install_argv(str(path), self.config.kernel_packages, self.config.bytecode == "per-env"),
+                low_priority=low_priority,
+            )
+            if self.bytecode is not None:
+                await self.bytecode.share(path, install_started)
         except UvFailed as exc:
             self.store.transition(record.id, states.BROKEN, str(exc))
             await self._remove(self.store.get(record.id))

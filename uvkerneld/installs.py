@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -134,10 +135,11 @@ class InstallManager:
                     str(record.path), command.subcommand, flags, command.packages,
                     compile_bytecode=self.config.bytecode == "per-env",
                 )
+                install_started = time.monotonic()
                 returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)
                 if returncode == 0 and mutating:
                     if self.bytecode is not None and command.subcommand == "install":
-                        await self.bytecode.share(record.path, send_line)
+                        await self.bytecode.share(record.path, install_started, send_line)
                     sweep_orphaned_bytecode(record.path)
         except BaseException:
             # Cancelled (daemon shutdown) or failed to run uv: uv may have stopped half-way, so
