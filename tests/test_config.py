@@ -57,6 +57,9 @@ def test_config_file_may_use_a_uvkerneld_table(tmp_path: Path) -> None:
         ({}, {}, 'kernel_packages = ["numpy"]\n', "must include ipykernel"),
         ({}, {}, "pool_size = 2.5\n", "must be an integer"),
         ({"socket": "/tmp/" + "s" * 120}, {}, None, "longer than the 107 bytes"),
+        ({}, {"UVKERNELD_BYTECODE": "fast"}, None, "bytecode 'fast' (from UVKERNELD_BYTECODE) is not valid; choose one of: shared, per-env, off"),
+        ({}, {"UVKERNELD_GC_OLDER_THAN": "a month"}, None, "gc_older_than (from UVKERNELD_GC_OLDER_THAN): duration 'a month' is not valid"),
+        ({}, {}, 'gc_interval = "soon"\n', "gc_interval (from"),
         ({"config": "/nonexistent/uvk.toml"}, {}, None, "does not exist"),
     ],
 )

@@ -217,3 +217,15 @@ def test_shrinking_the_pool_gives_venvs_back(daemon: Daemon, layout: Layout) -> 
     wait_until(lambda: not list(layout.venvs_dir.iterdir()), 60, "the pooled venvs to be deleted")
     status = layout.status()
     assert status["pool"]["ready"] == 0 and status["envs"]["by_state"]["deleting"] == 0
+
+
+def test_install_kernelspec_refuses_a_bad_name(layout: Layout) -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "uvkerneld.ctl", "install-kernelspec", "--prefix", str(layout.kernel_prefix),
+         "--name", "uv kernel/../x"], env=layout.env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "kernel name 'uv kernel/../x' is not valid: use letters, digits, '.', '_' and '-' only" in result.stderr
+    assert not (layout.kernel_prefix / "share").exists()  # nothing half-written

@@ -125,6 +125,33 @@ def test_invalid_requests(message: dict, error: type, fragment: str) -> None:
     assert caught.value.code == error.code
 
 
+@pytest.mark.parametrize(
+    "op, args, fragment",
+    [
+        ("show", {}, 'exactly one of "env" (its path), "env_id" or "key"'),
+        ("show", {"env": "/v/e-1", "env_id": "e-000000000000"}, "exactly one of"),
+        ("remove", {"env_id": "../etc"}, '"env_id" must look like e-0123456789ab'),
+        ("remove", {"env_id": "e-XYZ000000000"}, '"env_id" must look like'),
+        ("installs", {"env": "relative/venv"}, '"env" must be the absolute path of a venv'),
+        ("installs", {"key": "notebook.ipynb"}, '"key" must be {"kind": ..., "value": ...}'),
+        ("list", {"all": "yes"}, '"all" must be true or false'),
+        ("gc", {"older_than_s": -1}, '"older_than_s" must be a number of seconds >= 0'),
+        ("gc", {"older_than_s": True}, '"older_than_s" must be a number'),
+        ("gc", {"env_ids": "e-000000000000"}, '"env_ids" must be a list of env ids'),
+        ("gc", {"dry_run": 1}, '"dry_run" must be true or false'),
+        ("pool", {"size": 65}, '"size" must be an integer from 0 to 64'),
+        ("pool", {"size": "2"}, '"size" must be an integer'),
+        ("pip", {"env": "/v/e-1", "argv": "install six"}, '"argv" must be a list of at most 256 strings'),
+        ("pip", {"env": "/v/e-1", "argv": ["install"] * 300}, '"argv" must be a list of at most 256 strings'),
+        ("pip", {"env": "/v/e-1", "argv": ["install", "-r", "x"], "files": [3]}, '"files" must be a list of strings'),
+    ],
+)
+def test_invalid_op_arguments(op: str, args: dict, fragment: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse(protocol.request(1, op, args))
+    assert fragment in caught.value.message
+
+
 def test_request_id_is_kept_for_errors_when_usable() -> None:
     assert protocol.request_id_of({"id": 9, "op": "nope"}) == 9
     assert protocol.request_id_of({"id": True}) is None

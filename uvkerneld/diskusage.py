@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger("uvkerneld.diskusage")
 
 
@@ -112,12 +114,7 @@ class DiskUsage:
         self._task = asyncio.create_task(self._run(), name="disk-usage")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def refresh(self) -> dict[str, Any]:

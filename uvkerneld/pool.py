@@ -15,11 +15,13 @@ import time
 
 from . import states
 from .envs import EnvManager
+from .tasks import cancel_and_wait
 from .protocol import EnvUnavailable
 
 log = logging.getLogger("uvkerneld.pool")
 
 _MAX_BACKOFF = 300.0
+
 QUIET_PERIOD = 2.0
 
 
@@ -49,12 +51,7 @@ class WarmPool:
         self._task = asyncio.create_task(self._run(), name="pool-filler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _wait_for_quiet(self) -> None:
         while True:

@@ -38,6 +38,7 @@ from .ops import Operations
 from .pool import WarmPool
 from .protocol import UvkError
 from .store import Store
+from .tasks import cancel_and_wait
 from .uv import Uv, find_uv
 
 log = logging.getLogger("uvkerneld.server")
@@ -273,7 +274,7 @@ class Daemon:
         if self._server is not None:
             self._server.close()
         for task in self._background:
-            task.cancel()
+            await cancel_and_wait(task)
         if self.pool is not None:
             await self.pool.stop()  # a half-built pool venv is removed, never handed out
         if self.disk is not None:
