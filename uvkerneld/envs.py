@@ -83,12 +83,12 @@ class EnvManager:
             known.add(record.path.name)
             if record.state == states.CREATING:
                 log.info("removing env %s left half-made by an earlier run", record.id)
-                await self._remove(record)
+                await self.delete_files_and_row(record)
             elif record.state == states.DELETING:
-                await self._remove(record)
+                await self.delete_files_and_row(record)
             elif record.state == states.POOLED and record.spec != self.spec:
                 log.info("removing pooled env %s built from an older configuration", record.id)
-                await self._remove(record)
+                await self.delete_files_and_row(record)
             elif record.state == states.INSTALLING:
                 log.warning("env %s was interrupted during a package install; it will be rebuilt "
                             "from its recorded requirements at the next kernel start", record.id)
@@ -96,7 +96,7 @@ class EnvManager:
             elif record.state in (states.POOLED, states.ASSIGNED) and not _interpreter_ok(record):
                 if record.state == states.POOLED:
                     log.warning("pooled env %s is damaged (no interpreter); removing it", record.id)
-                    await self._remove(record)
+                    await self.delete_files_and_row(record)
                 else:
                     self.store.transition(record.id, states.BROKEN, "interpreter missing at start-up")
         for entry in self.venvs_dir.iterdir():
@@ -155,7 +155,7 @@ class EnvManager:
         )
         if record.state != states.BROKEN:
             self.store.transition(record.id, states.BROKEN, reason)
-        await self._remove(self.store.get(record.id))
+        await self.delete_files_and_row(self.store.get(record.id))
         fresh, _ = await self._new_env(uid, key)
         if requirements:
             argv = self.uv.pip_argv(
@@ -202,14 +202,14 @@ class EnvManager:
             await self.uv.run(self.uv.venv_argv(str(path)), low_priority=low_priority)
             write_kernel_files(path)
             await self.uv.run(
-                self.uv.install_argv(str(path), self.config.kernel_packages, self.config.bytecode == "per-env"),
+                self.uv.pip_argv(str(path), "install", [], self.config.kernel_packages, self.config.bytecode == "per-env"),
                 low_priority=low_priority,
             )
             if self.bytecode is not None:
                 await self.bytecode.share(path, install_started)
         except UvFailed as exc:
             self.store.transition(record.id, states.BROKEN, str(exc))
-            await self._remove(self.store.get(record.id))
+            await self.delete_files_and_row(self.store.get(record.id))
             self.record_error("creating a venv failed: %s" % exc)
             raise EnvUnavailable(
                 "could not build a Python environment: %s\nCheck that the package index is "
@@ -218,7 +218,7 @@ class EnvManager:
         except BaseException:
             # Cancelled (shutdown) or an unexpected error: never leave a half-made venv behind.
             self.store.transition(record.id, states.DELETING)
-            await asyncio.shield(self._remove(self.store.get(record.id)))
+            await asyncio.shield(self.delete_files_and_row(self.store.get(record.id)))
             raise
         finally:
             self.creating -= 1
@@ -235,12 +235,9 @@ class EnvManager:
         async with self._key_locks[(record.owner_uid, record.key)] if record.key else contextlib.nullcontext():
             current = self.store.get(record.id)
             if current is not None:
-                await self._remove(current)
+                await self.delete_files_and_row(current)
 
-    async def delete_files_and_row(self, record: EnvRecord) -> None:
-        await self._remove(record)
-
-    async def _remove(self, record: EnvRecord | None) -> None:
+    async def delete_files_and_row(self, record: EnvRecord | None) -> None:
         if record is None:
             return
         if record.state != states.DELETING:

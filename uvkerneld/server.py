@@ -136,9 +136,6 @@ class Daemon:
         log.info("%s received: shutting down", signal.Signals(signum).name)
         self._stop.set()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def startup(self) -> None:
         config = self.config
         # Inherit the listening socket first: with socket activation, systemd holds it (and

@@ -68,14 +68,6 @@ class Uv:
     def venv_argv(self, path: str) -> list[str]:
         return [self.binary, "venv", "--quiet", "--no-project", "--python", self.python, path]
 
-    def install_argv(self, venv: str, packages: Sequence[str], compile_bytecode: bool) -> list[str]:
-        argv = [self.binary, "pip", "install", "--python", os.path.join(venv, "bin", "python")]
-        if compile_bytecode:
-            argv.append("--compile-bytecode")
-        argv.append("--")
-        argv.extend(packages)
-        return argv
-
     def pip_argv(self, venv: str, subcommand: str, flags: Sequence[str], packages: Sequence[str],
                  compile_bytecode: bool) -> list[str]:
         argv = [self.binary, "pip", subcommand, "--python", os.path.join(venv, "bin", "python"), *flags]
