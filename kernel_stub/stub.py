@@ -14,7 +14,10 @@ How it works
    kernel keeps our pid, so Jupyter's interrupt (SIGINT to the process group), restart and kill
    reach ipykernel itself. The socket stays open across exec as the kernel's lifeline: the daemon
    sees it close when the kernel exits.
-4. Anything fails: exec a minimal fallback kernel that answers every cell with the reason, so
+4. While we wait for the env (seconds when the pool is empty), hold the kernel's TCP ports from
+   the connection file bound, so no other socket takes one of them in the meantime (see
+   ``hold_kernel_ports``).
+5. Anything fails: exec a minimal fallback kernel that answers every cell with the reason, so
    the notebook shows what went wrong instead of a "kernel died, restarting" loop.
 """
 
@@ -97,6 +100,44 @@ def parse_argv(argv):
     if not connection_file:
         raise SystemExit("usage: python -m kernel_stub -f CONNECTION_FILE [ipykernel args...]")
     return connection_file, passthrough
+
+
+def hold_kernel_ports(connection_file):
+    """Bind the kernel's TCP ports until exec; return the sockets (close-on-exec).
+
+    Jupyter picks free ports, writes them into the connection file and starts us; its client
+    connects right away and keeps reconnecting until the kernel binds. Every reconnect takes an
+    ephemeral local port from the same range, and so does any other connection on the host.
+    Plain ipykernel binds within ~0.2 s; we may wait seconds for a venv, and a kernel whose port
+    was taken meanwhile dies with "Address already in use". Linux never hands out a port that a
+    socket has bound (bind(0) and connect() both skip it), so holding them closes that window.
+    The sockets are close-on-exec: the ports come free at the exec, when ipykernel binds them.
+    Best effort: a port we cannot bind is left for ipykernel to report.
+    """
+    try:
+        with open(connection_file, "rb") as handle:
+            info = json.loads(handle.read())
+    except (OSError, ValueError):
+        return []  # ipykernel reports an unreadable connection file itself
+    if not isinstance(info, dict) or info.get("transport", "tcp") != "tcp":
+        return []
+    ip = info.get("ip") or "127.0.0.1"
+    if ip in ("*", ""):
+        ip = "0.0.0.0"
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    held = []
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        port = info.get(name)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            continue
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+    return held
 
 
 # --- talking to the daemon ----------------------------------------------------------------------
@@ -251,6 +292,7 @@ def main(argv=None):
     connection_file, passthrough = parse_argv(sys.argv[1:] if argv is None else argv)
     environ = os.environ
     socket_path = locations.socket_path_from_env()
+    held_ports = hold_kernel_ports(connection_file)  # noqa: F841 - kept open until exec closes them
     try:
         cwd = os.getcwd()
         kind, value, note = resolve_key(environ, cwd)

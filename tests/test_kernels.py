@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
+import socket
 import sys
 from typing import Any
 
 from helpers import Daemon, Layout, process_alive, processes_matching, run_code, running_kernel, wait_until
 from jupyter_client.manager import KernelManager
+
+from uvkerneld import protocol
 
 PREFIX_CODE = "import sys; print(sys.prefix)"
 
@@ -229,3 +233,62 @@ def test_install_kernelspec_refuses_a_bad_name(layout: Layout) -> None:
     assert result.returncode == 2
     assert "kernel name 'uv kernel/../x' is not valid: use letters, digits, '.', '_' and '-' only" in result.stderr
     assert not (layout.kernel_prefix / "share").exists()  # nothing half-written
+
+
+def _read_frame(conn: socket.socket) -> dict[str, Any]:
+    decoder = protocol.FrameDecoder()
+    while True:
+        message = decoder.next_message()
+        if message is not None:
+            return message
+        data = conn.recv(65536)
+        assert data, "the stub closed the connection before sending a request"
+        decoder.feed(data)
+
+
+def test_stub_holds_the_kernel_ports_while_it_waits_for_its_env(layout: Layout, kernelspec: str) -> None:
+    # A daemon stand-in the test controls: it takes the stub's acquire and answers only when told,
+    # like a daemon building a venv on a cold pool.
+    layout.socket.parent.mkdir(parents=True, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(layout.socket))
+    listener.listen(1)
+    listener.settimeout(60)
+    manager = KernelManager(kernel_name=kernelspec)
+    env = layout.env
+    env["JPY_SESSION_NAME"] = str(layout.notebook("slow.ipynb"))
+    manager.start_kernel(env=env, cwd=str(layout.notebooks))
+    kernel = None
+    try:
+        conn, _ = listener.accept()
+        conn.settimeout(60)
+        with conn:
+            request = _read_frame(conn)
+            assert request["op"] == "acquire"
+            ports = [manager.shell_port, manager.iopub_port, manager.stdin_port, manager.control_port, manager.hb_port]
+            for port in ports:
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    try:
+                        probe.bind(("127.0.0.1", port))
+                    except OSError as exc:
+                        assert exc.errno == errno.EADDRINUSE
+                    else:
+                        raise AssertionError("port %d was free while the stub waited for its env" % port)
+                finally:
+                    probe.close()
+            error = protocol.EnvUnavailable("the test's daemon says no")
+            conn.sendall(protocol.encode_frame(protocol.error_response(request["id"], error)))
+        # The ports come free at exec, and the kernel that follows (here the fallback) binds them.
+        kernel = manager.client()
+        kernel.start_channels()
+        kernel.wait_for_ready(timeout=60)
+        reply = kernel.execute_interactive("1 + 1", timeout=60)
+        assert reply["content"]["ename"] == "EnvironmentUnavailable"
+        assert "the test's daemon says no" in reply["content"]["evalue"]
+    finally:
+        if kernel is not None:
+            kernel.stop_channels()
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
+        listener.close()
