@@ -1,7 +1,7 @@
 """uvkerneld benchmarks: kernel start-up against plain ipykernel, stub cost, the daemon with many
 envs, parallel installs, and disk use against pip-made venvs.
 
-Every kernel-start case is measured in the same run, interleaved one of each per round, so load
+Every kernel-start case is measured in the same run, interleaved one of each per round in a shuffled order, so load
 from other work on a shared machine hits all cases alike; tables show medians and ratios
 against plain ipykernel from a venv with compiled bytecode (the 1.00 line). A start is timed from
 launch to the first ``kernel_info_reply``: we send ``kernel_info`` once right after launching
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -34,6 +35,7 @@ from uvkerneld.diskusage import scan_tree
 from uvkerneld.kernelspec import kernel_json
 from uvkerneld.uv import find_uv
 
+QUIET_SETTLE_S = 2.5
 TARGETS = {
     "known": 1.10, "pool": 1.15, "known_nowrite": 1.10, "pool_nowrite": 1.15,
     "pool_empty_extra_s": 1.5, "stub_ms": 40.0, "acquire_p50_ms": 5.0, "rss_many_mb": 80.0,
@@ -61,10 +63,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
-def time_to_kernel_info(kernel_name: str, env: dict[str, str], cwd: str, timeout: float = 300) -> float:
+def time_to_kernel_info(kernel_name: str, env: dict[str, str], cwd: str, timeout: float = 300,
+                        stderr: Any = None) -> float:
     manager = KernelManager(kernel_name=kernel_name)
     started = time.perf_counter()
-    manager.start_kernel(env=env, cwd=cwd)
+    manager.start_kernel(env=env, cwd=cwd, stderr=stderr)
     kernel = manager.blocking_client()
     kernel.start_channels()
     try:
@@ -88,9 +91,10 @@ def rss_mb(pid: int) -> float:
 class Workspace:
     """A private uvkerneld installation under /tmp: dirs, kernelspecs, daemons."""
 
-    def __init__(self, root: Path, cache_dir: Path) -> None:
+    def __init__(self, root: Path, cache_dir: Path, settle_s: float = QUIET_SETTLE_S) -> None:
         self.root = root
         self.cache_dir = cache_dir
+        self.settle_s = settle_s
         self.uv = find_uv(None)
         self.jupyter = root / "share" / "jupyter"
         self.notebooks = root / "nb"
@@ -166,6 +170,11 @@ class Workspace:
             return bool(pool) and pool["ready"] >= pool["target"] and not pool["filling"] and not disk.get("scanning")
 
         wait_for(quiet, 600, "the daemon to be idle")
+        # A refill that just ended leaves work behind it (the kernel's writeback of the new venv,
+        # the daemon's disk scan that starts 2 s after a change): let that pass too.
+        time.sleep(self.settle_s)
+        if not quiet():
+            wait_for(quiet, 600, "the daemon to be idle")
 
     def start(self, kernel_name: str, **extra_env: str | None) -> float:
         env = dict(self.env)
@@ -174,7 +183,9 @@ class Workspace:
                 env.pop(name, None)
             else:
                 env[name] = value
-        return time_to_kernel_info(kernel_name, env, str(self.notebooks))
+        # Kernels' stderr (ipykernel's TCP warning at every start) goes to a file, not the table.
+        with open(self.root / "kernels-stderr.log", "ab") as stderr:
+            return time_to_kernel_info(kernel_name, env, str(self.notebooks), stderr=stderr)
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -225,19 +236,29 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         ws.wait_quiet()
         samples.setdefault(case, []).append(ws.start(kernel, **env))
 
+    order = random.Random(0)
     for index in range(runs):
         # Each uvkerneld case is compared with plain ipykernel under the same bytecode setting.
-        measure("plain", "plain", PYTHONDONTWRITEBYTECODE=None)
-        measure("plain_nowrite", "plain", PYTHONDONTWRITEBYTECODE="1")
-        measure("plain_cold", "cold", PYTHONDONTWRITEBYTECODE="1")
-        measure("known", "uv", JPY_SESSION_NAME=known, PYTHONDONTWRITEBYTECODE=None)
-        measure("known_nowrite", "uv", JPY_SESSION_NAME=known, PYTHONDONTWRITEBYTECODE="1")
-        measure("pool", "uv", JPY_SESSION_NAME=str(ws.notebooks / ("new-%d.ipynb" % index)), PYTHONDONTWRITEBYTECODE=None)
-        measure("pool_nowrite", "uv", JPY_SESSION_NAME=str(ws.notebooks / ("new-nw-%d.ipynb" % index)),
-                PYTHONDONTWRITEBYTECODE="1")
+        # The order is shuffled each round (fixed seed, so runs are comparable): in a fixed order
+        # the case right after a pool refill was always the same one, and the refill's aftermath
+        # (CPU caches, the daemon's follow-up work) showed up as that case being slower.
+        cases = [
+            ("plain", "plain", {"PYTHONDONTWRITEBYTECODE": None}),
+            ("plain_nowrite", "plain", {"PYTHONDONTWRITEBYTECODE": "1"}),
+            ("plain_cold", "cold", {"PYTHONDONTWRITEBYTECODE": "1"}),
+            ("known", "uv", {"JPY_SESSION_NAME": known, "PYTHONDONTWRITEBYTECODE": None}),
+            ("known_nowrite", "uv", {"JPY_SESSION_NAME": known, "PYTHONDONTWRITEBYTECODE": "1"}),
+            ("pool", "uv", {"JPY_SESSION_NAME": str(ws.notebooks / ("new-%d.ipynb" % index)),
+                            "PYTHONDONTWRITEBYTECODE": None}),
+            ("pool_nowrite", "uv", {"JPY_SESSION_NAME": str(ws.notebooks / ("new-nw-%d.ipynb" % index)),
+                                    "PYTHONDONTWRITEBYTECODE": "1"}),
+        ]
         if with_seed:
-            measure("seed_new", "seed", JPY_SESSION_NAME=str(ws.notebooks / ("seed-new-%d.ipynb" % index)))
-            measure("seed_known", "seed", JPY_SESSION_NAME=seed_known)
+            cases.append(("seed_new", "seed", {"JPY_SESSION_NAME": str(ws.notebooks / ("seed-new-%d.ipynb" % index))}))
+            cases.append(("seed_known", "seed", {"JPY_SESSION_NAME": seed_known}))
+        order.shuffle(cases)
+        for case, kernel, env in cases:
+            measure(case, kernel, **env)
     # Pool empty: a daemon with no pool (and no venvs left from the pool above) builds the venv
     # while the kernel waits, from the warm uv cache.
     ws.use("empty")
@@ -461,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="uvk-bench-", dir="/tmp"))
     result: dict[str, Any] = {"runs": args.runs, "python": sys.version.split()[0],
                               "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""), "targets": TARGETS}
-    ws = Workspace(root, args.cache_dir or root / "cache")
+    # --quick is a smoke run whose figures nobody reads: no settling between starts.
+    ws = Workspace(root, args.cache_dir or root / "cache", settle_s=0.0 if args.quick else QUIET_SETTLE_S)
     try:
         if "starts" not in args.skip:
             result["kernel_start"] = bench_kernel_starts(ws, args.runs, with_seed="seed" not in args.skip)
