@@ -252,8 +252,16 @@ def _tail(path, lines=10):
 
 def acquire(sock, kind, value, timeout):
     """Ask the daemon for the env of this key; returns the acquire result."""
+    args = {"key": {"kind": kind, "value": value}}
+    if kind == "notebook":
+        # Stat as the user (a system daemon may not see the file): after a rename, the daemon
+        # recognises the notebook by this and its env follows it.
+        try:
+            args["file"] = protocol.file_identity(os.stat(value))
+        except OSError:
+            pass  # not saved yet (papermill output, a new UVKERNEL_NOTEBOOK): nothing to follow
     try:
-        return client.call(sock, "acquire", {"key": {"kind": kind, "value": value}}, timeout)
+        return client.call(sock, "acquire", args, timeout)
     except socket.timeout:
         raise StubError("uvkerneld did not provide an env within %.0f s" % timeout) from None
     except protocol.UvkError as exc:

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from helpers import Daemon, Layout, process_alive  # noqa: E402
+from jupyter_rest import JupyterServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -70,5 +71,13 @@ def daemon(layout: Layout) -> Iterator[Daemon]:
 def bare_daemon(layout: Layout) -> Iterator[Daemon]:
     """A daemon with no pool: for protocol and status tests that need no venv."""
     running = Daemon(layout, "--pool-size", "0").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def server(layout: Layout, kernelspec: str) -> Iterator[JupyterServer]:
+    """A real jupyter_server on loopback, root_dir = the layout's notebooks folder."""
+    running = JupyterServer(layout, layout.notebooks)
     yield running
     running.stop()

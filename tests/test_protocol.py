@@ -85,6 +85,17 @@ def test_malformed_bodies(body: bytes, error: type, code: str) -> None:
     assert caught.value.code == code
 
 
+NOTEBOOK_KEY = {"kind": "notebook", "value": "/home/u/a.ipynb"}
+GOOD_FILE = {"dev": 2049, "ino": 1 << 63, "size": 1200, "mtime_ns": 1764374400123456789}
+
+
+def test_acquire_carries_the_notebook_file_identity_as_text() -> None:
+    request = parse({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": GOOD_FILE}})
+    # As text: an inode number may use all 64 bits, more than an SQLite integer holds.
+    assert request.args["file"] == "2049:9223372036854775808:1200:1764374400123456789"
+    assert parse({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY}}).args["file"] is None
+
+
 @pytest.mark.parametrize(
     "message, error, fragment",
     [
@@ -116,6 +127,20 @@ def test_malformed_bodies(body: bytes, error: type, code: str) -> None:
          BadRequest, "env name 'a/b' is not allowed"),
         ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "env", "value": "x" * 65}}},
          BadRequest, "is not allowed"),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "dir", "value": "/a"}, "file": GOOD_FILE}},
+         BadRequest, '"file" describes a notebook file; it is only valid with a notebook key'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": [1, 2, 3, 4]}},
+         BadRequest, '"file" must be an object with dev, ino, size, mtime_ns'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, ino=-1)}},
+         BadRequest, '"file.ino" must be a non-negative integer, got -1'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, size="12")}},
+         BadRequest, '"file.size" must be a non-negative integer'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, dev=True)}},
+         BadRequest, '"file.dev" must be a non-negative integer'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": {"dev": 1, "ino": 2, "size": 3}}},
+         BadRequest, '"file.mtime_ns" must be a non-negative integer, got None'),
+        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, ino=1 << 64)}},
+         BadRequest, '"file.ino" must be a non-negative integer'),
     ],
 )
 def test_invalid_requests(message: dict, error: type, fragment: str) -> None:

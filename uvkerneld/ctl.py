@@ -210,8 +210,9 @@ def format_status(status: dict[str, Any]) -> str:
         ("pool", "%d ready / %d target%s" % (
             pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
         ("envs", "%d total, %d with a live kernel, %d broken" % (envs["total"], envs["live"], envs["broken"])),
-        ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt" % (
-            started.get("known", 0), started.get("pool", 0), started.get("created", 0), started.get("rebuilt", 0))),
+        ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt%s" % (
+            started.get("known", 0), started.get("pool", 0), started.get("created", 0), started.get("rebuilt", 0),
+            ", %d after a notebook rename" % started["renamed"] if started.get("renamed") else "")),
         ("installs", "%d running, %d queued (at most %s in parallel)" % (
             installs.get("running", 0), installs.get("queued", 0), installs.get("max_parallel", "?"))),
         ("venvs", paths.get("venvs_dir", "?")),

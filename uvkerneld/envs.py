@@ -7,6 +7,9 @@ How acquire works
 1. returns the env already assigned to (uid, key) if its interpreter is there (no uv, one read);
 2. else claims the oldest pooled venv in one store transaction (no uv) and wakes the pool filler;
 3. else (pool empty) builds a venv on demand, saying so in the log.
+A notebook key comes with the notebook file's identity (dev, inode, size, mtime) as the client
+saw it. It is stored with the env, so a renamed or moved notebook, unknown under its new path, is
+recognised by that identity and its env follows it (``follow_rename``; see watch.py).
 
 Crash safety: a row is inserted in ``creating`` *before* ``uv venv`` runs, and only moves to
 ``pooled``/``assigned`` after uv succeeded, so a daemon killed at any moment leaves at most
@@ -30,7 +33,7 @@ from typing import Callable
 
 from . import states
 from .config import Config
-from .protocol import EnvKey, EnvUnavailable
+from .protocol import EnvKey, EnvUnavailable, file_identity, parse_file_identity
 from .store import EnvRecord, Store
 from .bytecode import SharedBytecode
 from .pipargs import requirement_name
@@ -70,7 +73,13 @@ class EnvManager:
         self.idle = asyncio.Event()
         self.idle.set()
         self.on_pool_claimed: Callable[[], None] = lambda: None
+        self.on_notebook_seen: Callable[[str], None] = lambda path: None
         self.creating = 0  # uv venv builds running now (gc must not prune the cache under them)
+        # Kernel starts waiting for a venv to be built: a pool build then stops being background
+        # work, and its remaining uv runs go at normal priority.
+        self.starts_waiting_for_a_build = 0
+        self._background_builds: set[asyncio.Task[EnvRecord] | None] = set()
+        self.preempted_builds: set[asyncio.Task[EnvRecord]] = set()
         self.last_errors: list[dict[str, object]] = []
 
     # --- start-up -------------------------------------------------------------------------------
@@ -107,27 +116,74 @@ class EnvManager:
 
     # --- acquire (the hot path) -----------------------------------------------------------------
 
-    async def acquire(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
-        """The env for (uid, key) and where it came from: 'known', 'pool' or 'created'."""
+    async def acquire(self, uid: int, key: EnvKey, notebook_file: str | None = None) -> tuple[EnvRecord, str]:
+        """The env for (uid, key) and where it came from: 'known', 'renamed', 'pool', 'created'
+        or 'rebuilt'. ``notebook_file`` is the notebook's file identity as the client saw it."""
         self.acquires_in_flight += 1
         self.idle.clear()
         try:
+            if key.kind == "notebook":
+                self.on_notebook_seen(key.value)
             async with self._key_locks[(uid, key)]:
-                return await self._acquire_locked(uid, key)
+                return await self._acquire_locked(uid, key, notebook_file)
         finally:
             self.acquires_in_flight -= 1
             self.last_acquire_at = time.monotonic()
             if self.acquires_in_flight == 0:
                 self.idle.set()
 
-    async def _acquire_locked(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
+    async def _acquire_locked(self, uid: int, key: EnvKey, notebook_file: str | None) -> tuple[EnvRecord, str]:
         record = self.store.find(uid, key)
+        source = "known"
+        if record is None and notebook_file is not None:
+            record = self._follow_rename_locked(uid, key, notebook_file)
+            source = "renamed"
         if record is not None:
+            if notebook_file is not None and record.notebook_file != notebook_file:
+                self.store.set_notebook_file(record.id, notebook_file)
             if record.state in (states.ASSIGNED, states.INSTALLING) and _interpreter_ok(record):
                 self.store.touch(record.id)
-                return record, "known"
+                return record, source
             return await self._rebuild(uid, key, record), "rebuilt"
-        return await self._new_env(uid, key)
+        record, source = await self._new_env(uid, key)
+        if notebook_file is not None:
+            self.store.set_notebook_file(record.id, notebook_file)
+        return record, source
+
+    # --- notebooks that were renamed or moved ---------------------------------------------------
+
+    async def follow_rename(
+        self, uid: int, key: EnvKey, notebook_file: str, deleted_with_it: tuple[str, ...] = ()
+    ) -> EnvRecord | None:
+        """The notebook now at ``key`` has the identity ``notebook_file``: if it is a notebook we
+        knew under another path, re-key that env to the new path and return it.
+
+        ``deleted_with_it``: notebook paths that disappeared at the same moment (one batch of
+        file events). One of them with the same device and inode is this file renamed, even if
+        it was saved (new size and mtime) in the same instant.
+        """
+        async with self._key_locks[(uid, key)]:
+            if self.store.find(uid, key) is not None:
+                return None
+            inode = notebook_file.rsplit(":", 2)[0] + ":"
+            same_inode = [
+                record for record in (self.store.find(uid, EnvKey("notebook", path)) for path in deleted_with_it)
+                if record is not None and (record.notebook_file or "").startswith(inode)
+            ]
+            return self._follow_rename_locked(uid, key, notebook_file, same_inode)
+
+    def _follow_rename_locked(
+        self, uid: int, key: EnvKey, notebook_file: str, also: list[EnvRecord] | None = None
+    ) -> EnvRecord | None:
+        for candidate in self.store.find_by_notebook_file(uid, notebook_file) + (also or []):
+            old_path = candidate.key.value if candidate.key else ""
+            if old_path == key.value or _same_file_still_at(old_path, notebook_file):
+                continue  # a hard link: both names exist, each keeps (or gets) its own env
+            moved = self.store.rekey(candidate.id, key)
+            if moved is not None:
+                log.info("notebook %s was renamed to %s: env %s follows it", old_path, key.value, candidate.id)
+                return moved
+        return None
 
     async def _new_env(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
         claimed = self.store.claim_pooled(self.spec, uid, key)
@@ -135,15 +191,43 @@ class EnvManager:
             self.on_pool_claimed()
             return claimed, "pool"
         log.warning("pool empty: creating env for uid %d %r on demand", uid, key)
-        async with self._create_slots:
-            # The build we waited for may have been a pool venv (a daemon's first minutes): take it.
-            claimed = self.store.claim_pooled(self.spec, uid, key)
-            if claimed is not None:
-                log.info("a pool venv finished while uid %d %r waited; using it", uid, key)
-                self.on_pool_claimed()
-                return claimed, "pool"
+        self.starts_waiting_for_a_build += 1
+        try:
+            if self._create_slots.locked():
+                self._hurry_background_builds()
+            await self._create_slots.acquire()
+        finally:
+            self.starts_waiting_for_a_build -= 1
+        try:
+            return await self._new_env_holding_slot(uid, key)
+        finally:
+            self._create_slots.release()
+
+    def _hurry_background_builds(self) -> None:
+        """A kernel start waits for a build slot held by pool builds: raise their priority, or,
+        where we may not, stop them (the start then builds its own venv at normal priority; the
+        pool refills later)."""
+        raised, refused = self.uv.raise_priority()
+        if raised:
+            log.info("a kernel start waits for a build slot: %d pool build(s) raised to normal priority", raised)
+        if refused:
+            for task in list(self._background_builds):
+                self.preempted_builds.add(task)
+                task.cancel()
+            log.info(
+                "a kernel start waits for a build slot and pool builds may not leave SCHED_IDLE here "
+                "(no CAP_SYS_NICE, RLIMIT_NICE < 20): stopped %d pool build(s)", refused,
+            )
+
+    async def _new_env_holding_slot(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
+        # The build we waited for may have been a pool venv (a daemon's first minutes): take it.
+        claimed = self.store.claim_pooled(self.spec, uid, key)
+        if claimed is not None:
+            log.info("a pool venv finished while uid %d %r waited; using it", uid, key)
             self.on_pool_claimed()
-            return await self._create_holding_slot(owner_uid=uid, key=key), "created"
+            return claimed, "pool"
+        self.on_pool_claimed()
+        return await self._create_holding_slot(owner_uid=uid, key=key), "created"
 
     async def _rebuild(self, uid: int, key: EnvKey, record: EnvRecord) -> EnvRecord:
         """Replace an unusable env by a fresh one holding the same recorded requirements."""
@@ -183,9 +267,19 @@ class EnvManager:
     async def create(
         self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
     ) -> EnvRecord:
-        """Build one venv with uv: pooled when no owner is given, else assigned to (uid, key)."""
+        """Build one venv with uv: pooled when no owner is given, else assigned to (uid, key).
+
+        A ``low_priority`` build must run in a task of its own: a kernel start may cancel it
+        (see ``_hurry_background_builds``) and marks it in ``preempted_builds`` when it does.
+        """
         async with self._create_slots:
-            return await self._create_holding_slot(owner_uid, key, low_priority)
+            task = asyncio.current_task() if low_priority else None
+            if task is not None:
+                self._background_builds.add(task)
+            try:
+                return await self._create_holding_slot(owner_uid, key, low_priority)
+            finally:
+                self._background_builds.discard(task)
 
     async def _create_holding_slot(
         self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
@@ -199,11 +293,11 @@ class EnvManager:
         self.creating += 1
         try:
             install_started = time.monotonic()
-            await self.uv.run(self.uv.venv_argv(str(path)), low_priority=low_priority)
+            await self.uv.run(self.uv.venv_argv(str(path)), low_priority=self._background(low_priority))
             write_kernel_files(path)
             await self.uv.run(
                 self.uv.pip_argv(str(path), "install", [], self.config.kernel_packages, self.config.bytecode == "per-env"),
-                low_priority=low_priority,
+                low_priority=self._background(low_priority),
             )
             if self.bytecode is not None:
                 await self.bytecode.share(path, install_started)
@@ -230,6 +324,9 @@ class EnvManager:
         )
         return record
 
+    def _background(self, low_priority: bool) -> bool:
+        return low_priority and not self.starts_waiting_for_a_build
+
     async def remove(self, record: EnvRecord) -> None:
         """Delete an env on request. Callers check ownership and that no kernel uses it."""
         async with self._key_locks[(record.owner_uid, record.key)] if record.key else contextlib.nullcontext():
@@ -253,6 +350,16 @@ class EnvManager:
 
 def _requirement_key(requirement: str) -> str:
     return requirement_name(requirement) or requirement
+
+
+def _same_file_still_at(path: str, notebook_file: str) -> bool:
+    """Whether ``path`` still holds the file with this identity. A daemon that may not look
+    (system mode, another user's private folder) gets False: the identity match alone decides,
+    and dev, inode, size and nanosecond mtime together do not match a different file."""
+    try:
+        return parse_file_identity(file_identity(os.stat(path))) == notebook_file
+    except OSError:
+        return False
 
 
 def _interpreter_ok(record: EnvRecord) -> bool:

@@ -27,7 +27,7 @@ log = logging.getLogger("uvkerneld.ops")
 class Operations:
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
-        self.kernels_started = {"known": 0, "pool": 0, "created": 0, "rebuilt": 0}
+        self.kernels_started = {"known": 0, "renamed": 0, "pool": 0, "created": 0, "rebuilt": 0}
         self._admin_gid = self._resolve_admin_group(daemon.config.admin_group)
 
     # --- plumbing -------------------------------------------------------------------------------
@@ -97,14 +97,14 @@ class Operations:
         self._not_stopping("start the kernel")
         key = args["key"]
         started = time.monotonic()
-        record, source = await self.daemon.envs.acquire(peer.uid, key)
+        record, source = await self.daemon.envs.acquire(peer.uid, key, args["file"])
         self.kernels_started[source] += 1
         log.info(
             "kernel start: pid=%d uid=%d key=%s env=%s source=%s%s (%.1f ms)",
             peer.pid, peer.uid, key, record.id, source,
             " (from pool)" if source == "pool" else "", (time.monotonic() - started) * 1000,
         )
-        if source != "known":
+        if source not in ("known", "renamed"):
             self.daemon.disk.mark_dirty()
         return {
             "env_id": record.id, "path": str(record.path), "python": str(record.interpreter),
@@ -168,6 +168,8 @@ class Operations:
         record = self._resolve(args, peer, admin_may=True)
         row = self._row(record, self.daemon.live_env_ids())
         row["requirement_list"] = self.store.requirements(record.id)
+        # The notebook file as last seen (dev:ino:size:mtime_ns): what a rename is recognised by.
+        row["notebook_file"] = record.notebook_file
         row["installs"] = self.store.installs(record.id, limit=20)
         freeze: list[str] = []
         if record.state in (states.ASSIGNED, states.INSTALLING):
@@ -290,6 +292,9 @@ class Operations:
                 "by_state": by_state,
             },
             "kernels_started": dict(self.kernels_started),
+            "notebook_watch": None if daemon.watcher is None else {
+                "folders": len(daemon.watcher.folders), "renames_followed": daemon.watcher.renames_followed,
+            },
             "installs": daemon.installs.status(),
             "disk": dict(daemon.disk.figures, scanning=daemon.disk.scanning),
             "link_fallback_seen": daemon.uv.link_fallback_seen,

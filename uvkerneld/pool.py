@@ -82,8 +82,15 @@ class WarmPool:
             while self.ready < self.target:
                 await self._wait_for_quiet()
                 self.filling = 1
+                build = asyncio.create_task(self.envs.create(low_priority=True), name="pool-build")
                 try:
-                    record = await self.envs.create(low_priority=True)
+                    record = await build
+                except asyncio.CancelledError:
+                    if build not in self.envs.preempted_builds:
+                        raise  # we are being stopped (the build was cancelled with us)
+                    # A kernel start needed the build slot and we could not raise our priority:
+                    # it builds its own venv; refill once it is done.
+                    continue
                 except Exception as exc:  # noqa: BLE001 - the filler must survive any failure
                     self.last_error = str(exc)
                     if not isinstance(exc, EnvUnavailable):
@@ -94,6 +101,7 @@ class WarmPool:
                     continue
                 finally:
                     self.filling = 0
+                    self.envs.preempted_builds.discard(build)
                 backoff = 1.0
                 self.last_error = None
                 log.info("pool: %s ready (%d/%d)", record.id, self.ready, self.target)

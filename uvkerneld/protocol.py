@@ -284,7 +284,39 @@ def _validate_acquire(args):
     key = args.get("key")
     if not isinstance(key, dict):
         raise BadRequest('acquire needs "key": {"kind": ..., "value": ...}')
-    return {"key": parse_env_key(key.get("kind"), key.get("value"))}
+    validated = {"key": parse_env_key(key.get("kind"), key.get("value")), "file": None}
+    if args.get("file") is not None:
+        if validated["key"].kind != "notebook":
+            raise BadRequest('"file" describes a notebook file; it is only valid with a notebook key')
+        validated["file"] = parse_file_identity(args["file"])
+    return validated
+
+
+FILE_IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns")
+
+
+def file_identity(stat_result):
+    """What the stub sends about a notebook file: enough to recognise it after a rename."""
+    return {"dev": stat_result.st_dev, "ino": stat_result.st_ino, "size": stat_result.st_size,
+            "mtime_ns": stat_result.st_mtime_ns}
+
+
+def parse_file_identity(value):
+    """A validated file identity, as the text "dev:ino:size:mtime_ns" (inode numbers use all 64
+    bits on some filesystems, more than an SQLite integer holds).
+
+    A rename keeps all four; a copy gets a new inode, and a new file that happens to reuse a
+    deleted notebook's inode number will not also have its size and nanosecond mtime.
+    """
+    if not isinstance(value, dict):
+        raise BadRequest('"file" must be an object with %s' % ", ".join(FILE_IDENTITY_FIELDS))
+    fields = []
+    for name in FILE_IDENTITY_FIELDS:
+        number = value.get(name)
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 1 << 64:
+            raise BadRequest('"file.%s" must be a non-negative integer, got %s' % (name, _short(number)))
+        fields.append(str(number))
+    return ":".join(fields)
 
 
 def _validate_status(args):

@@ -37,9 +37,10 @@ from .notify import Notifier, inherited_listener
 from .ops import Operations
 from .pool import WarmPool
 from .protocol import UvkError
-from .store import Store
+from .store import NewerSchema, Store
 from .tasks import cancel_and_wait
 from .uv import Uv, find_uv
+from .watch import NotebookWatcher
 
 log = logging.getLogger("uvkerneld.server")
 
@@ -89,6 +90,7 @@ class Daemon:
         self.uv: Uv | None = None
         self.disk: DiskUsage | None = None
         self.ops: Operations | None = None
+        self.watcher: NotebookWatcher | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -153,7 +155,10 @@ class Daemon:
             os.chmod(config.state_dir, 0o700)
         self._take_instance_lock()
         uv_binary = find_uv(config.uv)
-        self.store = Store(config.store_path)
+        try:
+            self.store = Store(config.store_path)
+        except NewerSchema as exc:
+            raise StartupError(str(exc)) from None
         os.chmod(config.store_path, 0o600)  # notebook paths of every user: the daemon's only
         uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
@@ -165,6 +170,9 @@ class Daemon:
         self.pool = WarmPool(self.envs, config.pool_size)
         self.installs = InstallManager(config, self.store, uv, bytecode)
         self.disk = DiskUsage(config.cache_dir, config.venvs_dir)
+        if config.mode == "user":
+            # A system daemon may not read users' folders; it follows renames at kernel start only.
+            self.watcher = NotebookWatcher(self.envs, os.getuid())
         self.ops = Operations(self)
         if inherited is not None:
             sock = inherited
@@ -186,6 +194,8 @@ class Daemon:
         )
         self.pool.start()
         self.disk.start()
+        if self.watcher is not None:
+            self.watcher.start()
         if config.gc_interval:
             self._background.append(asyncio.create_task(self._scheduled_gc(), name="scheduled-gc"))
         self.notifier.ready(self._status_line())
@@ -276,6 +286,8 @@ class Daemon:
             await self.pool.stop()  # a half-built pool venv is removed, never handed out
         if self.disk is not None:
             await self.disk.stop()
+        if self.watcher is not None:
+            await self.watcher.stop()
         # Requests in flight (installs, on-demand builds) get a grace period to finish; idle
         # connections (kernel lifelines) and whatever is still running then are cancelled.
         busy = [task for task in self._busy if not task.done()]

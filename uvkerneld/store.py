@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from . import states
 from .protocol import EnvKey
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS envs (
     assigned_at   REAL,
     last_used_at  REAL,
     error         TEXT,
+    notebook_file TEXT,                      -- "dev:ino:size:mtime_ns" of the notebook, last seen
     UNIQUE (owner_uid, key_kind, key_value)
 );
 CREATE INDEX IF NOT EXISTS envs_by_state ON envs (state, spec);
@@ -69,7 +70,7 @@ CREATE TABLE IF NOT EXISTS requirements (
 class EnvRecord:
     __slots__ = (
         "id", "path", "state", "owner_uid", "key", "spec", "python", "from_pool", "created_at",
-        "assigned_at", "last_used_at", "error",
+        "assigned_at", "last_used_at", "error", "notebook_file",
     )
 
     def __init__(self, row: sqlite3.Row) -> None:
@@ -85,6 +86,7 @@ class EnvRecord:
         self.assigned_at = row["assigned_at"]
         self.last_used_at = row["last_used_at"]
         self.error = row["error"]
+        self.notebook_file = row["notebook_file"]
 
     @property
     def interpreter(self) -> Path:
@@ -94,12 +96,21 @@ class EnvRecord:
         return "EnvRecord(%s, %s, %r)" % (self.id, self.state, self.key)
 
 
+class NewerSchema(RuntimeError):
+    """The state db was written by a newer uvkerneld."""
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so transactions are explicit.
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
         self._db.row_factory = sqlite3.Row
+        try:
+            self._refuse_newer_schema()
+        except NewerSchema:
+            self._db.close()
+            raise
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -107,16 +118,29 @@ class Store:
             for statement in _SCHEMA.strip().split(";\n"):
                 if statement.strip():
                     self._db.execute(statement)
-            row = self._db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None:
-                self._db.execute(
-                    "INSERT INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row["value"]) > SCHEMA_VERSION:
-                raise RuntimeError(
-                    "state db %s has schema %s, newer than this uvkerneld understands (%d): "
-                    "upgrade uvkerneld" % (path, row["value"], SCHEMA_VERSION)
-                )
+            self._migrate()
+            self._db.execute(
+                "INSERT INTO meta (name, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS envs_by_notebook_file ON envs (owner_uid, notebook_file)")
+
+    def _refuse_newer_schema(self) -> None:
+        """Before changing anything (even the journal mode): a newer uvkerneld's db stays as it is,
+        so downgrading and upgrading again loses nothing."""
+        has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        row = has_meta and self._db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        if row and int(row["value"]) > SCHEMA_VERSION:
+            raise NewerSchema(
+                "state db %s has schema %s, newer than this uvkerneld understands (%d): "
+                "upgrade uvkerneld" % (self.path, row["value"], SCHEMA_VERSION)
+            )
+
+    def _migrate(self) -> None:
+        """Bring an older store up to this schema, in the opening transaction (all or nothing)."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(envs)")}
+        if "notebook_file" not in columns:  # schema 1 -> 2: follow notebooks across renames
+            self._db.execute("ALTER TABLE envs ADD COLUMN notebook_file TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -227,6 +251,26 @@ class Store:
                 (states.ASSIGNED, owner_uid, key.kind, key.value, now, now, row["id"]),
             )
         return self.get(row["id"])
+
+    def find_by_notebook_file(self, owner_uid: int, notebook_file: str) -> list[EnvRecord]:
+        """The uid's notebook envs last seen with this file identity (normally none or one)."""
+        rows = self._db.execute(
+            "SELECT * FROM envs WHERE owner_uid=? AND notebook_file=? AND key_kind='notebook'",
+            (owner_uid, notebook_file),
+        ).fetchall()
+        return [EnvRecord(row) for row in rows]
+
+    def set_notebook_file(self, env_id: str, notebook_file: str | None) -> None:
+        self._db.execute("UPDATE envs SET notebook_file=? WHERE id=?", (notebook_file, env_id))
+
+    def rekey(self, env_id: str, key: EnvKey) -> EnvRecord | None:
+        """Give an assigned env a new key (its notebook was renamed); None if the key is taken."""
+        try:
+            with self._transaction() as db:
+                db.execute("UPDATE envs SET key_kind=?, key_value=? WHERE id=?", (key.kind, key.value, env_id))
+        except sqlite3.IntegrityError:
+            return None
+        return self.get(env_id)
 
     def find_by_path(self, path: str) -> EnvRecord | None:
         row = self._db.execute("SELECT * FROM envs WHERE path=?", (path,)).fetchone()

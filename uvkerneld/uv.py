@@ -52,6 +52,37 @@ class Uv:
         self.link_mode = link_mode
         self.python = python
         self.link_fallback_seen = False
+        self._low_priority_pids: set[int] = set()
+
+    def raise_priority(self) -> tuple[int, int]:
+        """Put the low-priority uv runs under way back at normal priority: (raised, refused).
+
+        A pool build runs under SCHED_IDLE and holds a build slot. When a kernel start needs that
+        slot, the build is no longer background work: on a host whose CPUs are busy with other
+        users' kernels, SCHED_IDLE would leave it (and the kernel waiting for it) nearly stalled.
+        The policy is per thread, so every thread is switched. Leaving SCHED_IDLE needs
+        CAP_SYS_NICE or an RLIMIT_NICE of at least 20 (the system unit sets ``LimitNICE=+0``);
+        without them the run is counted as refused and the caller stops it instead.
+        """
+        raised = refused = 0
+        for pid in list(self._low_priority_pids):
+            try:
+                threads = [int(tid) for tid in os.listdir("/proc/%d/task" % pid)]
+            except OSError:
+                continue  # it just ended
+            denied = False
+            for tid in threads:
+                try:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                except PermissionError:
+                    denied = True
+                except OSError:
+                    pass  # the thread just ended
+            if denied:
+                refused += 1
+            else:
+                raised += 1
+        return raised, refused
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -111,6 +142,8 @@ class Uv:
             preexec_fn=_lowest_cpu_priority if low_priority else None,
             start_new_session=True,
         )
+        if low_priority:
+            self._low_priority_pids.add(process.pid)
         lines: list[str] = []
         try:
             assert process.stdout is not None
@@ -130,6 +163,8 @@ class Uv:
         except asyncio.CancelledError:
             await _terminate(process)
             raise
+        finally:
+            self._low_priority_pids.discard(process.pid)
         return returncode, "\n".join(lines)
 
 

@@ -1,0 +1,126 @@
+"""Follow notebooks across renames and saves while the daemon runs (user mode), with watchfiles.
+
+Why
+---
+An env belongs to a notebook path. Rename ``a.ipynb`` to ``b.ipynb`` in JupyterLab and, at the
+next kernel restart, jupyter_server passes the new path: without help the notebook would get a
+fresh env and lose what was installed into it. Every env keyed by a notebook therefore stores the
+notebook file's identity (dev, inode, size, mtime_ns; see ``protocol.parse_file_identity``), and a
+notebook unknown under its path but carrying a stored identity is the same notebook, moved.
+
+The stub sends the identity at every kernel start, but a notebook is saved many times after
+that, and each save changes its size and mtime. This watcher keeps the stored identity current on
+every save, and re-keys an env as soon as its notebook is renamed inside a watched folder (a
+rename shows up as deleted + added, never as a pair; the identity pairs them). A move to a folder
+nobody watches is caught at the next kernel start by the same identity.
+
+It watches, non-recursively, the folders holding notebooks that have an env. A system daemon
+cannot read users' folders and runs no watcher; there the identity from each kernel start is all
+it has, so a notebook renamed after being saved gets a new env (README, "Renaming notebooks").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Iterable
+
+from watchfiles import Change, awatch
+
+from . import states
+from .envs import EnvManager
+from .protocol import EnvKey, file_identity, parse_file_identity
+from .tasks import cancel_and_wait
+
+log = logging.getLogger("uvkerneld.watch")
+# watchfiles logs a line per second of quiet at debug level; our --log-level debug should not.
+logging.getLogger("watchfiles").setLevel(logging.INFO)
+
+RETRY_DELAY = 5.0  # after the watch failed (a watched folder vanished, inotify limits)
+TRACKED_STATES = (states.ASSIGNED, states.INSTALLING, states.BROKEN)
+
+
+def _is_notebook(change: Change, path: str) -> bool:
+    name = os.path.basename(path)
+    # ".~name.ipynb" is jupyter_server's backup copy during a save, not a notebook.
+    return name.endswith(".ipynb") and not name.startswith(".~")
+
+
+class NotebookWatcher:
+    def __init__(self, envs: EnvManager, uid: int) -> None:
+        self.envs = envs
+        self.store = envs.store
+        self.uid = uid
+        self.folders: set[str] = set()
+        self.renames_followed = 0
+        self._restart = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        envs.on_notebook_seen = self.notebook_seen
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="notebook-watcher")
+
+    async def stop(self) -> None:
+        self._restart.set()
+        await cancel_and_wait(self._task)
+
+    def notebook_seen(self, path: str) -> None:
+        """A kernel starts for this notebook: watch its folder from now on."""
+        folder = os.path.dirname(path)
+        if folder not in self.folders:
+            self.folders.add(folder)
+            self._restart.set()
+
+    def _tracked_folders(self) -> set[str]:
+        folders = set(self.folders)
+        for record in self.store.all():
+            if record.key and record.key.kind == "notebook" and record.state in TRACKED_STATES:
+                folders.add(os.path.dirname(record.key.value))
+        return folders
+
+    async def _run(self) -> None:
+        while True:
+            self.folders = self._tracked_folders()
+            existing = sorted(folder for folder in self.folders if os.path.isdir(folder))
+            self._restart.clear()
+            if not existing:
+                await self._restart.wait()
+                continue
+            log.debug("watching %d notebook folder(s)", len(existing))
+            try:
+                # rust_timeout: return to check the stop event at least every second.
+                async for changes in awatch(
+                    *existing, watch_filter=_is_notebook, stop_event=self._restart, recursive=False,
+                    debounce=200, step=50, rust_timeout=1000, ignore_permission_denied=True,
+                ):
+                    await self.handle(changes)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed watch must not take the daemon down
+                log.warning("notebook watch failed (%s); retrying in %.0f s", exc, RETRY_DELAY)
+                try:
+                    await asyncio.wait_for(self._restart.wait(), RETRY_DELAY)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def handle(self, changes: Iterable[tuple[Change, str]]) -> None:
+        """One batch of events: refresh identities of saved notebooks, pair renames."""
+        deleted = tuple(sorted(path for change, path in changes if change == Change.deleted))
+        for change, path in sorted(changes, key=lambda item: item[1]):
+            if change == Change.deleted:
+                continue  # the env stays keyed by the old path until its notebook shows up again
+            try:
+                identity = parse_file_identity(file_identity(os.stat(path)))
+            except OSError:
+                continue  # gone again already (a temporary file, a quick second rename)
+            key = EnvKey("notebook", os.path.realpath(path))
+            record = self.store.find(self.uid, key)
+            if record is not None:
+                if record.notebook_file != identity:
+                    self.store.set_notebook_file(record.id, identity)
+                continue
+            moved = await self.envs.follow_rename(self.uid, key, identity, deleted)
+            if moved is not None:
+                self.renames_followed += 1
+                self.notebook_seen(key.value)
