@@ -41,6 +41,10 @@ class StubError(Exception):
     """Why this kernel cannot get its env; shown in the notebook by the fallback kernel."""
 
 
+class DaemonGone(StubError):
+    """The daemon went away mid-request (it was exiting or restarting); worth one retry."""
+
+
 def identity_fingerprint(environ):
     return json.dumps([environ.get(name, "") for name in IDENTITY_VARS])
 
@@ -196,7 +200,7 @@ def _start_daemon_and_connect(socket_path, environ):
 def _spawn_daemon(socket_path, log_path, environ):
     """Start ``uvkerneld`` fully detached (double fork, own session); return its pid."""
     env = {k: v for k, v in environ.items() if k not in _KERNEL_ONLY_VARS}
-    argv = [sys.executable, "-m", "uvkerneld", "--socket", socket_path]
+    argv = [sys.executable, "-m", "uvkerneld", "--socket", socket_path, "--started-by-kernel"]
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked children
@@ -264,10 +268,42 @@ def acquire(sock, kind, value, timeout):
         return client.call(sock, "acquire", args, timeout)
     except socket.timeout:
         raise StubError("uvkerneld did not provide an env within %.0f s" % timeout) from None
+    except protocol.ShuttingDown as exc:
+        raise DaemonGone(exc.message) from None
     except protocol.UvkError as exc:
         raise StubError(exc.message) from None
     except OSError as exc:
-        raise StubError("lost the connection to uvkerneld: %s" % exc) from None
+        raise DaemonGone("lost the connection to uvkerneld: %s" % exc) from None
+
+
+def acquire_timeout(environ):
+    value = environ.get("UVKERNEL_ACQUIRE_TIMEOUT") or ""
+    if not value:
+        return DEFAULT_ACQUIRE_TIMEOUT
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = -1.0
+    if not 0 < timeout < float("inf"):
+        raise StubError(
+            "UVKERNEL_ACQUIRE_TIMEOUT=%r is not a number of seconds > 0; unset it to wait up to %.0f s"
+            % (value, DEFAULT_ACQUIRE_TIMEOUT)
+        )
+    return timeout
+
+
+def connect_and_acquire(socket_path, environ, kind, value, timeout):
+    """(socket, acquire result). A daemon that goes away while we ask (an idle exit, a restart)
+    gets one retry: the next connect reaches its successor, or starts one."""
+    try:
+        sock = connect_or_start(socket_path, environ)
+        return sock, acquire(sock, kind, value, timeout)
+    except DaemonGone as exc:
+        sys.stderr.write("uvkerneld: %s; retrying once\n" % exc)
+        sock.close()
+    time.sleep(0.2)
+    sock = connect_or_start(socket_path, environ)
+    return sock, acquire(sock, kind, value, timeout)
 
 
 # --- exec -----------------------------------------------------------------------------------------
@@ -310,9 +346,8 @@ def main(argv=None):
             protocol.parse_env_key(kind, value)
         except protocol.UvkError as exc:
             raise StubError(exc.message) from None
-        timeout = float(environ.get("UVKERNEL_ACQUIRE_TIMEOUT") or DEFAULT_ACQUIRE_TIMEOUT)
-        sock = connect_or_start(socket_path, environ)
-        result = acquire(sock, kind, value, timeout)
+        timeout = acquire_timeout(environ)
+        sock, result = connect_and_acquire(socket_path, environ, kind, value, timeout)
     except StubError as exc:
         exec_fallback(str(exc), connection_file, passthrough)
         return

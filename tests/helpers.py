@@ -182,8 +182,11 @@ def register_envs(layout: Layout, count: int) -> list[str]:
 
 
 @contextmanager
-def running_kernel(layout: Layout, kernel_name: str = "uv", cwd: str | None = None, **extra_env: str) -> Iterator[Any]:
-    """A kernel launched by jupyter_client from the installed kernelspec; yields (manager, client)."""
+def running_kernel(
+    layout: Layout, kernel_name: str = "uv", cwd: str | None = None, wait: bool = True, **extra_env: str
+) -> Iterator[Any]:
+    """A kernel launched by jupyter_client from the installed kernelspec; yields (manager, client),
+    once the kernel answers (``wait``) or right after the launch."""
     from jupyter_client.manager import KernelManager
 
     env = layout.env
@@ -193,7 +196,8 @@ def running_kernel(layout: Layout, kernel_name: str = "uv", cwd: str | None = No
     kernel = manager.client()
     kernel.start_channels()
     try:
-        kernel.wait_for_ready(timeout=180)
+        if wait:
+            kernel.wait_for_ready(timeout=180)
         yield manager, kernel
     finally:
         kernel.stop_channels()

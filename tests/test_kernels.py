@@ -8,7 +8,8 @@ import os
 import queue
 import socket
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from helpers import Daemon, Layout, process_alive, processes_matching, run_code, running_kernel, wait_until
 from jupyter_client.manager import KernelManager
@@ -150,6 +151,14 @@ def test_no_daemon_and_autostart_off_shows_the_reason_in_the_notebook(layout: La
     assert "uvkerneld is not running (nothing answers on %s)" % layout.socket in reply["content"]["evalue"]
 
 
+def test_a_bad_acquire_timeout_shows_the_reason_in_the_notebook(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+    with running_kernel(layout, kernelspec, UVKERNEL_ACQUIRE_TIMEOUT="soon") as (_, kernel):
+        reply = kernel.execute_interactive("1 + 1", timeout=60)
+    assert reply["content"]["ename"] == "EnvironmentUnavailable"
+    assert ("UVKERNEL_ACQUIRE_TIMEOUT='soon' is not a number of seconds > 0; unset it to wait up to 600 s"
+            in reply["content"]["evalue"])
+
+
 def test_a_damaged_env_is_replaced_instead_of_failing_the_kernel(
     daemon: Daemon, layout: Layout, kernelspec: str
 ) -> None:
@@ -246,49 +255,82 @@ def _read_frame(conn: socket.socket) -> dict[str, Any]:
         decoder.feed(data)
 
 
-def test_stub_holds_the_kernel_ports_while_it_waits_for_its_env(layout: Layout, kernelspec: str) -> None:
-    # A daemon stand-in the test controls: it takes the stub's acquire and answers only when told,
-    # like a daemon building a venv on a cold pool.
+def _refuse(conn: socket.socket, request: dict[str, Any], message: str) -> None:
+    conn.sendall(protocol.encode_frame(protocol.error_response(request["id"], protocol.EnvUnavailable(message))))
+
+
+@contextmanager
+def stand_in_daemon(layout: Layout) -> Iterator[socket.socket]:
+    """A listening socket where the daemon's would be, which the test answers by hand."""
     layout.socket.parent.mkdir(parents=True, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(layout.socket))
-    listener.listen(1)
+    listener.listen(2)
     listener.settimeout(60)
-    manager = KernelManager(kernel_name=kernelspec)
-    env = layout.env
-    env["JPY_SESSION_NAME"] = str(layout.notebook("slow.ipynb"))
-    manager.start_kernel(env=env, cwd=str(layout.notebooks))
-    kernel = None
     try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@contextmanager
+def launched_kernel(layout: Layout, kernelspec: str, **extra_env: str) -> Iterator[KernelManager]:
+    manager = KernelManager(kernel_name=kernelspec)
+    manager.start_kernel(env=dict(layout.env, **extra_env), cwd=str(layout.notebooks))
+    try:
+        yield manager
+    finally:
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
+
+
+def execute_once(manager: KernelManager, code: str) -> dict[str, Any]:
+    kernel = manager.client()
+    kernel.start_channels()
+    try:
+        kernel.wait_for_ready(timeout=60)
+        return kernel.execute_interactive(code, timeout=60)
+    finally:
+        kernel.stop_channels()
+
+
+def test_stub_holds_the_kernel_ports_while_it_waits_for_its_env(layout: Layout, kernelspec: str) -> None:
+    # The stand-in takes the stub's acquire and answers only when told, like a daemon building a
+    # venv on a cold pool.
+    notebook = str(layout.notebook("slow.ipynb"))
+    with stand_in_daemon(layout) as listener, launched_kernel(layout, kernelspec, JPY_SESSION_NAME=notebook) as manager:
         conn, _ = listener.accept()
-        conn.settimeout(60)
         with conn:
+            conn.settimeout(60)
             request = _read_frame(conn)
             assert request["op"] == "acquire"
             ports = [manager.shell_port, manager.iopub_port, manager.stdin_port, manager.control_port, manager.hb_port]
             for port in ports:
-                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     try:
                         probe.bind(("127.0.0.1", port))
                     except OSError as exc:
                         assert exc.errno == errno.EADDRINUSE
                     else:
                         raise AssertionError("port %d was free while the stub waited for its env" % port)
-                finally:
-                    probe.close()
-            error = protocol.EnvUnavailable("the test's daemon says no")
-            conn.sendall(protocol.encode_frame(protocol.error_response(request["id"], error)))
+            _refuse(conn, request, "the test's daemon says no")
         # The ports come free at exec, and the kernel that follows (here the fallback) binds them.
-        kernel = manager.client()
-        kernel.start_channels()
-        kernel.wait_for_ready(timeout=60)
-        reply = kernel.execute_interactive("1 + 1", timeout=60)
-        assert reply["content"]["ename"] == "EnvironmentUnavailable"
-        assert "the test's daemon says no" in reply["content"]["evalue"]
-    finally:
-        if kernel is not None:
-            kernel.stop_channels()
-        if manager.has_kernel:
-            manager.shutdown_kernel(now=True)
-        listener.close()
+        reply = execute_once(manager, "1 + 1")
+    assert reply["content"]["ename"] == "EnvironmentUnavailable"
+    assert "the test's daemon says no" in reply["content"]["evalue"]
+
+
+def test_stub_retries_once_when_the_daemon_goes_away_mid_request(layout: Layout, kernelspec: str) -> None:
+    # The stand-in drops the first acquire without answering (as a daemon does that is exiting
+    # when the request arrives), then answers the retry.
+    with stand_in_daemon(layout) as listener, launched_kernel(layout, kernelspec) as manager:
+        first, _ = listener.accept()
+        with first:
+            first.settimeout(60)
+            assert _read_frame(first)["op"] == "acquire"
+        second, _ = listener.accept()
+        with second:
+            second.settimeout(60)
+            _refuse(second, _read_frame(second), "answered on the second attempt")
+        reply = execute_once(manager, "1 + 1")
+    assert "answered on the second attempt" in reply["content"]["evalue"]

@@ -20,6 +20,10 @@ class DaemonNotRunning(Exception):
         )
 
 
+class ConnectionLost(ConnectionError):
+    """The daemon closed the connection without answering (it is exiting or restarting)."""
+
+
 def connect(socket_path, timeout=None):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -46,7 +50,7 @@ def call(sock, op, args=None, timeout=None, request_id=1, on_event=None):
         data = sock.recv(65536)
         if not data:
             decoder.eof()
-            raise protocol.InternalError("uvkerneld closed the connection before answering; see its log")
+            raise ConnectionLost("uvkerneld closed the connection before answering; see its log")
         decoder.feed(data)
         while True:
             message = decoder.next_message()

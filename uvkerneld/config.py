@@ -61,6 +61,7 @@ class Config:
     admin_group: str | None
     gc_interval: float  # seconds between scheduled gc runs; 0 = off
     gc_older_than: float  # seconds unused before gc removes an env
+    idle_exit: float  # seconds with no kernel, request or build before the daemon exits; 0 = never
     config_file: Path | None
 
     @property
@@ -79,6 +80,7 @@ class Config:
             "link_mode": self.link_mode,
             "python": self.python,
             "kernel_packages": list(self.kernel_packages),
+            "idle_exit_s": self.idle_exit,
             "config_file": str(self.config_file) if self.config_file else None,
         }
 
@@ -134,8 +136,11 @@ _PATH_KEYS = ("socket", "state_dir", "cache_dir", "venvs_dir")
 _KEYS = (
     "mode", *_PATH_KEYS, "pool_size", "link_mode", "python", "log_level", "kernel_packages",
     "max_parallel_creates", "max_parallel_installs", "bytecode", "uv", "admin_group", "gc_interval",
-    "gc_older_than",
+    "gc_older_than", "idle_exit",
 )
+# How long a daemon that a kernel started (not systemd, not a person) stays up with nothing to do.
+# Long enough that a user's working day never sees the restart; the pool stays on disk anyway.
+AUTOSTARTED_IDLE_EXIT = "1h"
 
 
 def env_var(key: str) -> str:
@@ -186,6 +191,9 @@ def load_config(
         # The shared host collects daily; a personal daemon only when asked (uvkernelctl gc).
         "gc_interval": "1d" if mode == "system" else "0",
         "gc_older_than": "30d",
+        # A daemon started by a kernel stub goes away when unused, like the kernels it serves;
+        # one started by systemd or by hand stays until stopped.
+        "idle_exit": AUTOSTARTED_IDLE_EXIT if flags.get("started_by_kernel") else "0",
     }
     sources = {key: "default" for key in values}
     for layer_name, layer in ((str(config_file), from_file), ("environment", from_env), ("flag", flags)):
@@ -213,7 +221,7 @@ def load_config(
     _check_choice("log_level", values["log_level"], LOG_LEVELS, source("log_level"))
     _check_choice("bytecode", values["bytecode"], BYTECODE_MODES, source("bytecode"))
     values["kernel_packages"] = _packages(values["kernel_packages"], source("kernel_packages"))
-    for key in ("gc_interval", "gc_older_than"):
+    for key in ("gc_interval", "gc_older_than", "idle_exit"):
         values[key] = _duration_setting(key, values[key], source(key))
     if values["admin_group"] is not None:
         values["admin_group"] = str(values["admin_group"])

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .config import LINK_MODES, LOG_LEVELS, MODES, ConfigError, load_config
+from .config import AUTOSTARTED_IDLE_EXIT, LINK_MODES, LOG_LEVELS, MODES, ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--link-mode", choices=LINK_MODES, help="how uv links files from the cache")
     parser.add_argument("--python", metavar="PY", help="interpreter for the venvs (default: this one)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    parser.add_argument("--idle-exit", metavar="DURATION",
+                        help="exit after this long with no kernel, request or build (like 1h, 30m; "
+                        "0 = never, the default unless started by a kernel)")
+    parser.add_argument("--started-by-kernel", action="store_true", default=None,
+                        help="set by the kernel stub when it starts the daemon on demand: "
+                        "idle_exit then defaults to %s" % AUTOSTARTED_IDLE_EXIT)
     return parser
 
 

@@ -48,6 +48,9 @@ FRAME_BODY_TIMEOUT = 30.0  # a client that starts a frame must finish it within 
 WRITE_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 30.0  # running installs/acquires get this long to finish on SIGTERM
 STATUS_INTERVAL = 5.0
+# A daemon that is exiting (idle exit, restart) holds the state-dir lock for a few more moments;
+# its successor, started by the next kernel, waits this long for it instead of failing.
+INSTANCE_LOCK_WAIT = 15.0
 
 
 class StartupError(Exception):
@@ -87,6 +90,7 @@ class Daemon:
         self._connections: set[asyncio.Task[None]] = set()
         # env id -> ids of connections that are live kernels' lifelines
         self.live: dict[str, set[int]] = defaultdict(set)
+        self.last_activity = time.monotonic()  # a connection opened or closed
         self.uv: Uv | None = None
         self.disk: DiskUsage | None = None
         self.ops: Operations | None = None
@@ -198,6 +202,8 @@ class Daemon:
             self.watcher.start()
         if config.gc_interval:
             self._background.append(asyncio.create_task(self._scheduled_gc(), name="scheduled-gc"))
+        if config.idle_exit:
+            self._background.append(asyncio.create_task(self._exit_when_idle(), name="idle-exit"))
         self.notifier.ready(self._status_line())
         self._background.append(asyncio.create_task(self._report_status(), name="sd-status"))
         if self.notifier.watchdog_interval:
@@ -228,23 +234,40 @@ class Daemon:
         """One daemon per state dir: two would corrupt each other's venvs and store."""
         path = self.config.state_dir / "uvkerneld.pid"
         handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            handle.seek(0)
-            other = handle.read().strip() or "?"
-            handle.close()
-            raise StartupError(
-                "another uvkerneld (pid %s) is already using %s; stop it first or pass a "
-                "different --state-dir" % (other, self.config.state_dir)
-            ) from None
+        deadline = time.monotonic() + INSTANCE_LOCK_WAIT
+        # The holder may be exiting (idle exit: its socket is closed already): wait for it. One
+        # that still answers on our socket is running and staying: refuse at once.
+        waited = False
+        while not _try_flock(handle):
+            if time.monotonic() > deadline or self._socket_answers():
+                handle.seek(0)
+                other = handle.read().strip() or "?"
+                handle.close()
+                raise StartupError(
+                    "another uvkerneld (pid %s) is already using %s; stop it first or pass a "
+                    "different --state-dir" % (other, self.config.state_dir)
+                )
+            if not waited:
+                log.info("another uvkerneld holds %s and is not answering on %s: waiting up to %.0f s for it to exit",
+                         path, self.config.socket, INSTANCE_LOCK_WAIT)
+                waited = True
+            time.sleep(0.05)
         handle.seek(0)
         handle.truncate()
         handle.write("%d\n" % os.getpid())
         handle.flush()
         self._lock_file = handle
+
+    def _socket_answers(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(self.config.socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def _bind_socket(self) -> socket.socket:
         path = str(self.config.socket)
@@ -319,6 +342,7 @@ class Daemon:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        self.last_activity = time.monotonic()
         connection_id = id(task)
         lifeline_env: str | None = None
         try:
@@ -382,6 +406,7 @@ class Daemon:
                     self.store.remove_kernel(lifeline_env, peer.pid)
                     log.info("kernel for env %s ended", lifeline_env)
             self._connections.discard(task)
+            self.last_activity = time.monotonic()
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
@@ -439,6 +464,36 @@ class Daemon:
         assert self.ops is not None
         return self.ops.status()
 
+    def idle(self) -> bool:
+        """Nothing for the daemon to do or keep: no connection (so no kernel lifeline and no
+        request), no kernel left from an earlier daemon, no build and no install."""
+        assert self.pool is not None and self.envs is not None and self.installs is not None
+        installs = self.installs.status()
+        return (
+            not self._connections and not self.live_env_ids() and not self.pool.filling
+            and not self.envs.creating and not installs["running"] and not installs["queued"]
+        )
+
+    async def _exit_when_idle(self) -> None:
+        """Exit after ``idle_exit`` seconds of idleness (a daemon a kernel started on demand).
+
+        The next kernel start starts a new daemon, which finds the pool venvs on disk. Exiting
+        closes the socket before anything else, and the successor waits for our state-dir lock
+        (INSTANCE_LOCK_WAIT), so a kernel that starts while we exit is served, not refused.
+        """
+        limit = self.config.idle_exit
+        while True:
+            if not self.idle():
+                self.last_activity = time.monotonic()
+            quiet_for = time.monotonic() - self.last_activity
+            if quiet_for >= limit:
+                log.info("idle for %.0f s (idle_exit): exiting; the next kernel start starts uvkerneld again", quiet_for)
+                if self._server is not None:
+                    self._server.close()  # from here on, new clients start a successor
+                self._stop.set()
+                return
+            await asyncio.sleep(min(limit - quiet_for, 60.0) + 0.01)
+
     async def _scheduled_gc(self) -> None:
         assert self.ops is not None
         while True:
@@ -462,6 +517,16 @@ class Daemon:
             record.id for record in self.store.all()
             if record.key is not None and record.key.kind in ("notebook", "dir") and not os.path.exists(record.key.value)
         }
+
+
+def _try_flock(handle: Any) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return False
 
 
 def _pid_exists(pid: int) -> bool:
