@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from helpers import Daemon, Layout, run_code, running_kernel, wait_until
@@ -133,3 +134,24 @@ def test_a_hard_link_to_a_notebook_gets_its_own_env(daemon: Daemon, layout: Layo
     with running_kernel(layout, kernelspec, JPY_SESSION_NAME=str(link)) as (_, kernel):
         assert run_code(kernel, "import sys; print(sys.prefix)").strip() != original_prefix
     assert env_keyed(layout, str(original))["path"] == original_prefix
+
+
+def acquire_notebook(layout: Layout, path: str) -> dict[str, Any]:
+    """What the stub sends for a notebook: its path and its file identity."""
+    identity = protocol.file_identity(os.stat(path))
+    return layout.request("acquire", {"key": {"kind": "notebook", "value": path}, "file": identity}, timeout=300)
+
+
+def test_renames_are_still_followed_after_a_watched_folder_is_deleted(bare_daemon: Daemon, layout: Layout) -> None:
+    doomed = layout.notebook("doomed/x.ipynb")
+    doomed.write_text(json.dumps(EMPTY_NOTEBOOK))
+    acquire_notebook(layout, str(doomed))
+    kept = layout.notebook("kept/y.ipynb")
+    kept.write_text(json.dumps(EMPTY_NOTEBOOK))
+    env = acquire_notebook(layout, str(kept))
+    wait_until(lambda: layout.status()["notebook_watch"]["folders"] == 2, 30, "both folders to be watched")
+    shutil.rmtree(doomed.parent)
+    os.rename(kept, kept.with_name("z.ipynb"))
+    moved = wait_until(lambda: env_keyed(layout, str(kept.with_name("z.ipynb"))), 60, "the rename to be followed")
+    assert moved["env_id"] == env["env_id"]
+    assert bare_daemon.process is not None and bare_daemon.process.poll() is None

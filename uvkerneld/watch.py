@@ -37,7 +37,8 @@ log = logging.getLogger("uvkerneld.watch")
 # watchfiles logs a line per second of quiet at debug level; our --log-level debug should not.
 logging.getLogger("watchfiles").setLevel(logging.INFO)
 
-RETRY_DELAY = 5.0  # after the watch failed (a watched folder vanished, inotify limits)
+RETRY_DELAY = 5.0  # after the watch failed (a watched folder vanished, inotify limits), doubling
+MAX_RETRY_DELAY = 600.0
 TRACKED_STATES = (states.ASSIGNED, states.INSTALLING, states.BROKEN)
 
 
@@ -80,6 +81,7 @@ class NotebookWatcher:
         return folders
 
     async def _run(self) -> None:
+        delay = RETRY_DELAY
         while True:
             self.folders = self._tracked_folders()
             existing = sorted(folder for folder in self.folders if os.path.isdir(folder))
@@ -95,14 +97,16 @@ class NotebookWatcher:
                     debounce=200, step=50, rust_timeout=1000, ignore_permission_denied=True,
                 ):
                     await self.handle(changes)
+                    delay = RETRY_DELAY
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed watch must not take the daemon down
-                log.warning("notebook watch failed (%s); retrying in %.0f s", exc, RETRY_DELAY)
+                log.warning("notebook watch failed (%s); retrying in %.0f s", exc, delay)
                 try:
-                    await asyncio.wait_for(self._restart.wait(), RETRY_DELAY)
+                    await asyncio.wait_for(self._restart.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
+                delay = min(delay * 2, MAX_RETRY_DELAY)
 
     async def handle(self, changes: Iterable[tuple[Change, str]]) -> None:
         """One batch of events: refresh identities of saved notebooks, pair renames."""
