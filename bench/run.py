@@ -64,10 +64,10 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def time_to_kernel_info(kernel_name: str, env: dict[str, str], cwd: str, timeout: float = 300,
-                        stderr: Any = None) -> float:
+                        output: Any = None) -> float:
     manager = KernelManager(kernel_name=kernel_name)
     started = time.perf_counter()
-    manager.start_kernel(env=env, cwd=cwd, stderr=stderr)
+    manager.start_kernel(env=env, cwd=cwd, stdout=output, stderr=output)
     kernel = manager.blocking_client()
     kernel.start_channels()
     try:
@@ -183,9 +183,10 @@ class Workspace:
                 env.pop(name, None)
             else:
                 env[name] = value
-        # Kernels' stderr (ipykernel's TCP warning at every start) goes to a file, not the table.
-        with open(self.root / "kernels-stderr.log", "ab") as stderr:
-            return time_to_kernel_info(kernel_name, env, str(self.notebooks), stderr=stderr)
+        # Kernels' output (ipykernel's TCP warning at every start, the seed's messages) goes to a
+        # file, not the table.
+        with open(self.root / "kernels-output.log", "ab") as output:
+            return time_to_kernel_info(kernel_name, env, str(self.notebooks), output=output)
 
 
 # --- sections -----------------------------------------------------------------------------------

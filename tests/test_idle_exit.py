@@ -12,12 +12,13 @@ PREFIX = "import sys; print(sys.prefix)"
 
 
 def test_an_idle_daemon_exits_cleanly_and_never_while_a_kernel_runs(layout: Layout, kernelspec: str) -> None:
-    daemon = Daemon(layout, "--pool-size", "0", "--idle-exit", "2s").start()
+    # 5 s: long enough that a slow CI machine still reaches the kernel start before it.
+    daemon = Daemon(layout, "--pool-size", "0", "--idle-exit", "5s").start()
     try:
-        assert layout.status()["paths"]["idle_exit_s"] == 2.0
+        assert layout.status()["paths"]["idle_exit_s"] == 5.0
         with running_kernel(layout, kernelspec, JPY_SESSION_NAME=str(layout.notebook("busy.ipynb"))) as (_, kernel):
             # Longer than idle_exit, with only the kernel's lifeline open: the daemon stays.
-            run_code(kernel, "import time; time.sleep(4)")
+            run_code(kernel, "import time; time.sleep(7)")
             assert daemon.process is not None and daemon.process.poll() is None
             assert "idle for" not in daemon.log
         # The kernel is gone: now it is idle, and exits by itself, cleanly.
@@ -50,6 +51,10 @@ def test_a_kernel_started_while_the_daemon_exits_waits_for_its_successor(layout:
     status = layout.status()
     assert status["paths"]["idle_exit_s"] == 3600.0  # started by a kernel: exits after an idle hour
     assert sum(status["kernels_started"].values()) == 1
+    table = subprocess.run([sys.executable, "-m", "uvkerneld.ctl", "status"], env=layout.env,
+                           capture_output=True, text=True, timeout=60).stdout
+    assert ", exits after 1h idle" in table.splitlines()[0]
+    assert "notebooks  watching 1 folder(s) for saves and renames, 0 rename(s) followed" in table
 
 
 def test_bad_idle_exit_values_are_refused_with_the_setting_named(layout: Layout) -> None:

@@ -204,8 +204,9 @@ def format_status(status: dict[str, Any]) -> str:
     installs = status.get("installs", {})
     disk = status.get("disk", {})
     rows = [
-        ("daemon", "uvkerneld %s, %s mode, pid %s, up %s" % (
-            status["version"], status["mode"], status.get("pid"), _duration(status.get("uptime_s", 0)))),
+        ("daemon", "uvkerneld %s, %s mode, pid %s, up %s%s" % (
+            status["version"], status["mode"], status.get("pid"), _duration(status.get("uptime_s", 0)),
+            ", exits after %s idle" % _duration(paths["idle_exit_s"]) if paths.get("idle_exit_s") else "")),
         ("socket", status["socket"]),
         ("pool", "%d ready / %d target%s" % (
             pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
@@ -213,6 +214,9 @@ def format_status(status: dict[str, Any]) -> str:
         ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt%s" % (
             started.get("known", 0), started.get("pool", 0), started.get("created", 0), started.get("rebuilt", 0),
             ", %d after a notebook rename" % started["renamed"] if started.get("renamed") else "")),
+        *([("notebooks", "watching %d folder(s) for saves and renames, %d rename(s) followed" % (
+            status["notebook_watch"]["folders"], status["notebook_watch"]["renames_followed"]))]
+          if status.get("notebook_watch") else []),
         ("installs", "%d running, %d queued (at most %s in parallel)" % (
             installs.get("running", 0), installs.get("queued", 0), installs.get("max_parallel", "?"))),
         ("venvs", paths.get("venvs_dir", "?")),

@@ -169,6 +169,7 @@ class EnvManager:
             same_inode = [
                 record for record in (self.store.find(uid, EnvKey("notebook", path)) for path in deleted_with_it)
                 if record is not None and (record.notebook_file or "").startswith(inode)
+                and record.state in states.SETTLED_NOTEBOOK_STATES
             ]
             return self._follow_rename_locked(uid, key, notebook_file, same_inode)
 

@@ -18,6 +18,8 @@ BROKEN = "broken"
 DELETING = "deleting"
 
 ALL_STATES = (CREATING, POOLED, ASSIGNED, INSTALLING, BROKEN, DELETING)
+# A notebook's env, built and not being deleted: what follows its notebook across a rename.
+SETTLED_NOTEBOOK_STATES = (ASSIGNED, INSTALLING, BROKEN)
 
 TRANSITIONS = {
     CREATING: frozenset({POOLED, ASSIGNED, BROKEN, DELETING}),

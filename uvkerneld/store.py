@@ -255,8 +255,9 @@ class Store:
     def find_by_notebook_file(self, owner_uid: int, notebook_file: str) -> list[EnvRecord]:
         """The uid's notebook envs last seen with this file identity (normally none or one)."""
         rows = self._db.execute(
-            "SELECT * FROM envs WHERE owner_uid=? AND notebook_file=? AND key_kind='notebook'",
-            (owner_uid, notebook_file),
+            "SELECT * FROM envs WHERE owner_uid=? AND notebook_file=? AND key_kind='notebook'"
+            " AND state IN (?, ?, ?)",  # never one being built or deleted
+            (owner_uid, notebook_file, *states.SETTLED_NOTEBOOK_STATES),
         ).fetchall()
         return [EnvRecord(row) for row in rows]
 

@@ -39,7 +39,6 @@ logging.getLogger("watchfiles").setLevel(logging.INFO)
 
 RETRY_DELAY = 5.0  # after the watch failed (a watched folder vanished, inotify limits), doubling
 MAX_RETRY_DELAY = 600.0
-TRACKED_STATES = (states.ASSIGNED, states.INSTALLING, states.BROKEN)
 
 
 def _is_notebook(change: Change, path: str) -> bool:
@@ -76,7 +75,7 @@ class NotebookWatcher:
     def _tracked_folders(self) -> set[str]:
         folders = set(self.folders)
         for record in self.store.all():
-            if record.key and record.key.kind == "notebook" and record.state in TRACKED_STATES:
+            if record.key and record.key.kind == "notebook" and record.state in states.SETTLED_NOTEBOOK_STATES:
                 folders.add(os.path.dirname(record.key.value))
         return folders
 
