@@ -75,12 +75,12 @@ NETWORK_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "HTTP_PROXY
                      "https_proxy", "http_proxy", "no_proxy", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "HOME", "PATH")
 
 
-def socket_activated_daemon(layout: Layout, *extra: str) -> subprocess.Popen[bytes]:
+def socket_activated_daemon(layout: Layout, *extra: str, activate: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     log = open(layout.root / "activated.log", "wb")
     # systemd-socket-activate passes only the variables named with -E: settings go as flags.
     passed = [arg for name in NETWORK_VARIABLES if name in os.environ for arg in ("-E", name)]
     process = subprocess.Popen(
-        ["systemd-socket-activate", *passed, "-l", str(layout.socket), sys.executable, "-m", "uvkerneld",
+        ["systemd-socket-activate", *activate, *passed, "-l", str(layout.socket), sys.executable, "-m", "uvkerneld",
          "--state-dir", str(layout.state_dir), "--venvs-dir", str(layout.venvs_dir),
          "--cache-dir", str(layout.cache_dir), "--log-level", "debug", *extra],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -106,6 +106,37 @@ def test_socket_activation_answers_the_first_connection(layout: Layout) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
         assert layout.socket.exists()  # the socket belongs to systemd: never unlinked by us
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.mark.parametrize("activate, message", [
+    # A uvkerneld.socket edited to ListenDatagram=:
+    (("--datagram",), "systemd passed a AF_UNIX/SOCK_DGRAM socket on fd 3; uvkerneld needs a Unix stream "
+                      "socket (ListenStream=/path in uvkerneld.socket)"),
+    # ... or to Accept=yes, which hands each connection to a new daemon:
+    (("--accept",), "fd 3 is not a listening socket; set Accept=no in uvkerneld.socket"),
+])
+def test_a_wrong_socket_from_systemd_is_refused_with_the_fix(layout: Layout, activate: tuple[str, ...], message: str) -> None:
+    process = socket_activated_daemon(layout, "--pool-size", "0", activate=activate)
+    log_path = layout.root / "activated.log"
+    try:
+        if activate == ("--datagram",):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+                sender.sendto(b"wake up", str(layout.socket))  # what makes it start the daemon
+        else:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client_sock:
+                client_sock.connect(str(layout.socket))
+                client_sock.settimeout(60)
+                assert client_sock.recv(100) == b""  # the daemon refused and exited: closed unanswered
+        wait_until(lambda: message in log_path.read_text(), 60, "the daemon to refuse the socket")
+        if activate == ("--datagram",):  # exec'd in place: its exit status is the daemon's
+            assert process.wait(60) == 1
+        log = log_path.read_text()
+        assert "Traceback" not in log
+        assert not (layout.state_dir / "state.db").exists()  # refused before touching any state
     finally:
         if process.poll() is None:
             process.kill()

@@ -88,7 +88,13 @@ def inherited_listener(environ: dict[str, str] | None = None) -> socket.socket |
                 os.close(fd)
             except OSError:
                 pass
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as exc:
+        raise ValueError(
+            "systemd passed fd 3, but it is not a socket (%s); start uvkerneld from uvkerneld.socket "
+            "(ListenStream=/path) or without LISTEN_FDS/LISTEN_PID set" % exc.strerror
+        ) from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         raise ValueError(
             "systemd passed a %s/%s socket on fd 3; uvkerneld needs a Unix stream socket "
