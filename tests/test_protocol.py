@@ -96,6 +96,19 @@ def test_acquire_carries_the_notebook_file_identity_as_text() -> None:
     assert parse({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY}}).args["file"] is None
 
 
+def test_identity_of_a_file_and_what_a_save_keeps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    notebook = tmp_path / "a.ipynb"
+    notebook.write_text("{}")
+    before = protocol.identity_of(notebook.stat())
+    with open(notebook, "w") as handle:  # an in-place save: same inode, new size and mtime
+        handle.write('{"cells": []}')
+    after = protocol.identity_of(notebook.stat())
+    assert after != before and protocol.same_inode(before, after)
+    copy = tmp_path / "b.ipynb"
+    copy.write_text('{"cells": []}')
+    assert not protocol.same_inode(after, protocol.identity_of(copy.stat()))
+
+
 @pytest.mark.parametrize(
     "message, error, fragment",
     [

@@ -99,7 +99,7 @@ def test_renamed_and_moved_notebooks_keep_their_env_through_jupyter_server(
 
 def _identity_recorded(layout: Layout, path: str) -> bool:
     """Whether the daemon's stored identity of this notebook matches the file as it is now."""
-    current = protocol.parse_file_identity(protocol.file_identity(os.stat(path)))
+    current = protocol.identity_of(os.stat(path))
     return layout.request("show", {"key": {"kind": "notebook", "value": path}})["notebook_file"] == current
 
 

@@ -33,7 +33,7 @@ from typing import Callable
 
 from . import states
 from .config import Config
-from .protocol import EnvKey, EnvUnavailable, file_identity, parse_file_identity
+from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
 from .store import EnvRecord, Store
 from .bytecode import SharedBytecode
 from .pipargs import requirement_name
@@ -78,7 +78,7 @@ class EnvManager:
         # Kernel starts waiting for a venv to be built: a pool build then stops being background
         # work, and its remaining uv runs go at normal priority.
         self.starts_waiting_for_a_build = 0
-        self._background_builds: set[asyncio.Task[EnvRecord] | None] = set()
+        self._background_builds: set[asyncio.Task[EnvRecord]] = set()
         self.preempted_builds: set[asyncio.Task[EnvRecord]] = set()
         self.last_errors: list[dict[str, object]] = []
 
@@ -165,13 +165,12 @@ class EnvManager:
         async with self._key_locks[(uid, key)]:
             if self.store.find(uid, key) is not None:
                 return None
-            inode = notebook_file.rsplit(":", 2)[0] + ":"
-            same_inode = [
+            renamed_in_place = [
                 record for record in (self.store.find(uid, EnvKey("notebook", path)) for path in deleted_with_it)
-                if record is not None and (record.notebook_file or "").startswith(inode)
+                if record is not None and record.notebook_file and same_inode(record.notebook_file, notebook_file)
                 and record.state in states.SETTLED_NOTEBOOK_STATES
             ]
-            return self._follow_rename_locked(uid, key, notebook_file, same_inode)
+            return self._follow_rename_locked(uid, key, notebook_file, renamed_in_place)
 
     def _follow_rename_locked(
         self, uid: int, key: EnvKey, notebook_file: str, also: list[EnvRecord] | None = None
@@ -274,11 +273,12 @@ class EnvManager:
         (see ``_hurry_background_builds``) and marks it in ``preempted_builds`` when it does.
         """
         async with self._create_slots:
-            task = asyncio.current_task() if low_priority else None
-            if task is not None:
-                self._background_builds.add(task)
+            task = asyncio.current_task()
+            if not low_priority or task is None:
+                return await self._create_holding_slot(owner_uid, key)
+            self._background_builds.add(task)
             try:
-                return await self._create_holding_slot(owner_uid, key, low_priority)
+                return await self._create_holding_slot(owner_uid, key, low_priority=True)
             finally:
                 self._background_builds.discard(task)
 
@@ -358,7 +358,7 @@ def _same_file_still_at(path: str, notebook_file: str) -> bool:
     (system mode, another user's private folder) gets False: the identity match alone decides,
     and dev, inode, size and nanosecond mtime together do not match a different file."""
     try:
-        return parse_file_identity(file_identity(os.stat(path))) == notebook_file
+        return identity_of(os.stat(path)) == notebook_file
     except OSError:
         return False
 

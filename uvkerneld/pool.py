@@ -35,6 +35,7 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._wake.set()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         envs.on_pool_claimed = self.wake
 
     @property
@@ -51,6 +52,7 @@ class WarmPool:
         self._task = asyncio.create_task(self._run(), name="pool-filler")
 
     async def stop(self) -> None:
+        self._stopping = True
         await cancel_and_wait(self._task)
 
     async def _wait_for_quiet(self) -> None:
@@ -86,7 +88,7 @@ class WarmPool:
                 try:
                     record = await build
                 except asyncio.CancelledError:
-                    if build not in self.envs.preempted_builds:
+                    if self._stopping or build not in self.envs.preempted_builds:
                         raise  # we are being stopped (the build was cancelled with us)
                     # A kernel start needed the build slot and we could not raise our priority:
                     # it builds its own venv; refill once it is done.

@@ -301,6 +301,16 @@ def file_identity(stat_result):
             "mtime_ns": stat_result.st_mtime_ns}
 
 
+def identity_of(stat_result):
+    """The file identity text of a stat result (what ``parse_file_identity`` returns for it)."""
+    return parse_file_identity(file_identity(stat_result))
+
+
+def same_inode(identity, other):
+    """Whether two file identities name the same device and inode (a save changes only the rest)."""
+    return identity.split(":", 2)[:2] == other.split(":", 2)[:2]
+
+
 def parse_file_identity(value):
     """A validated file identity, as the text "dev:ino:size:mtime_ns" (inode numbers use all 64
     bits on some filesystems, more than an SQLite integer holds).

@@ -259,6 +259,7 @@ class Daemon:
         self._lock_file = handle
 
     def _socket_answers(self) -> bool:
+        """Whether a daemon accepts connections on our socket path now."""
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(2.0)
         try:
@@ -272,20 +273,13 @@ class Daemon:
     def _bind_socket(self) -> socket.socket:
         path = str(self.config.socket)
         if os.path.exists(path) or os.path.islink(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(2.0)
-            try:
-                probe.connect(path)
-            except OSError:
-                # Nobody answers: a stale socket from a daemon that died. Safe to replace.
-                os.unlink(path)
-            else:
+            if self._socket_answers():
                 raise StartupError(
                     "another daemon already answers on %s; refusing to take its socket "
                     "(`uvkernelctl --socket %s status` shows it)" % (path, path)
                 )
-            finally:
-                probe.close()
+            # Nobody answers: a stale socket from a daemon that died. Safe to replace.
+            os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Create the socket with its final mode: no window where others could connect.
         old_umask = os.umask(0o177 if self.config.mode == "user" else 0o111)

@@ -30,7 +30,7 @@ from watchfiles import Change, awatch
 
 from . import states
 from .envs import EnvManager
-from .protocol import EnvKey, file_identity, parse_file_identity
+from .protocol import EnvKey, identity_of
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("uvkerneld.watch")
@@ -114,7 +114,7 @@ class NotebookWatcher:
             if change == Change.deleted:
                 continue  # the env stays keyed by the old path until its notebook shows up again
             try:
-                identity = parse_file_identity(file_identity(os.stat(path)))
+                identity = identity_of(os.stat(path))
             except OSError:
                 continue  # gone again already (a temporary file, a quick second rename)
             key = EnvKey("notebook", os.path.realpath(path))
