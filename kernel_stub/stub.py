@@ -33,8 +33,11 @@ IDENTITY_VARS = ("UVKERNEL_ENV", "UVKERNEL_NOTEBOOK", "JPY_SESSION_NAME")
 IDENTITY_MARKER = "UVKERNEL_KERNEL_IDENTITY"
 DAEMON_START_TIMEOUT = 60.0
 DEFAULT_ACQUIRE_TIMEOUT = 600.0
+NOTEBOOK_FILE_VAR = "UVKERNEL_NOTEBOOK_FILE"
 # Variables that describe one kernel; a daemon started by this stub must not inherit them.
-_KERNEL_ONLY_VARS = IDENTITY_VARS + (IDENTITY_MARKER, "JPY_PARENT_PID", "UVKERNEL_ENV_ID", "UVKERNEL_LIFELINE_FD")
+_KERNEL_ONLY_VARS = IDENTITY_VARS + (
+    IDENTITY_MARKER, "JPY_PARENT_PID", "UVKERNEL_ENV_ID", "UVKERNEL_LIFELINE_FD", NOTEBOOK_FILE_VAR,
+)
 
 
 class StubError(Exception):
@@ -319,6 +322,10 @@ def kernel_environment(environ, result, socket_path, lifeline_fd):
     env["UVKERNEL_ENV_ID"] = result["env_id"]
     env["UVKERNEL_LIFELINE_FD"] = str(lifeline_fd)
     env[locations.SOCKET_ENV] = socket_path
+    # The kernel extension reports this notebook's saves when the daemon cannot watch for them.
+    env.pop(NOTEBOOK_FILE_VAR, None)
+    if result.get("report_notebook_saves"):
+        env[NOTEBOOK_FILE_VAR] = result["key"]["value"]
     return env
 
 

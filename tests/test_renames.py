@@ -10,6 +10,8 @@ import os
 import shutil
 from typing import Any
 
+import pytest
+
 from helpers import Daemon, Layout, run_code, running_kernel, wait_until
 from jupyter_rest import JupyterServer, kernel_facts, run_in_kernel
 
@@ -155,3 +157,20 @@ def test_renames_are_still_followed_after_a_watched_folder_is_deleted(bare_daemo
     moved = wait_until(lambda: env_keyed(layout, str(kept.with_name("z.ipynb"))), 60, "the rename to be followed")
     assert moved["env_id"] == env["env_id"]
     assert bare_daemon.process is not None and bare_daemon.process.poll() is None
+
+
+def test_saves_reported_by_a_kernel_are_checked_and_recorded(bare_daemon: Daemon, layout: Layout) -> None:
+    notebook = layout.notebook("reported.ipynb")
+    notebook.write_text(json.dumps(EMPTY_NOTEBOOK))
+    env = acquire_notebook(layout, str(notebook))
+    # This daemon watches folders itself: its kernels need not report saves.
+    assert env["report_notebook_saves"] is False
+    saved = {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4}
+    assert layout.request("notebook_saved", {"env": env["path"], "file": saved})["updated"] is True
+    assert layout.request("show", {"key": env["key"]})["notebook_file"] == "1:2:3:4"
+    assert layout.request("notebook_saved", {"env": env["path"], "file": saved})["updated"] is False
+    named = layout.request("acquire", {"key": {"kind": "env", "value": "named"}}, timeout=300)
+    with pytest.raises(protocol.BadRequest, match="belongs to env:named, not to a notebook"):
+        layout.request("notebook_saved", {"env": named["path"], "file": saved})
+    with pytest.raises(protocol.NotAllowed, match="does not own an env at /nowhere/e-000000000000"):
+        layout.request("notebook_saved", {"env": "/nowhere/e-000000000000", "file": saved})

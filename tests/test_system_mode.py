@@ -295,3 +295,47 @@ def test_local_paths_and_foreign_requirement_files_are_refused_unread(host: Host
         print(json.dumps(sorted(os.listdir(glob.glob(sys.argv[1] + "/lib/python*/site-packages")[0]))))
         """, env_a)
     assert not any(name == "pkg" or name.startswith("pkg-") for name in installed)
+
+
+# Run inside a kernel as the notebook's user: save the notebook (change it on disk), then wait
+# until the daemon knows the file as saved. The kernel reports saves itself: a system daemon may
+# not look into the user's folder.
+SAVE_AND_WAIT = '''
+import json, os, socket, struct, sys, time
+notebook = os.environ["UVKERNEL_NOTEBOOK_FILE"]
+with open(notebook, "a") as handle:
+    handle.write(" " * 100)
+st = os.stat(notebook)
+saved = "%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def show():
+    body = json.dumps({"v": 1, "id": 1, "op": "show", "args": {"key": {"kind": "notebook", "value": notebook}}}).encode()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(os.environ["UVKERNELD_SOCKET"])
+        sock.sendall(struct.pack(">I", len(body)) + body)
+        data = b""
+        while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+            data += sock.recv(65536)
+    return json.loads(data[4:])["result"]
+deadline = time.monotonic() + 60
+while show()["notebook_file"] != saved:
+    assert time.monotonic() < deadline, "the daemon never learned of the save"
+    time.sleep(0.1)
+print(sys.prefix)
+'''
+
+
+def test_a_notebook_saved_then_renamed_keeps_its_env_in_system_mode(host: Host) -> None:
+    home = host.home(UID_A)
+    draft = home / "draft.ipynb"
+    host.run_as(UID_A, ["sh", "-c", "echo '{}' > %s" % draft])
+    result = host.kernel_as(UID_A, "draft.ipynb", SAVE_AND_WAIT)
+    assert result["status"] == "ok", result
+    prefix = result["output"].strip().splitlines()[-1]
+    assert host.run_as(UID_A, ["mv", str(draft), str(home / "final.ipynb")]).returncode == 0
+    after = host.kernel_as(UID_A, "final.ipynb", "import sys; print(sys.prefix)")
+    assert after["output"].strip().splitlines()[-1] == prefix
+    assert "was renamed to %s" % (home / "final.ipynb") in host.log
+    # Reports are authorized like everything else: B cannot set the identity of A's env.
+    error = protocol_error_as(host, UID_B, "notebook_saved",
+                              {"env": prefix, "file": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4}})
+    assert error["code"] == "not_allowed" and "uid %d does not own an env at %s" % (UID_B, prefix) in error["message"]

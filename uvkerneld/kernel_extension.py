@@ -6,6 +6,9 @@ environment. Output streams into the cell line by line. Afterwards, if a package
 was already imported, print IPython's usual restart note. The exit status is left in
 ``_exit_code``, as ``!cmd`` does.
 
+Under a system daemon (which may not look into users' folders), a thread also reports the
+notebook file's identity after each save, so the daemon recognises the notebook after a rename.
+
 Standalone on purpose: the venv does not have uvkerneld installed.
 """
 
@@ -78,6 +81,55 @@ def _run_shim(shell, program, line):
         print("Note: you may need to restart the kernel to use updated packages.")
 
 
+# How often a kernel looks at its notebook file for saves (one stat; a request only on change).
+NOTEBOOK_POLL_SECONDS = 2.0
+
+
+def _identity(path):
+    st = os.stat(path)
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _tell_daemon(socket_path, op, args):
+    """One request in uvkerneld's framing (4-byte big-endian length, JSON), its reply ignored."""
+    import socket
+    import struct
+
+    body = json.dumps({"v": 1, "id": 1, "op": op, "args": args}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(socket_path)
+        sock.sendall(struct.pack(">I", len(body)) + body)
+        sock.recv(65536)
+
+
+def _report_notebook_saves(notebook, venv, socket_path):
+    """Thread: tell the daemon the notebook file's identity after each save.
+
+    Only when the daemon cannot watch the notebook's folder itself (system mode: it may not read
+    users' folders). It then knows the file as it was at the last save, and recognises it after a
+    rename. The stub already sent the identity at kernel start.
+    """
+    import time
+
+    try:
+        last = _identity(notebook)
+    except OSError:
+        last = None
+    while True:
+        time.sleep(NOTEBOOK_POLL_SECONDS)
+        try:
+            current = _identity(notebook)
+        except OSError:
+            continue  # renamed or deleted: the last identity we reported is the one to match
+        if current != last:
+            try:
+                _tell_daemon(socket_path, "notebook_saved", {"env": venv, "file": current})
+                last = current
+            except OSError:
+                pass  # the daemon is restarting: try again at the next look
+
+
 def load_ipython_extension(shell):
     def pip(line):
         """Install packages into this notebook's own env, through uvkerneld (uv, shared cache).
@@ -93,3 +145,12 @@ def load_ipython_extension(shell):
 
     shell.register_magic_function(pip, "line", "pip")
     shell.register_magic_function(uv, "line", "uv")
+    notebook = os.environ.get("UVKERNEL_NOTEBOOK_FILE")
+    socket_path = os.environ.get("UVKERNELD_SOCKET")
+    if notebook and socket_path:
+        import threading
+
+        threading.Thread(
+            target=_report_notebook_saves, args=(notebook, sys.prefix, socket_path),
+            name="uvkerneld-notebook-saves", daemon=True,
+        ).start()

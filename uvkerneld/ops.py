@@ -109,7 +109,20 @@ class Operations:
         return {
             "env_id": record.id, "path": str(record.path), "python": str(record.interpreter),
             "source": source, "key": key.to_wire(),
+            # No watcher here (system mode): the kernel reports its notebook's saves itself.
+            "report_notebook_saves": key.kind == "notebook" and self.daemon.watcher is None,
         }
+
+    async def op_notebook_saved(self, args: dict[str, Any], peer: "PeerCredentials", send_event: Any) -> dict[str, Any]:
+        """A kernel reports its notebook's file identity after a save (a daemon with no watcher:
+        system mode), so a later rename is still recognised."""
+        record = self._resolve({"env": args["env"]}, peer, admin_may=False)
+        if record.key is None or record.key.kind != "notebook":
+            raise protocol.BadRequest("env %s belongs to %s, not to a notebook" % (record.id, record.key))
+        updated = record.notebook_file != args["file"] and record.state in states.SETTLED_NOTEBOOK_STATES
+        if updated:
+            self.store.set_notebook_file(record.id, args["file"])
+        return {"env_id": record.id, "updated": updated}
 
     # --- packages -------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ MAX_FRAME_SIZE = 1 << 20  # 1 MiB: far above any real request, small enough to n
 MAX_ID_LENGTH = 128
 MAX_PATH_LENGTH = 4096
 
-OPS = ("acquire", "status", "pip", "installs", "remove", "list", "show", "gc", "pool")
+OPS = ("acquire", "status", "pip", "installs", "remove", "list", "show", "gc", "pool", "notebook_saved")
 MAX_PIP_ARGS = 256
 KEY_KINDS = ("notebook", "env", "dir")
 ENV_NAME_MAX = 64
@@ -397,6 +397,10 @@ def _validate_pool(args):
     return {"size": size}
 
 
+def _validate_notebook_saved(args):
+    return {"env": _validate_env_path(args), "file": parse_file_identity(args.get("file"))}
+
+
 _ARG_VALIDATORS = {
     "acquire": _validate_acquire,
     "status": _validate_status,
@@ -407,6 +411,7 @@ _ARG_VALIDATORS = {
     "list": _validate_list,
     "gc": _validate_gc,
     "pool": _validate_pool,
+    "notebook_saved": _validate_notebook_saved,
 }
 
 

@@ -15,8 +15,8 @@ rename shows up as deleted + added, never as a pair; the identity pairs them). A
 nobody watches is caught at the next kernel start by the same identity.
 
 It watches, non-recursively, the folders holding notebooks that have an env. A system daemon
-cannot read users' folders and runs no watcher; there the identity from each kernel start is all
-it has, so a notebook renamed after being saved gets a new env (README, "Renaming notebooks").
+cannot read users' folders and runs no watcher; there each kernel reports its own notebook's
+saves instead (``notebook_saved``, from kernel_extension.py; README, "Renaming notebooks").
 """
 
 from __future__ import annotations
