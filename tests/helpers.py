@@ -175,6 +175,12 @@ def run_code(kernel_client: Any, code: str, timeout: float = 60) -> str:
 
 
 
+def ctl(layout: Layout, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``uvkernelctl ARGS`` as the user would run it, against this layout's daemon."""
+    return subprocess.run([sys.executable, "-m", "uvkerneld.ctl", *args], env=env or layout.env,
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
 def register_envs(layout: Layout, count: int) -> list[str]:
     from bench.fixtures import register_envs as register
 

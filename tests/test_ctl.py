@@ -12,12 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers import Daemon, Layout, register_envs, run_code, running_kernel, wait_until
-
-
-def ctl(layout: Layout, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "uvkerneld.ctl", *args], env=env or layout.env,
-                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+from helpers import Daemon, Layout, ctl, register_envs, run_code, running_kernel, wait_until
 
 
 def ctl_json(layout: Layout, *args: str) -> Any:

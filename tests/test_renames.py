@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Daemon, Layout, run_code, running_kernel, wait_until
+from helpers import Daemon, Layout, ctl, run_code, running_kernel, wait_until
 from jupyter_rest import JupyterServer, kernel_facts, run_in_kernel
 
 from uvkerneld import protocol
@@ -174,3 +174,35 @@ def test_saves_reported_by_a_kernel_are_checked_and_recorded(bare_daemon: Daemon
         layout.request("notebook_saved", {"env": named["path"], "file": saved})
     with pytest.raises(protocol.NotAllowed, match="does not own an env at /nowhere/e-000000000000"):
         layout.request("notebook_saved", {"env": "/nowhere/e-000000000000", "file": saved})
+
+
+def test_gc_orphans_keeps_the_env_of_a_notebook_renamed_while_nobody_watched(layout: Layout) -> None:
+    before = layout.notebook("before.ipynb")
+    before.write_text(json.dumps(EMPTY_NOTEBOOK))
+    gone = layout.notebook("gone.ipynb")
+    gone.write_text(json.dumps(EMPTY_NOTEBOOK))
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        kept = acquire_notebook(layout, str(before))
+        orphan = acquire_notebook(layout, str(gone))
+        # Our acquire connections count as kernels until the daemon sees them close.
+        wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquire connections to close")
+    finally:
+        assert daemon.stop() == 0
+    # With no daemon watching (as under a system daemon, which never watches): renamed, deleted.
+    after = layout.notebooks / "after.ipynb"
+    os.rename(before, after)
+    gone.unlink()
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        result = ctl(layout, "gc", "--older-than", "30d", "--orphans", "--yes")
+        assert result.returncode == 0, result.stderr
+        assert ("kept %s (%s): the notebook was renamed to %s; its env moves there at its next kernel start"
+                % (kept["env_id"], before, after)) in result.stdout
+        assert "removing %s (notebook:%s): its notebook no longer exists" % (orphan["env_id"], gone) in result.stdout
+        remaining = {env["env_id"] for env in layout.request("list")["envs"]}
+        assert remaining == {kept["env_id"]}
+        # ... and it does move there at the next start.
+        assert acquire_notebook(layout, str(after))["env_id"] == kept["env_id"]
+    finally:
+        daemon.stop()

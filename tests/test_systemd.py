@@ -12,18 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, Layout, wait_until
+from helpers import Daemon, Layout, ctl, wait_until
 
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("systemd-analyze") or not shutil.which("systemd-socket-activate"),
     reason="needs systemd's tools (apt-get install systemd)",
 )
-
-
-def ctl(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "uvkerneld.ctl", *args], env=layout.env,
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_system_units_verify_and_report_their_security_score(layout: Layout) -> None:

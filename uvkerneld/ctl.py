@@ -324,14 +324,20 @@ def cmd_gc(socket_path: str, args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as exc:
         raise CtlError(str(exc), EXIT_USAGE) from None
     orphans: list[str] = []
+    renamed: list[dict[str, Any]] = []
     if args.orphans:
         # We check paths here, as the user: a system daemon never reads users' files.
         for env in _request(socket_path, "list", {"all": args.all})["envs"]:
             key = env["key"]
             if key and key["kind"] in ("notebook", "dir") and not os.path.exists(key["value"]):
-                orphans.append(env["env_id"])
+                now_at = _renamed_notebook(key["value"], env.get("notebook_file")) if key["kind"] == "notebook" else None
+                if now_at:
+                    renamed.append({"env_id": env["env_id"], "key": key, "now_at": now_at})
+                else:
+                    orphans.append(env["env_id"])
     request = {"older_than_s": older_than, "env_ids": orphans, "all": args.all}
     preview = _request(socket_path, "gc", dict(request, dry_run=True), timeout=600)
+    preview["kept_renamed"] = renamed
     if args.dry_run:
         _print_gc(preview, args.json)
         return EXIT_OK
@@ -345,8 +351,25 @@ def cmd_gc(socket_path: str, args: argparse.Namespace) -> int:
             return EXIT_OK
     result = _request(socket_path, "gc", dict(request, dry_run=False), timeout=None,
                       on_event=None if args.json else lambda name, line: print(line, flush=True))
+    result["kept_renamed"] = renamed
     _print_gc(result, args.json, already_streamed=not args.json)
     return EXIT_OK
+
+
+def _renamed_notebook(old_path: str, notebook_file: str | None) -> str | None:
+    """Where a missing notebook went, if it was renamed within its folder: the file there with
+    the same device and inode (a daemon that could not watch the folder has not seen it yet)."""
+    if not notebook_file:
+        return None
+    try:
+        with os.scandir(os.path.dirname(old_path)) as entries:
+            for entry in entries:
+                if entry.name.endswith(".ipynb") and entry.is_file():
+                    if protocol.same_inode(protocol.identity_of(entry.stat()), notebook_file):
+                        return entry.path
+    except OSError:
+        pass
+    return None
 
 
 def _print_gc(result: dict[str, Any], as_json: bool, already_streamed: bool = False) -> None:
@@ -360,6 +383,9 @@ def _print_gc(result: dict[str, Any], as_json: bool, already_streamed: bool = Fa
                                           human_bytes(entry["freed_bytes"])))
     for entry in result["kept_live"]:
         print("kept %s (%s): a kernel is running in it" % (entry["env_id"], _key_label(entry["key"])))
+    for entry in result.get("kept_renamed", []):
+        print("kept %s (%s): the notebook was renamed to %s; its env moves there at its next kernel start"
+              % (entry["env_id"], _key_label(entry["key"]), entry["now_at"]))
     print("%s %d env(s), %s %s" % (verb, len(result["removed"]), "would free" if result["dry_run"] else "freed",
                                    human_bytes(result["freed_bytes"])))
 

@@ -162,6 +162,7 @@ class Operations:
             "live": record.id in live,
             "state": record.state,
             "error": record.error,
+            "notebook_file": record.notebook_file,
         }
 
     async def op_list(self, args: dict[str, Any], peer: "PeerCredentials", send_event: Any) -> dict[str, Any]:
@@ -181,8 +182,6 @@ class Operations:
         record = self._resolve(args, peer, admin_may=True)
         row = self._row(record, self.daemon.live_env_ids())
         row["requirement_list"] = self.store.requirements(record.id)
-        # The notebook file as last seen (dev:ino:size:mtime_ns): what a rename is recognised by.
-        row["notebook_file"] = record.notebook_file
         row["installs"] = self.store.installs(record.id, limit=20)
         freeze: list[str] = []
         if record.state in (states.ASSIGNED, states.INSTALLING):
