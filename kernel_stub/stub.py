@@ -21,13 +21,13 @@ How it works
    the notebook shows what went wrong instead of a "kernel died, restarting" loop.
 """
 
-import json
+import _socket
 import os
-import socket
 import sys
 import time
 
-from uvkerneld import client, locations, protocol
+# Not json and socket: their imports cost 15 of the stub's 22 ms (see uvkerneld/fastjson.py).
+from uvkerneld import client, fastjson, locations, protocol
 
 IDENTITY_VARS = ("UVKERNEL_ENV", "UVKERNEL_NOTEBOOK", "JPY_SESSION_NAME")
 IDENTITY_MARKER = "UVKERNEL_KERNEL_IDENTITY"
@@ -49,7 +49,7 @@ class DaemonGone(StubError):
 
 
 def identity_fingerprint(environ):
-    return json.dumps([environ.get(name, "") for name in IDENTITY_VARS])
+    return fastjson.dumps([environ.get(name, "") for name in IDENTITY_VARS])
 
 
 def resolve_key(environ, cwd):
@@ -123,7 +123,7 @@ def hold_kernel_ports(connection_file):
     """
     try:
         with open(connection_file, "rb") as handle:
-            info = json.loads(handle.read())
+            info = fastjson.loads(handle.read().decode("utf-8"))
     except (OSError, ValueError):
         return []  # ipykernel reports an unreadable connection file itself
     if not isinstance(info, dict) or info.get("transport", "tcp") != "tcp":
@@ -131,13 +131,13 @@ def hold_kernel_ports(connection_file):
     ip = info.get("ip") or "127.0.0.1"
     if ip in ("*", ""):
         ip = "0.0.0.0"
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    family = _socket.AF_INET6 if ":" in ip else _socket.AF_INET
     held = []
     for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
         port = info.get(name)
         if not isinstance(port, int) or not 0 < port < 65536:
             continue
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = _socket.socket(family, _socket.SOCK_STREAM)
         try:
             sock.bind((ip, port))
         except OSError:
@@ -269,7 +269,7 @@ def acquire(sock, kind, value, timeout):
             pass  # not saved yet (papermill output, a new UVKERNEL_NOTEBOOK): nothing to follow
     try:
         return client.call(sock, "acquire", args, timeout)
-    except socket.timeout:
+    except TimeoutError:
         raise StubError("uvkerneld did not provide an env within %.0f s" % timeout) from None
     except protocol.ShuttingDown as exc:
         raise DaemonGone(exc.message) from None

@@ -18,12 +18,14 @@ could not do it); each carries a stable ``code`` that clients may branch on and 
 for a person.
 
 This module is imported by the kernel stub on every kernel start, so it must stay standard
-library only and cheap to import (no dataclasses/typing/inspect).
+library only and cheap to import (no dataclasses/typing/inspect, and not even ``json``: see
+fastjson.py).
 """
 
-import json
 import os
 import struct
+
+from . import fastjson
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
@@ -139,7 +141,7 @@ def error_from_wire(error):
 
 def encode_frame(message, max_size=MAX_FRAME_SIZE):
     """Serialize one message object into a frame."""
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body = fastjson.dumps(message).encode("utf-8")
     if len(body) > max_size:
         raise FrameTooLarge(
             "message of %d bytes exceeds the %d-byte frame limit" % (len(body), max_size)
@@ -162,7 +164,7 @@ def frame_length(header, max_size=MAX_FRAME_SIZE):
 def decode_body(body):
     """Parse a frame body into a JSON object (dict)."""
     try:
-        message = json.loads(body.decode("utf-8"))
+        message = fastjson.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise NotJson("frame body is not UTF-8 JSON: %s" % exc) from None
     if not isinstance(message, dict):
