@@ -1,9 +1,10 @@
 """uvkerneld benchmarks: kernel start-up against plain ipykernel, stub cost, the daemon with many
 envs, parallel installs, and disk use against pip-made venvs.
 
-Every kernel-start case is measured in the same run, interleaved one of each per round in a shuffled order, so load
-from other work on a shared machine hits all cases alike; tables show medians and ratios
-against plain ipykernel from a venv with compiled bytecode (the 1.00 line). A start is timed from
+Every kernel-start case is measured in the same run, one of each per round in a shuffled order,
+and each start is paired with a start of plain ipykernel (a venv with compiled bytecode, the 1.00
+line) right before or after it, so load from other work on a shared machine hits both alike; the
+table shows medians and the median of those paired ratios. A start is timed from
 launch to the first ``kernel_info_reply``: we send ``kernel_info`` once right after launching
 (ZMQ queues it until the kernel binds), rather than timing ``wait_for_ready``, which polls.
 """
@@ -232,19 +233,35 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
     if with_seed:
         ws.start("seed", JPY_SESSION_NAME=seed_known)
     samples: dict[str, list[float]] = {}
+    baselines: dict[str, list[float]] = {}
+    coin = random.Random(0)
 
-    def measure(case: str, kernel: str, **env: str | None) -> None:
+    def timed(kernel: str, env: dict[str, str | None]) -> float:
         ws.wait_quiet()
-        samples.setdefault(case, []).append(ws.start(kernel, **env))
+        return ws.start(kernel, **env)
 
-    order = random.Random(0)
+    def measure(case: str, kernel: str, env: dict[str, str | None], paired: bool = True,
+                base_env: dict[str, str | None] | None = None) -> None:
+        """One start of ``case`` and, right before or after it (a coin decides), one of plain
+        ipykernel under the same PYTHONDONTWRITEBYTECODE: its baseline, measured as close in
+        time as possible, since load on this shared machine drifts from minute to minute."""
+        if not paired:
+            samples.setdefault(case, []).append(timed(kernel, env))
+            return
+        if base_env is None:
+            base_env = {key: env[key] for key in ("PYTHONDONTWRITEBYTECODE",) if key in env}
+        if coin.random() < 0.5:
+            base, value = timed("plain", base_env), timed(kernel, env)
+        else:
+            value, base = timed(kernel, env), timed("plain", base_env)
+        samples.setdefault(case, []).append(value)
+        baselines.setdefault(case, []).append(base)
+
     for index in range(runs):
-        # Each uvkerneld case is compared with plain ipykernel under the same bytecode setting.
         # The order is shuffled each round (fixed seed, so runs are comparable): in a fixed order
         # the case right after a pool refill was always the same one, and the refill's aftermath
-        # (CPU caches, the daemon's follow-up work) showed up as that case being slower.
-        cases = [
-            ("plain", "plain", {"PYTHONDONTWRITEBYTECODE": None}),
+        # showed up as that case being slower.
+        cases: list[tuple[str, str, dict[str, str | None]]] = [
             ("plain_nowrite", "plain", {"PYTHONDONTWRITEBYTECODE": "1"}),
             ("plain_cold", "cold", {"PYTHONDONTWRITEBYTECODE": "1"}),
             ("known", "uv", {"JPY_SESSION_NAME": known, "PYTHONDONTWRITEBYTECODE": None}),
@@ -257,31 +274,29 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         if with_seed:
             cases.append(("seed_new", "seed", {"JPY_SESSION_NAME": str(ws.notebooks / ("seed-new-%d.ipynb" % index))}))
             cases.append(("seed_known", "seed", {"JPY_SESSION_NAME": seed_known}))
-        order.shuffle(cases)
+        coin.shuffle(cases)
+        measure("plain", "plain", {"PYTHONDONTWRITEBYTECODE": None}, paired=False)
         for case, kernel, env in cases:
-            measure(case, kernel, **env)
+            # plain_nowrite's baseline is plain with the variable unset: its row shows what the
+            # variable alone does.
+            measure(case, kernel, env, base_env={"PYTHONDONTWRITEBYTECODE": None} if case == "plain_nowrite" else None)
     # Pool empty: a daemon with no pool (and no venvs left from the pool above) builds the venv
     # while the kernel waits, from the warm uv cache.
     ws.use("empty")
     ws.start_daemon(pool_size=0)
     for index in range(runs):
-        measure("plain_2", "plain", PYTHONDONTWRITEBYTECODE="1")
-        measure("pool_empty", "uv", UVKERNEL_ENV="empty-%d" % index, PYTHONDONTWRITEBYTECODE="1")
+        measure("pool_empty", "uv", {"UVKERNEL_ENV": "empty-%d" % index, "PYTHONDONTWRITEBYTECODE": "1"})
     ws.stop_daemon()
-    baseline = {"pool_empty": "plain_2", "known_nowrite": "plain_nowrite", "pool_nowrite": "plain_nowrite",
-                "plain_cold": "plain_nowrite"}
-    cases = {}
+    cases_out: dict[str, Any] = {}
     for case, values in samples.items():
-        base = samples[baseline.get(case, "plain")]
-        # Ratio = median over rounds of (this start / the plain start of the same round): load on
-        # a shared machine drifts slowly, and pairing cancels it (independent medians moved by
-        # +-10% between runs here, paired ones by about 2%).
-        paired = [value / plain_value for value, plain_value in zip(values, base)]
-        cases[case] = {"median_s": median(values), "ratio": median(paired), "samples": values,
-                       "baseline": baseline.get(case, "plain"), "ratio_of_medians": median(values) / median(base)}
-    cases["pool_empty"]["extra_s"] = cases["pool_empty"]["median_s"] - median(samples["plain_2"])
-    del cases["plain_2"]
-    return cases
+        base = baselines.get(case, values)
+        # Ratio = median over rounds of (this start / its adjacent plain start): pairing cancels
+        # the drift (independent medians moved by +-10% between runs here).
+        paired_ratios = [value / plain_value for value, plain_value in zip(values, base)]
+        cases_out[case] = {"median_s": median(values), "ratio": median(paired_ratios), "samples": values,
+                           "baseline_samples": base, "ratio_of_medians": median(values) / median(base)}
+    cases_out["pool_empty"]["extra_s"] = cases_out["pool_empty"]["median_s"] - median(baselines["pool_empty"])
+    return cases_out
 
 
 def bench_stub(ws: Workspace, runs: int) -> dict[str, Any]:
@@ -426,8 +441,9 @@ def format_report(result: dict[str, Any]) -> str:
              % (result["python"], result["runs"], result["PYTHONDONTWRITEBYTECODE"] or "unset")]
     starts = result.get("kernel_start")
     if starts:
-        lines += ["", "kernel start, launch -> first kernel_info_reply; vs plain = median of per-round ratios to plain",
-                  "ipykernel under the same PYTHONDONTWRITEBYTECODE", "%-46s %9s %9s" % ("case", "median", "vs plain")]
+        lines += ["", "kernel start, launch -> first kernel_info_reply; vs plain = median of the ratios to a plain",
+                  "ipykernel start under the same PYTHONDONTWRITEBYTECODE, measured right before or after each start",
+                  "%-46s %9s %9s" % ("case", "median", "vs plain")]
         order = ["plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty", "seed_new", "seed_known"]
         for case in [c for c in order if c in starts]:
             data = starts[case]
