@@ -64,8 +64,24 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far, all its threads (from /proc/PID/task/*/schedstat,
+    in ns). Exec keeps the pid and its accounting: for uvkerneld this includes the stub."""
+    total = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as handle:
+                total += int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
 def time_to_kernel_info(kernel_name: str, env: dict[str, str], cwd: str, timeout: float = 300,
-                        output: Any = None) -> float:
+                        output: Any = None) -> tuple[float, float]:
+    """(wall seconds, kernel CPU seconds) from launch to the first kernel_info_reply. The CPU
+    figure does not count time spent waiting for a CPU, which on a shared machine is most of
+    the noise in the wall figure."""
     manager = KernelManager(kernel_name=kernel_name)
     started = time.perf_counter()
     manager.start_kernel(env=env, cwd=cwd, stdout=output, stderr=output)
@@ -76,7 +92,8 @@ def time_to_kernel_info(kernel_name: str, env: dict[str, str], cwd: str, timeout
         while True:
             reply = kernel.get_shell_msg(timeout=max(0.01, started + timeout - time.perf_counter()))
             if reply["parent_header"].get("msg_id") == msg_id:
-                return time.perf_counter() - started
+                wall = time.perf_counter() - started
+                return wall, cpu_seconds(manager.provisioner.pid)  # type: ignore[union-attr]
     finally:
         kernel.stop_channels()
         manager.shutdown_kernel(now=True)
@@ -177,7 +194,7 @@ class Workspace:
         if not quiet():
             wait_for(quiet, 600, "the daemon to be idle")
 
-    def start(self, kernel_name: str, **extra_env: str | None) -> float:
+    def start(self, kernel_name: str, **extra_env: str | None) -> tuple[float, float]:
         env = dict(self.env)
         for name, value in extra_env.items():
             if value is None:
@@ -234,9 +251,11 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         ws.start("seed", JPY_SESSION_NAME=seed_known)
     samples: dict[str, list[float]] = {}
     baselines: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    cpu_baselines: dict[str, list[float]] = {}
     coin = random.Random(0)
 
-    def timed(kernel: str, env: dict[str, str | None]) -> float:
+    def timed(kernel: str, env: dict[str, str | None]) -> tuple[float, float]:
         ws.wait_quiet()
         return ws.start(kernel, **env)
 
@@ -246,7 +265,9 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         ipykernel under the same PYTHONDONTWRITEBYTECODE: its baseline, measured as close in
         time as possible, since load on this shared machine drifts from minute to minute."""
         if not paired:
-            samples.setdefault(case, []).append(timed(kernel, env))
+            value = timed(kernel, env)
+            samples.setdefault(case, []).append(value[0])
+            cpu.setdefault(case, []).append(value[1])
             return
         if base_env is None:
             base_env = {key: env[key] for key in ("PYTHONDONTWRITEBYTECODE",) if key in env}
@@ -254,8 +275,10 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
             base, value = timed("plain", base_env), timed(kernel, env)
         else:
             value, base = timed(kernel, env), timed("plain", base_env)
-        samples.setdefault(case, []).append(value)
-        baselines.setdefault(case, []).append(base)
+        samples.setdefault(case, []).append(value[0])
+        baselines.setdefault(case, []).append(base[0])
+        cpu.setdefault(case, []).append(value[1])
+        cpu_baselines.setdefault(case, []).append(base[1])
 
     for index in range(runs):
         # The order is shuffled each round (fixed seed, so runs are comparable): in a fixed order
@@ -293,8 +316,13 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         # Ratio = median over rounds of (this start / its adjacent plain start): pairing cancels
         # the drift (independent medians moved by +-10% between runs here).
         paired_ratios = [value / plain_value for value, plain_value in zip(values, base)]
+        cpu_values = cpu[case]
+        cpu_base = cpu_baselines.get(case, cpu_values)
         cases_out[case] = {"median_s": median(values), "ratio": median(paired_ratios), "samples": values,
-                           "baseline_samples": base, "ratio_of_medians": median(values) / median(base)}
+                           "baseline_samples": base, "ratio_of_medians": median(values) / median(base),
+                           "cpu_median_s": median(cpu_values),
+                           "cpu_ratio": median([c / b for c, b in zip(cpu_values, cpu_base)]),
+                           "cpu_samples": cpu_values, "cpu_baseline_samples": cpu_base}
     cases_out["pool_empty"]["extra_s"] = cases_out["pool_empty"]["median_s"] - median(baselines["pool_empty"])
     return cases_out
 
@@ -443,7 +471,7 @@ def format_report(result: dict[str, Any]) -> str:
     if starts:
         lines += ["", "kernel start, launch -> first kernel_info_reply; vs plain = median of the ratios to a plain",
                   "ipykernel start under the same PYTHONDONTWRITEBYTECODE, measured right before or after each start",
-                  "%-46s %9s %9s" % ("case", "median", "vs plain")]
+                  "%-46s %9s %9s  %-20s %s" % ("case", "median", "vs plain", "", "CPU    vs plain")]
         order = ["plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty", "seed_new", "seed_known"]
         for case in [c for c in order if c in starts]:
             data = starts[case]
@@ -452,7 +480,8 @@ def format_report(result: dict[str, Any]) -> str:
                 note = verdict(data["ratio"], TARGETS[case])
             if case == "pool_empty":
                 note = "+%.2f s, %s" % (data["extra_s"], verdict(data["extra_s"], TARGETS["pool_empty_extra_s"]))
-            lines.append("%-46s %8.3fs %8.2fx  %s" % (LABELS[case], data["median_s"], data["ratio"], note))
+            lines.append("%-46s %8.3fs %8.2fx  %-20s %.3fs %5.2fx" % (
+                LABELS[case], data["median_s"], data["ratio"], note, data["cpu_median_s"], data["cpu_ratio"]))
     stub = result.get("stub")
     if stub:
         lines += ["", "kernel stub, launch to exec: %.1f ms (%.1f ms total minus %.1f ms for /bin/true alone)  %s"
