@@ -175,6 +175,19 @@ def run_code(kernel_client: Any, code: str, timeout: float = 60) -> str:
 
 
 
+def read_message(sock: Any) -> dict[str, Any] | None:
+    """The next framed message on a connected socket, or None if the peer closed it."""
+    decoder = protocol.FrameDecoder()
+    while True:
+        message = decoder.next_message()
+        if message is not None:
+            return message
+        data = sock.recv(65536)
+        if not data:
+            return None
+        decoder.feed(data)
+
+
 def ctl(layout: Layout, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``uvkernelctl ARGS`` as the user would run it, against this layout's daemon."""
     return subprocess.run([sys.executable, "-m", "uvkerneld.ctl", *args], env=env or layout.env,

@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from helpers import Daemon, Layout, process_alive, processes_matching, run_code, running_kernel, wait_until
+from helpers import Daemon, Layout, process_alive, processes_matching, read_message, run_code, running_kernel, wait_until
 from jupyter_client.manager import KernelManager
 
 from uvkerneld import protocol
@@ -245,14 +245,9 @@ def test_install_kernelspec_refuses_a_bad_name(layout: Layout) -> None:
 
 
 def _read_frame(conn: socket.socket) -> dict[str, Any]:
-    decoder = protocol.FrameDecoder()
-    while True:
-        message = decoder.next_message()
-        if message is not None:
-            return message
-        data = conn.recv(65536)
-        assert data, "the stub closed the connection before sending a request"
-        decoder.feed(data)
+    message = read_message(conn)
+    assert message is not None, "the stub closed the connection before sending a request"
+    return message
 
 
 def _refuse(conn: socket.socket, request: dict[str, Any], message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from helpers import Daemon, Layout, process_alive, processes_matching, wait_until
@@ -30,12 +31,18 @@ def thread_policies(pid: int) -> set[int]:
     return policies
 
 
-def test_a_kernel_start_waiting_for_a_pool_build_raises_its_priority(layout: Layout) -> None:
+def gated_uv(layout: Layout) -> tuple[Path, Path, dict[str, str]]:
+    """(gate file, the gated uv, the daemon's environment that uses it)."""
     gate = layout.root / "gate"
     fake_uv = layout.root / "gated-uv"
     fake_uv.write_text(GATED_UV)
     fake_uv.chmod(0o755)
     env = dict(layout.env, UVKERNELD_UV=str(fake_uv), UVK_TEST_GATE=str(gate), UVK_TEST_REAL_UV=find_uv(None))
+    return gate, fake_uv, env
+
+
+def test_a_kernel_start_waiting_for_a_pool_build_raises_its_priority(layout: Layout) -> None:
+    gate, fake_uv, env = gated_uv(layout)
     daemon = Daemon(layout, "--pool-size", "1", env=env).start()
     result: dict[str, Any] = {}
     waiter = threading.Thread(target=lambda: result.update(
@@ -63,11 +70,7 @@ def test_a_kernel_start_waiting_for_a_pool_build_raises_its_priority(layout: Lay
 
 def test_where_priority_may_not_be_raised_the_pool_build_is_stopped_instead(layout: Layout) -> None:
     # As an unprivileged daemon: no CAP_SYS_NICE, so its builds cannot leave SCHED_IDLE.
-    gate = layout.root / "gate"
-    fake_uv = layout.root / "gated-uv"
-    fake_uv.write_text(GATED_UV)
-    fake_uv.chmod(0o755)
-    env = dict(layout.env, UVKERNELD_UV=str(fake_uv), UVK_TEST_GATE=str(gate), UVK_TEST_REAL_UV=find_uv(None))
+    gate, fake_uv, env = gated_uv(layout)
     daemon = Daemon(layout, "--pool-size", "1", env=env)
     daemon.argv = ["setpriv", "--bounding-set", "-sys_nice", "--", *daemon.argv]
     daemon.start()

@@ -8,7 +8,7 @@ import struct
 import subprocess
 import sys
 
-from helpers import Daemon, Layout, wait_until
+from helpers import Daemon, Layout, read_message, wait_until
 
 from uvkerneld import protocol
 
@@ -18,18 +18,6 @@ def raw_connection(layout: Layout) -> socket.socket:
     sock.settimeout(10)
     sock.connect(str(layout.socket))
     return sock
-
-
-def read_message(sock: socket.socket) -> dict | None:
-    decoder = protocol.FrameDecoder()
-    while True:
-        message = decoder.next_message()
-        if message is not None:
-            return message
-        data = sock.recv(65536)
-        if not data:
-            return None
-        decoder.feed(data)
 
 
 def send_body(sock: socket.socket, body: bytes) -> None:
