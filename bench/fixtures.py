@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 from uvkerneld import states
 from uvkerneld.protocol import EnvKey
 from uvkerneld.store import Store
+
+
+class TimedOut(AssertionError):
+    """A condition did not come true in time (a failed test; the benchmark exits with it)."""
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimedOut("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
 
 
 def register_envs(state_dir: Path, venvs_dir: Path, count: int) -> list[str]:

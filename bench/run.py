@@ -24,12 +24,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
-from bench.fixtures import register_envs
+from bench.fixtures import TimedOut, register_envs, wait_until
 from uvkerneld import client
 from uvkerneld.config import default_kernel_packages
 from uvkerneld.diskusage import scan_tree
@@ -51,17 +51,6 @@ def median(samples: list[float]) -> float:
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit("bench: timed out waiting for %s" % what)
-        time.sleep(0.05)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -154,7 +143,7 @@ class Workspace:
             env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_for(lambda: self.status() is not None, 60, "the daemon to answer")
+        wait_until(lambda: self.status() is not None, 60, "the daemon to answer")
         return self.daemon
 
     def stop_daemon(self) -> None:
@@ -177,7 +166,7 @@ class Workspace:
             pool = (self.status() or {}).get("pool", {})
             return bool(pool) and pool["ready"] >= pool["target"] and not pool["filling"]
 
-        wait_for(full, 600, "the pool to fill")
+        wait_until(full, 600, "the pool to fill")
 
     def wait_quiet(self) -> None:
         """Pool full, no disk scan running: each start is timed alone, not against the
@@ -187,12 +176,12 @@ class Workspace:
             pool, disk = status.get("pool", {}), status.get("disk", {})
             return bool(pool) and pool["ready"] >= pool["target"] and not pool["filling"] and not disk.get("scanning")
 
-        wait_for(quiet, 600, "the daemon to be idle")
+        wait_until(quiet, 600, "the daemon to be idle")
         # A refill that just ended leaves work behind it (the kernel's writeback of the new venv,
         # the daemon's disk scan that starts 2 s after a change): let that pass too.
         time.sleep(self.settle_s)
         if not quiet():
-            wait_for(quiet, 600, "the daemon to be idle")
+            wait_until(quiet, 600, "the daemon to be idle")
 
     def start(self, kernel_name: str, **extra_env: str | None) -> tuple[float, float]:
         env = dict(self.env)
@@ -541,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             result["parallel_installs"] = bench_parallel_installs(ws)
         if "disk" not in args.skip:
             result["disk"] = bench_disk(ws, args.notebooks)
+    except TimedOut as exc:
+        raise SystemExit("bench: %s" % exc) from None
     finally:
         ws.stop_daemon()
         shutil.rmtree(root, ignore_errors=True)

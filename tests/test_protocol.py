@@ -274,7 +274,8 @@ FASTJSON_VALUES = [
     "plain", "é ü 中文 \U0001f600", "quote \" backslash \\ slash / tab \t newline \n nul \x00 bell \x07 del \x7f",
     {"v": 1, "id": "req-1", "op": "acquire", "args": {"key": {"kind": "notebook", "value": "/home/ü/a b.ipynb"}}},
     {"nested": [[[{"a": [None, {"b": []}]}]]], "empty": {"": ""}},
-    {1: "int key", 2.5: "float key", True: "bool key", None: "none key"},
+    {1: "int key", 2.5: "float key", None: "none key"},
+    {True: "bool key", False: "another"},  # its own dict: True == 1 would overwrite key 1
     ("tuple", "items"),
     [float("inf"), float("-inf")],
 ]
