@@ -230,7 +230,7 @@ def test_error_codes_are_stable_and_rebuild_on_the_client() -> None:
     assert sorted(protocol.ERROR_CLASSES) == sorted([
         "frame_too_large", "truncated_frame", "not_json", "bad_request", "unknown_op",
         "unsupported_version", "not_allowed", "not_found", "env_unavailable", "shutting_down",
-        "internal",
+        "internal", "over_limit",
     ])
     for code, cls in protocol.ERROR_CLASSES.items():
         rebuilt = protocol.error_from_wire({"code": code, "message": "m"})
