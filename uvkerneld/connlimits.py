@@ -33,8 +33,9 @@ tracebacks are the daemon's own and stay as they are.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
-import os
 import re
 import resource
 import time
@@ -44,7 +45,8 @@ from . import protocol
 
 log = logging.getLogger("uvkerneld.server")
 
-FD_RESERVE = 64  # descriptors kept for the store, uv runs (3 pipes each), inotify, accept, logs
+FD_RESERVE = 64  # descriptors kept for the store, uv runs (3 pipes each), inotify, logs
+ACCEPT_BATCH = 32  # accepts per turn of the event loop, so a flood cannot starve other work
 MAX_CONNECTIONS = 1024  # all connections, lifelines included (lowered to fit the fd limit)
 MAX_CONNECTIONS_PER_UID = 64  # connections of one uid that are not kernel lifelines
 MAX_KERNELS_PER_UID = 128  # lifelines (running kernels) of one uid
@@ -65,13 +67,16 @@ OVERRIDES = {
 
 
 class Limits:
-    __slots__ = ("fd_limit", *OVERRIDES)
+    __slots__ = ("fd_limit", "fd_ceiling", *OVERRIDES)
 
     def __init__(self, fd_limit: int, environ: Mapping[str, str]) -> None:
         self.fd_limit = fd_limit
-        # Half the descriptors at least, whatever the reserve: a tiny limit still serves someone.
-        fit = max(fd_limit // 2, fd_limit - FD_RESERVE) if fd_limit > 0 else MAX_CONNECTIONS
-        self.max_connections = min(MAX_CONNECTIONS, fit)
+        # Descriptors for connections: what the reserve leaves, but at least half of them (a tiny
+        # limit still serves someone). The Listener accepts no more than this.
+        self.fd_ceiling = max(fd_limit // 2, fd_limit - FD_RESERVE) if fd_limit > 0 else MAX_CONNECTIONS + 64
+        # Connections a turn of the loop may be closing beyond the cap still hold a descriptor:
+        # keep a quarter of the room (up to 64) for them, so the cap is reached first.
+        self.max_connections = min(MAX_CONNECTIONS, self.fd_ceiling - min(64, max(1, self.fd_ceiling // 4)))
         self.max_connections_per_uid = min(MAX_CONNECTIONS_PER_UID, max(1, self.max_connections // 2))
         self.max_kernels_per_uid = MAX_KERNELS_PER_UID
         self.idle_timeout = IDLE_TIMEOUT
@@ -232,6 +237,88 @@ class Admission:
             "refused": dict(self.refused),
             "limits": self.limits.as_dict(),
         }
+
+
+class Listener:
+    """Accepts connections on the daemon's socket, never more than ``fd_ceiling`` open at once.
+
+    Why not ``asyncio.start_unix_server``: it accepts up to 100 connections per turn of the loop
+    whatever the open-file limit, before the daemon can refuse or close any, and at the limit
+    ``accept()`` fails with EMFILE, which asyncio logs once a second for as long as the flood
+    lasts. Counting descriptors from ``accept`` to the close of the transport, this listener stops
+    reading the socket at the ceiling and resumes when a connection has closed; pending clients
+    wait in the listen backlog meanwhile.
+    """
+
+    def __init__(self, sock: Any, handler: Any, limits: Limits) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._handler = handler  # async (reader, writer), as for start_unix_server
+        self._ceiling = limits.fd_ceiling
+        self._reading = False
+        self._closed = False
+        self.open_fds = 0
+        sock.setblocking(False)
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._reading and not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.open_fds >= self._ceiling:
+                self._pause()
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Descriptors taken by something else (uv runs): wait for some to come free.
+                log.warning("cannot accept connections now (%s); trying again in 1 s", exc.strerror)
+                self._pause()
+                self._loop.call_later(1.0, self._resume)
+                return
+            self.open_fds += 1
+            self._loop.create_task(self._serve(conn))
+
+    async def _serve(self, conn: Any) -> None:
+        try:
+            conn.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+        except BaseException:
+            conn.close()
+            self._released()
+            raise
+        try:
+            await self._handler(reader, writer)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            self._released()
+
+    def _released(self) -> None:
+        self.open_fds -= 1
+        if self.open_fds < self._ceiling:
+            self._resume()
+
+    def close(self) -> None:
+        """Stop accepting (connections already open are the daemon's to end)."""
+        self._closed = True
+        self._pause()
+        self._sock.close()
 
 
 # --- logging ------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ class Daemon:
         self.envs: EnvManager | None = None
         self.pool: WarmPool | None = None
         self.installs: InstallManager | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: connlimits.Listener | None = None
         self._lock_file: Any = None
         self._bound_socket = False
         self._stop = asyncio.Event()
@@ -206,7 +206,8 @@ class Daemon:
             if config.mode == "user":
                 os.chmod(config.socket.parent, 0o700)
             sock = self._bind_socket()
-        self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
+        assert self.admission is not None
+        self._server = connlimits.Listener(sock, self._on_connection, self.admission.limits)
         log.info(
             "uvkerneld %s ready: mode=%s socket=%s%s venvs=%s cache=%s pool=%d uv=%s",
             __version__, config.mode, self.config.socket, " (socket-activated)" if self.socket_activated else "",
