@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 from . import protocol
 
-log = logging.getLogger("uvkerneld.server")
+log = logging.getLogger("uvkerneld.connlimits")
 
 FD_RESERVE = 64  # descriptors kept for the store, uv runs (3 pipes each), inotify, logs
 ACCEPT_BATCH = 32  # accepts per turn of the event loop, so a flood cannot starve other work

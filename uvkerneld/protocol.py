@@ -451,8 +451,8 @@ def parse_env_key(kind, value):
     if len(value) > MAX_PATH_LENGTH or "\0" in value:
         raise BadRequest("%s path is too long or contains NUL" % kind)
     if not _encodable(value):
-        raise BadRequest("%s path %r is not valid Unicode (it holds a lone surrogate such as \\udc80); "
-                         "send the path as UTF-8 text" % (kind, _short(value)))
+        raise BadRequest("%s path %r is not valid Unicode (a lone surrogate, as from a file name that is "
+                         "not UTF-8); rename it to a UTF-8 name" % (kind, _short(value)))
     if not value.startswith("/") or os.path.normpath(value) != value or value.startswith("//"):
         raise BadRequest(
             "%s path must be absolute and normalized (no '..', '.', or '//'), got %r"

@@ -8,7 +8,8 @@ during shutdown forces exit.
 Each connection is served by one task that reads frames one at a time. The peer's uid comes from
 SO_PEERCRED, never from the message. After a successful ``acquire`` the connection becomes the
 kernel's *lifeline*: the stub execs ipykernel with the socket still open, and when the kernel dies
-the kernel closes it, which tells us the env no longer has a live kernel.
+the kernel closes it, which tells us the env no longer has a live kernel. What connections can
+make the daemon hold (descriptors, idle time, buffered bytes, log lines) is bounded by connlimits.py.
 """
 
 from __future__ import annotations
