@@ -195,6 +195,8 @@ class Admission:
         running = self._kernels_by_uid.get(connection.uid, 0)
         if running >= self.limits.max_kernels_per_uid:
             self.refused["kernels"] += 1
+            log.warning("refused a kernel start for uid %d: %d kernels running (max_kernels_per_uid)",
+                        connection.uid, running)
             raise protocol.OverLimit(
                 "uid %d has %d kernels running, the limit (max_kernels_per_uid); shut down kernels you "
                 "no longer use, then start this one again" % (connection.uid, running))
