@@ -140,7 +140,7 @@ def test_show_export_and_rm(ctl_daemon: Daemon, layout: Layout) -> None:
     assert not os.path.exists(env_path)
     missing = ctl(layout, "rm", str(notebook))
     assert missing.returncode == 4 and "has no env for notebook:%s" % notebook in missing.stderr
-    assert ctl(layout, "show", "e-000000000000").returncode == 3
+    assert ctl(layout, "show", "e-000000000000").returncode == 4  # not found, as for rm
 
 
 def test_rm_refuses_an_env_with_a_running_kernel(ctl_daemon: Daemon, layout: Layout, kernelspec: str) -> None:

@@ -217,7 +217,7 @@ def test_users_cannot_touch_each_others_envs(host: Host) -> None:
                      ("installs", {"env": env_a}),
                      ("remove", {"env": env_a})):
         error = protocol_error_as(host, UID_B, op, args)
-        assert error["code"] == "not_allowed" and "uid %d does not own an env at %s" % (UID_B, env_a) in error["message"]
+        assert error["code"] == "not_found" and "uid %d does not own an env at %s" % (UID_B, env_a) in error["message"]
     # The shim in A's env, run by B, is refused the same way.
     result = host.run_as(UID_B, [env_a + "/bin/pip", "install", "six"])
     assert result.returncode == 2 and "does not own an env" in result.stderr
@@ -338,4 +338,4 @@ def test_a_notebook_saved_then_renamed_keeps_its_env_in_system_mode(host: Host) 
     # Reports are authorized like everything else: B cannot set the identity of A's env.
     error = protocol_error_as(host, UID_B, "notebook_saved",
                               {"env": prefix, "file": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4}})
-    assert error["code"] == "not_allowed" and "uid %d does not own an env at %s" % (UID_B, prefix) in error["message"]
+    assert error["code"] == "not_found" and "uid %d does not own an env at %s" % (UID_B, prefix) in error["message"]
