@@ -152,6 +152,14 @@ def hold_kernel_ports(connection_file):
 
 def connect_or_start(socket_path, environ):
     try:
+        return _connect_or_start(socket_path, environ)
+    except client.UntrustedDaemon as exc:
+        # Never retried, never auto-started over: someone else's process holds our socket.
+        raise StubError(str(exc)) from None
+
+
+def _connect_or_start(socket_path, environ):
+    try:
         return client.connect(socket_path)
     except client.DaemonNotRunning:
         pass

@@ -1,6 +1,6 @@
 """``uvkernelctl``: see and control the daemon. Only this module prints and exits.
 
-Exit status: 0 ok; 1 the daemon is not running; 2 bad usage or bad input; 3 not allowed;
+Exit status: 0 ok; 1 the daemon is not running (or what answers is not the daemon); 2 bad usage or bad input; 3 not allowed;
 4 not found; 5 the daemon failed the request; 6 doctor found a FAIL.
 """
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--cache-dir", metavar="DIR", help="uv cache for a daemon this kernel starts")
     spec.add_argument("--venvs-dir", metavar="DIR", help="venvs dir for a daemon this kernel starts")
     spec.add_argument("--link-mode", choices=LINK_MODES, help="uv link mode for a daemon this kernel starts")
+    spec.add_argument("--daemon-user", metavar="USER",
+                      help="user (name or uid) the system daemon runs as; kernels trust no other "
+                      "(besides themselves and root). Default: the account uvkerneld, if it exists")
 
     units = commands.add_parser("install-systemd", help="install the systemd socket and service units")
     units.add_argument("--user", action="store_true", help="user units (systemctl --user), else system units")
@@ -157,6 +160,8 @@ def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,
         raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
     except protocol.UvkError as exc:
         raise CtlError(exc.message, _EXIT_BY_CODE.get(exc.code, EXIT_DAEMON_ERROR)) from None
+    except client.UntrustedDaemon as exc:
+        raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
     except OSError as exc:
         raise CtlError("talking to uvkerneld at %s failed: %s" % (socket_path, exc), EXIT_DAEMON_ERROR) from None
 
@@ -439,6 +444,9 @@ def cmd_install_kernelspec(args: argparse.Namespace) -> int:
     from .kernelspec import KernelspecError, install
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
+    if args.daemon_user is not None and client.daemon_user({client.DAEMON_USER_ENV: args.daemon_user})[0] is None:
+        raise CtlError("--daemon-user %r is neither a uid nor a user on this host; give the name or "
+                       "uid the system daemon runs as" % args.daemon_user, EXIT_USAGE)
     try:
         destination = install(
             name=args.name,
@@ -449,6 +457,7 @@ def cmd_install_kernelspec(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             venvs_dir=args.venvs_dir,
             link_mode=args.link_mode,
+            daemon_user=args.daemon_user,
         )
     except KernelspecError as exc:
         raise CtlError(str(exc), EXIT_USAGE) from None
