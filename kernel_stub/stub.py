@@ -175,9 +175,15 @@ def _connect_or_start(socket_path, environ):
 def _start_daemon_and_connect(socket_path, environ):
     import fcntl
 
-    folder = os.path.dirname(socket_path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    lock_fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    from uvkerneld import fsafety
+
+    # The same rules as the daemon's own start: never a folder, lock or log another user controls.
+    try:
+        fsafety.secure_dir(os.path.dirname(socket_path), 0o700, "socket folder",
+                           sticky_leaf=os.path.basename(socket_path))
+        lock_fd = fsafety.open_own(socket_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600, "daemon start lock")
+    except fsafety.UnsafePath as exc:
+        raise StubError(str(exc)) from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         # Another stub may have started the daemon while we waited for the lock.
@@ -186,7 +192,14 @@ def _start_daemon_and_connect(socket_path, environ):
         except client.DaemonNotRunning:
             pass
         log_path = locations.daemon_log_path(socket_path)
-        pid = _spawn_daemon(socket_path, log_path, environ)
+        try:
+            log_fd = fsafety.open_own(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600, "daemon log")
+        except fsafety.UnsafePath as exc:
+            raise StubError(str(exc)) from None
+        try:
+            pid = _spawn_daemon(socket_path, log_fd, environ)
+        finally:
+            os.close(log_fd)
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while True:
             try:
@@ -208,10 +221,13 @@ def _start_daemon_and_connect(socket_path, environ):
         os.close(lock_fd)
 
 
-def _spawn_daemon(socket_path, log_path, environ):
+def _spawn_daemon(socket_path, log_fd, environ):
     """Start ``uvkerneld`` fully detached (double fork, own session); return its pid."""
     env = {k: v for k, v in environ.items() if k not in _KERNEL_ONLY_VARS}
     argv = [sys.executable, "-m", "uvkerneld", "--socket", socket_path, "--started-by-kernel"]
+    # `-m` looks in the cwd first: run from the folder holding the uvkerneld we imported, so the
+    # daemon is the same code as this stub (not another copy in site-packages).
+    distribution_dir = os.path.dirname(os.path.dirname(os.path.abspath(client.__file__)))
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked children
@@ -224,11 +240,10 @@ def _spawn_daemon(socket_path, log_path, environ):
                 os._exit(0)
             os.close(write_end)
             null = os.open(os.devnull, os.O_RDONLY)
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(null, 0)
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
-            os.chdir("/")
+            os.chdir(distribution_dir)
             os.execve(argv[0], argv, env)
         finally:
             os._exit(127)

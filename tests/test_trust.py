@@ -3,6 +3,7 @@ other users control. The attacker is a real second uid (the tests run as root)."
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -136,3 +137,121 @@ def test_install_kernelspec_writes_the_daemon_user_and_refuses_an_unknown_one(la
     result = ctl(layout, "install-kernelspec", "--prefix", str(layout.kernel_prefix), "--daemon-user", "no-such-user-x")
     assert result.returncode == 2
     assert "--daemon-user 'no-such-user-x' is neither a uid nor a user on this host" in result.stderr
+
+
+# --- folders and files another user controls -------------------------------------------------------
+
+
+def daemon_refuses(layout: Layout, *flags: str) -> str:
+    """Run the daemon, expect it to refuse to start at once; return what it said."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "uvkerneld", "--pool-size", "0", *flags], env=layout.env,
+                                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the daemon started instead of refusing") from None
+    assert result.returncode == 1, result.stderr
+    return result.stderr
+
+
+def owned_by_attacker(path: Path, mode: int = 0o755) -> Path:
+    path.mkdir(parents=True)
+    os.chown(path, ATTACKER, ATTACKER)
+    path.chmod(mode)
+    return path
+
+
+def attackers_symlink(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    os.lchown(link, ATTACKER, ATTACKER)
+    return link
+
+
+def with_socket(layout: Layout, socket_path: Path) -> Layout:
+    other = copy.copy(layout)
+    other.socket = socket_path
+    return other
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_sticky_shared_socket_folder_is_used_as_it_is(layout: Layout, shared_tmp: Path) -> None:
+    socket_path = shared_tmp / "mine.sock"
+    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0", "--socket", str(socket_path)).start()
+    try:
+        assert mode_of(shared_tmp) == 0o1777, "the daemon changed the mode of a folder it did not make"
+        assert socket_path.lstat().st_uid == 0
+    finally:
+        daemon.stop()
+    # The same folder, where the socket's name already belongs to another user: refused.
+    taken = shared_tmp / "taken.sock"
+    taken.write_text("")
+    os.chown(taken, ATTACKER, ATTACKER)
+    said = daemon_refuses(layout, "--socket", str(taken))
+    assert ("refusing to use %s as the socket folder: it is writable by everyone and %s there belongs to uid %d"
+            % (shared_tmp, taken, ATTACKER)) in said
+    assert taken.lstat().st_uid == ATTACKER and mode_of(shared_tmp) == 0o1777
+
+
+def test_a_socket_folder_another_user_owns_or_links_is_refused(layout: Layout) -> None:
+    theirs = owned_by_attacker(layout.root / "theirs")
+    said = daemon_refuses(layout, "--socket", str(theirs / "d.sock"))
+    assert ("refusing to use %s as the socket folder: other users can write to it (owner uid %d, mode 0755)"
+            % (theirs, ATTACKER)) in said
+    assert mode_of(theirs) == 0o755 and not (theirs / "d.sock").exists()
+    # A symlink another user planted, pointing at a folder of root's: not followed, nothing chmodded.
+    target = layout.root / "roots-folder"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    link = attackers_symlink(layout.root / "linked", target)
+    said = daemon_refuses(layout, "--socket", str(link / "d.sock"))
+    assert "refusing to use %s as the socket folder: %s is a symlink owned by uid %d" % (link, link, ATTACKER) in said
+    assert mode_of(target) == 0o755 and os.listdir(target) == []
+    # Below a folder another user owns, even a folder of ours is not safe (they can rename it).
+    ours = layout.root / "theirs-too"
+    owned_by_attacker(ours)
+    (ours / "sub").mkdir()
+    said = daemon_refuses(layout, "--socket", str(ours / "sub" / "d.sock"))
+    assert "%s above it can be changed by other users (owner uid %d" % (ours, ATTACKER) in said
+
+
+def test_a_state_folder_or_database_another_user_controls_is_refused(layout: Layout) -> None:
+    theirs = owned_by_attacker(layout.root / "their-state", 0o777)
+    said = daemon_refuses(layout, "--state-dir", str(theirs))
+    assert "refusing to use %s as the state folder: other users can write to it" % theirs in said
+    assert os.listdir(theirs) == [] and mode_of(theirs) == 0o777
+    link = attackers_symlink(layout.root / "state-link", layout.root / "elsewhere")
+    said = daemon_refuses(layout, "--state-dir", str(link))
+    assert "%s is a symlink owned by uid %d" % (link, ATTACKER) in said
+    assert not (layout.root / "elsewhere").exists()
+    # The state folder is ours, but state.db is the other user's symlink: never opened through it.
+    layout.state_dir.mkdir(mode=0o700)
+    victim = layout.root / "victim.db"
+    attackers_symlink(layout.state_dir / "state.db", victim)
+    said = daemon_refuses(layout)
+    assert ("refusing to use %s as the state database: it is a symlink owned by uid %d"
+            % (layout.state_dir / "state.db", ATTACKER)) in said
+    assert not victim.exists()
+
+
+def test_a_fresh_daemon_makes_its_folders_private(layout: Layout) -> None:
+    socket_path = layout.root / "run" / "uvkerneld" / "d.sock"
+    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0", "--socket", str(socket_path)).start()
+    try:
+        for made in (layout.state_dir, socket_path.parent, socket_path.parent.parent):
+            assert mode_of(made) == 0o700, made
+    finally:
+        daemon.stop()
+
+
+def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(layout: Layout, kernelspec: str) -> None:
+    theirs = owned_by_attacker(layout.root / "their-run")
+    socket_path = theirs / "uvkerneld.sock"
+    with running_kernel(layout, kernelspec, UVKERNELD_SOCKET=str(socket_path)) as (_, kernel):
+        reply = kernel.execute_interactive("1 + 1", timeout=60)
+    assert reply["content"]["ename"] == "EnvironmentUnavailable"
+    assert ("refusing to use %s as the socket folder: other users can write to it (owner uid %d, mode 0755)"
+            % (theirs, ATTACKER)) in reply["content"]["evalue"]
+    assert os.listdir(theirs) == [], "the stub made a lock, a log or a socket there"
+    assert mode_of(theirs) == 0o755

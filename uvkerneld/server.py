@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from . import __version__, protocol
+from . import __version__, fsafety, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .bytecode import SharedBytecode
@@ -153,10 +153,12 @@ class Daemon:
         if config.mode == "system":
             # Venvs and cache must be readable by every notebook user, writable by us only.
             os.umask(0o022)
+        try:
+            fsafety.prepare_daemon_paths(config, socket_activated=inherited is not None)
+        except fsafety.UnsafePath as exc:
+            raise StartupError(str(exc)) from None
         for directory in (config.state_dir, config.venvs_dir, config.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        if config.mode == "user":
-            os.chmod(config.state_dir, 0o700)
         self._take_instance_lock()
         uv_binary = find_uv(config.uv)
         try:
@@ -186,9 +188,6 @@ class Daemon:
                 log.info("socket-activated on %s (overrides %s)", address, config.socket)
                 self.config = dataclasses.replace(config, socket=Path(address))
         else:
-            config.socket.parent.mkdir(parents=True, exist_ok=True)
-            if config.mode == "user":
-                os.chmod(config.socket.parent, 0o700)
             sock = self._bind_socket()
         self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
         log.info(
