@@ -279,7 +279,7 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     rows = [("NOTEBOOK / KEY", "OWNER", "PYTHON", "REQS", "DISK", "LAST USED", "LIVE", "STATE")]
     for env in result["envs"]:
         rows.append((
-            _key_label(env["key"]), str(env["owner_uid"]), os.path.basename(env["python"]), str(env["requirements"]),
+            _key_label(env["key"]), str(env["owner_uid"]), venv_python_version(env["path"]), str(env["requirements"]),
             human_bytes(env["disk_bytes"]), _ago(env["last_used_at"]), "yes" if env["live"] else "no", env["state"],
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -288,6 +288,20 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     if not result["envs"]:
         print("(no envs yet: open a notebook with the uv kernel)")
     return EXIT_OK
+
+
+def venv_python_version(venv: str) -> str:
+    """The venv's Python version from its pyvenv.cfg (read here, as the user: venvs are readable);
+    '?' when the venv is gone or half-made."""
+    try:
+        with open(os.path.join(venv, "pyvenv.cfg"), encoding="utf-8", errors="replace") as handle:
+            lines = handle.read(65536).splitlines()
+    except OSError:
+        return "?"
+    values = dict(line.split("=", 1) for line in lines if "=" in line)
+    values = {key.strip(): value.strip() for key, value in values.items()}
+    # uv writes version_info; the standard library's venv writes version.
+    return values.get("version_info") or values.get("version") or "?"
 
 
 def cmd_show(socket_path: str, args: argparse.Namespace) -> int:
