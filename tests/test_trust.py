@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers import Daemon, Layout, ctl, running_kernel, wait_until
+from helpers import Daemon, Layout, ctl, processes_matching, running_kernel, wait_until
 
 ATTACKER = 61002
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin")
@@ -255,3 +255,51 @@ def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(layout: 
             % (theirs, ATTACKER)) in reply["content"]["evalue"]
     assert os.listdir(theirs) == [], "the stub made a lock, a log or a socket there"
     assert mode_of(theirs) == 0o755
+
+
+# --- a stub never starts another daemon in place of one started by hand ----------------------------
+
+
+def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings(layout: Layout, kernelspec: str) -> None:
+    from test_pool import gated_uv
+
+    gate, fake_uv, env = gated_uv(layout)
+    # The daemon the user started by hand, with directories of their own; the kernelspec names only
+    # the socket, so a daemon a kernel started would use other ones (here: the layout's).
+    hand_flags = ("--pool-size", "0", "--state-dir", str(layout.root / "hand-state"),
+                  "--venvs-dir", str(layout.root / "hand-venvs"))
+    hand = Daemon(layout, *hand_flags, env=env).start()
+    with running_kernel(layout, kernelspec, UVKERNEL_ENV="mid-acquire", wait=False) as (_, kernel):
+        # The acquire is building the env (uv held at the gate): now the daemon dies.
+        builds = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the env build of the acquire")
+        assert hand.process is not None
+        hand.process.kill()
+        hand.process.wait(30)
+        for pid in builds:  # the gated uv the killed daemon left behind (another fix stops those)
+            os.kill(pid, signal.SIGKILL)
+        kernel.wait_for_ready(timeout=120)
+        reply = kernel.execute_interactive("1 + 1", timeout=60)
+    assert reply["content"]["ename"] == "EnvironmentUnavailable"
+    evalue = reply["content"]["evalue"]
+    assert "the uvkerneld that serves %s (pid %d, not started by a kernel) is not running" % (
+        layout.socket, hand.process.pid) in evalue
+    assert "state dir %s (this one: %s)" % (layout.root / "hand-state", layout.state_dir) in evalue
+    assert "Start that daemon again (it was started as `" in evalue
+    # No daemon took the socket, and none made the other directories: the real one starts again.
+    assert not layout.state_dir.exists() and not layout.venvs_dir.exists()
+    again = Daemon(layout, *hand_flags).start()
+    try:
+        assert layout.status()["paths"]["state_dir"] == str(layout.root / "hand-state")
+    finally:
+        again.stop()
+
+
+def test_a_kernel_still_starts_a_daemon_with_the_same_settings(layout: Layout, kernelspec: str) -> None:
+    # A daemon once started by hand with the settings kernels use too: auto-start works as before.
+    assert Daemon(layout, "--pool-size", "0").start().stop() == 0
+    assert (layout.root / "d.sock.daemon").stat().st_mode & 0o777 == 0o600
+    with running_kernel(layout, kernelspec, UVKERNEL_ENV="auto") as (_, kernel):
+        reply = kernel.execute_interactive("import sys; print(sys.prefix)", timeout=60)
+    assert reply["content"]["status"] == "ok"
+    assert layout.status()["paths"]["idle_exit_s"] == 3600.0  # this one a kernel started
+

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from . import __version__, fsafety, protocol
+from . import __version__, fsafety, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .bytecode import SharedBytecode
@@ -154,8 +154,10 @@ class Daemon:
             # Venvs and cache must be readable by every notebook user, writable by us only.
             os.umask(0o022)
         try:
+            if inherited is None:
+                handstart.check(config, started_by_kernel=bool(self.flags.get("started_by_kernel")))
             fsafety.prepare_daemon_paths(config, socket_activated=inherited is not None)
-        except fsafety.UnsafePath as exc:
+        except (handstart.OtherDaemonsSocket, fsafety.UnsafePath) as exc:
             raise StartupError(str(exc)) from None
         for directory in (config.state_dir, config.venvs_dir, config.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -189,6 +191,7 @@ class Daemon:
                 self.config = dataclasses.replace(config, socket=Path(address))
         else:
             sock = self._bind_socket()
+            handstart.write_record(config, started_by_kernel=bool(self.flags.get("started_by_kernel")))
         self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
         log.info(
             "uvkerneld %s ready: mode=%s socket=%s%s venvs=%s cache=%s pool=%d uv=%s",
