@@ -86,8 +86,11 @@ class Host:
     def kernel_as(self, uid: int, notebook: str, code: str) -> dict[str, Any]:
         """Start a kernel as ``uid`` through jupyter_client and the installed kernelspec, run code."""
         probe = self.root / "kernel_probe.py"
+        path = self.home(uid) / notebook
+        if not path.exists():  # the kernel refuses a UVKERNEL_NOTEBOOK that names no file
+            assert self.run_as(uid, ["sh", "-c", 'echo "{}" > "$0"', str(path)]).returncode == 0
         # No UVKERNELD_DAEMON_USER of our own: the kernelspec's must be what makes kernels trust the daemon.
-        result = self.run_as(uid, [self.python, str(probe), code], UVKERNEL_NOTEBOOK=str(self.home(uid) / notebook),
+        result = self.run_as(uid, [self.python, str(probe), code], UVKERNEL_NOTEBOOK=str(path),
                              UVKERNELD_DAEMON_USER="")
         assert result.returncode == 0, result.stdout + result.stderr
         return json.loads(result.stdout.strip().splitlines()[-1])
