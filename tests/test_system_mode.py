@@ -67,7 +67,9 @@ class Host:
         return dict(
             self.base_env(), HOME=str(home), JUPYTER_PATH=str(self.jupyter),
             JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTER_DATA_DIR=str(home / "data"),
-            JUPYTER_CONFIG_DIR=str(home / "config"), UVKERNELD_SOCKET=str(self.socket), **extra,
+            JUPYTER_CONFIG_DIR=str(home / "config"), UVKERNELD_SOCKET=str(self.socket),
+            # Clients trust only the daemon's uid; it has no passwd entry here, so name it.
+            **dict({"UVKERNELD_DAEMON_USER": str(DAEMON_UID)}, **extra),
         )
 
     def run_as(self, uid: int, argv: list[str], cwd: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -84,7 +86,12 @@ class Host:
     def kernel_as(self, uid: int, notebook: str, code: str) -> dict[str, Any]:
         """Start a kernel as ``uid`` through jupyter_client and the installed kernelspec, run code."""
         probe = self.root / "kernel_probe.py"
-        result = self.run_as(uid, [self.python, str(probe), code], UVKERNEL_NOTEBOOK=str(self.home(uid) / notebook))
+        path = self.home(uid) / notebook
+        if not path.exists():  # the kernel refuses a UVKERNEL_NOTEBOOK that names no file
+            assert self.run_as(uid, ["sh", "-c", 'echo "{}" > "$0"', str(path)]).returncode == 0
+        # No UVKERNELD_DAEMON_USER of our own: the kernelspec's must be what makes kernels trust the daemon.
+        result = self.run_as(uid, [self.python, str(probe), code], UVKERNEL_NOTEBOOK=str(path),
+                             UVKERNELD_DAEMON_USER="")
         assert result.returncode == 0, result.stdout + result.stderr
         return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -128,7 +135,7 @@ def host(uv_cache: Path) -> Iterator[Host]:
     subprocess.run([uv, "pip", "install", "-q", "--compile-bytecode", "--python", host.python, str(REPO)],
                    env=uv_env, check=True, timeout=600)
     subprocess.run([host.python, "-m", "uvkerneld.ctl", "install-kernelspec", "--prefix", str(root),
-                    "--socket", str(host.socket)], check=True, capture_output=True, timeout=120)
+                    "--socket", str(host.socket), "--daemon-user", str(DAEMON_UID)], check=True, capture_output=True, timeout=120)
     (root / "kernel_probe.py").write_text(KERNEL_PROBE)
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
     # What systemd's StateDirectory=/CacheDirectory=/RuntimeDirectory= would create for User=.

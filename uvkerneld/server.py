@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from . import __version__, connlimits, protocol
+from . import __version__, connlimits, fsafety, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .bytecode import SharedBytecode
@@ -170,10 +170,14 @@ class Daemon:
         if config.mode == "system":
             # Venvs and cache must be readable by every notebook user, writable by us only.
             os.umask(0o022)
+        try:
+            if inherited is None:
+                handstart.check(config, started_by_kernel=bool(self.flags.get("started_by_kernel")))
+            fsafety.prepare_daemon_paths(config, socket_activated=inherited is not None)
+        except (handstart.OtherDaemonsSocket, fsafety.UnsafePath) as exc:
+            raise StartupError(str(exc)) from None
         for directory in (config.state_dir, config.venvs_dir, config.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        if config.mode == "user":
-            os.chmod(config.state_dir, 0o700)
         self._take_instance_lock()
         uv_binary = find_uv(config.uv)
         try:
@@ -203,10 +207,8 @@ class Daemon:
                 log.info("socket-activated on %s (overrides %s)", address, config.socket)
                 self.config = dataclasses.replace(config, socket=Path(address))
         else:
-            config.socket.parent.mkdir(parents=True, exist_ok=True)
-            if config.mode == "user":
-                os.chmod(config.socket.parent, 0o700)
             sock = self._bind_socket()
+            handstart.write_record(config, started_by_kernel=bool(self.flags.get("started_by_kernel")))
         assert self.admission is not None
         self._server = connlimits.Listener(sock, self._on_connection, self.admission.limits)
         log.info(

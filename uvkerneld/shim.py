@@ -60,6 +60,8 @@ def main(program, venv, argv=None):
             program, "cannot reach uvkerneld, so nothing was installed: %s Restart the kernel "
             "(it starts the daemon) or run `uvkernelctl status` to check." % exc, EXIT_NO_DAEMON,
         )
+    except client.UntrustedDaemon as exc:
+        return _error(program, "nothing was installed: %s" % exc, EXIT_NO_DAEMON)
 
     def print_line(name, data):
         if name == "output":
