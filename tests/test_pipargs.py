@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ def test_install_flags_are_translated_to_uv() -> None:
     command = parse_command(["install", "-U", "--pre", "--no-deps", "-i", "https://idx/simple",
                              "--extra-index-url=https://extra/simple", "-q", "six==1.16.0", "idna"])
     assert command.subcommand == "install"
-    assert command.uv_flags == ["--upgrade", "--prerelease=allow", "--no-deps", "--index-url", "https://idx/simple",
+    assert command.uv_flags == ["--upgrade", "--prerelease=allow", "--no-deps", "--default-index", "https://idx/simple",
                                 "--extra-index-url", "https://extra/simple", "--quiet"]
     assert command.packages == ["six==1.16.0", "idna"]
     assert command.requirements == ["six==1.16.0", "idna"]
@@ -122,3 +123,96 @@ def test_daemon_refuses_requirement_file_lines_that_name_paths(text: str, fragme
 
 def test_daemon_reports_local_paths_in_requirement_files() -> None:
     assert pipargs.check_requirements_text("six\n./vendored/pkg\n-e /src/lib\n--pre\n") == ["./vendored/pkg", "-e /src/lib"]
+
+
+# --- issue 9: what uv acts on is what was checked --------------------------------------------------
+
+def test_requirement_file_options_become_checked_flags_and_uv_reads_only_requirements() -> None:
+    parsed = pipargs.parse_requirements_text(
+        "six==1.16.0 \\\n    --hash=sha256:1e61c37477a1626458e36f7b1d82aa5c9b094fa4802892072e49de9c60c4c926\n"
+        "-i https://idx/simple\n--extra-index-url=https://extra/simple  # ours\n--pre\nidna ; python_version > '3'\n"
+    )
+    assert parsed.options == [("--default-index", "https://idx/simple"), ("--extra-index-url", "https://extra/simple"),
+                              ("--prerelease=allow",)]
+    assert parsed.render() == (
+        "six==1.16.0 --hash=sha256:1e61c37477a1626458e36f7b1d82aa5c9b094fa4802892072e49de9c60c4c926\n"
+        "idna ; python_version > '3'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("--index-url file:///srv/index\nsix\n", "requirements line 1: --index-url must be an http(s) URL"),
+        ("-i=file:///srv/index\n", "requirements line 1: -i must be an http(s) URL"),
+        ("six\n--extra-index-url /srv/index\n", "requirements line 2: --extra-index-url must be an http(s) URL"),
+        ("--find-links https://x/links\n", "option --find-links is not supported"),
+        ("-f /srv/wheels\n", "option -f is not supported"),
+        ("--trusted-host evil.example\n", "option --trusted-host is not supported"),
+        ("--no-index\n", "option --no-index is not supported"),
+        ("--no-binary :all:\n", "option --no-binary is not supported"),
+        ("--config-settings a=b\n", "option --config-settings is not supported"),
+        ("-c /etc/pins.txt\n", "option -c is not supported"),
+        ("--pre=yes\n", "--pre takes no value"),
+        ("six --index-url https://x/simple\n", "only --hash=ALGORITHM:DIGEST may follow a requirement"),
+        ("six \\\n--index-url file:///x\n", "only --hash=ALGORITHM:DIGEST may follow a requirement"),
+        ("six\r--index-url file:///x\n", "requirements line 2: --index-url must be an http(s) URL"),
+        ("six\u2028--index-url file:///x\n", "requirements line 1 has a control character"),
+        ("six\x0c-i file:///x\n", "has a control character"),
+        ("pkg @ https://x/${UV_INDEX_TOKEN}/pkg.whl\n", "environment variables are not expanded"),
+        ("-i https://${TOKEN}@x/simple\n", "environment variables are not expanded"),
+    ],
+)
+def test_requirement_file_lines_that_escape_the_checks_are_refused(text: str, fragment: str) -> None:
+    with pytest.raises(PipUsageError) as caught:
+        pipargs.parse_requirements_text(text)
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["install", "pkg @ file://${HOME}/pkg"], "environment variables are not expanded"),
+        (["install", "-i", "https://x/simple", "--index-url", "https://y/simple", "six"], "given more than once"),
+    ],
+)
+def test_command_line_values_uv_would_expand_or_repeat_are_refused(argv: list[str], fragment: str) -> None:
+    with pytest.raises(PipUsageError, match=re.escape(fragment)):
+        parse_command(argv)
+
+
+@pytest.mark.parametrize(
+    "requirement, verdict",
+    [
+        ("six", None),
+        ("six==1.16.0", None),
+        ('Typing_Extensions[x] >=4 ; python_version >= "3.8"', None),
+        ("pkg @ https://host/pkg-1.0-py3-none-any.whl", None),
+        ("pkg@https://host/pkg-1.0-py3-none-any.whl#sha256=00", None),
+        ("https://host/pkg-1.0-py3-none-any.whl", None),
+        ("pkg@file:///home/ub/pkg", "local path"),
+        ("pkg @ file:/home/ub/pkg", "local path"),
+        ("pkg @ /home/ub/pkg", "local path"),
+        ("pkg@./pkg", "local path"),
+        ("file:///home/ub/pkg", "local path"),
+        ("./pkg", "local path"),
+        ("pkg/../../x", "local path"),
+        ("dist/pkg-1.0-py3-none-any.whl", "local path"),
+        ("pkg @ git+https://host/pkg.git", "pkg needs a build"),
+        ("git+https://host/pkg.git", "needs a build"),
+        ("pkg @ https://host/pkg-1.0.tar.gz", "pkg needs a build"),
+        ("pkg @ https://host/pkg-1.0.zip?x.whl", "pkg needs a build"),
+        ("pkg @ ftp://host/pkg-1.0-py3-none-any.whl", "pkg needs a build"),
+    ],
+)
+def test_a_shared_host_takes_wheels_and_index_names_only(requirement: str, verdict: str | None) -> None:
+    reason = pipargs.shared_host_refusal(requirement)
+    if verdict is None:
+        assert reason is None
+    else:
+        assert reason is not None and verdict in reason
+
+
+def test_editables_always_need_a_build_on_a_shared_host() -> None:
+    assert "needs a build" in pipargs.shared_host_refusal("git+https://host/x.git#egg=x", editable=True)
+    assert "local path" in pipargs.shared_host_refusal("/home/ub/src", editable=True)

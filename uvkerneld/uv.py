@@ -46,12 +46,15 @@ def find_uv(configured: str | None) -> str:
 
 
 class Uv:
-    def __init__(self, binary: str, cache_dir: str, link_mode: str, python: str) -> None:
+    def __init__(self, binary: str, cache_dir: str, link_mode: str, python: str, wheels_only: bool = False) -> None:
         self.binary = binary
         self.cache_dir = cache_dir
         self.link_mode = link_mode
         self.python = python
         self.link_fallback_seen = False
+        # System mode: uv never builds. A build backend is code from whoever serves the sdist,
+        # and it would run with the daemon's rights, which write the shared cache and every venv.
+        self.wheels_only = wheels_only
         self._low_priority_pids: set[int] = set()
 
     def raise_priority(self) -> tuple[int, int]:
@@ -104,6 +107,8 @@ class Uv:
         argv = [self.binary, "pip", subcommand, "--python", os.path.join(venv, "bin", "python"), *flags]
         if compile_bytecode and subcommand == "install":
             argv.append("--compile-bytecode")
+        if self.wheels_only and subcommand == "install":
+            argv.append("--no-build")
         if packages:
             argv.append("--")  # requirement strings can never be read as uv flags
             argv.extend(packages)
