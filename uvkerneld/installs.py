@@ -107,9 +107,10 @@ class InstallManager:
                     "%d requirement file(s) named but %d sent" % (len(command.files), len(files))
                 )
             parsed = [pipargs.parse_requirements_text(text) for text in files]
-            index_flags = command.uv_flags.count(pipargs.INDEX_FLAG)
-            index_flags += sum(option[0] == pipargs.INDEX_FLAG for each in parsed for option in each.options)
-            if command.subcommand == "install" and index_flags > 1:
+            flags = command.uv_flags
+            indexes = {flags[i + 1] for i, flag in enumerate(flags) if flag == pipargs.INDEX_FLAG}
+            indexes.update(option[1] for each in parsed for option in each.options if option[0] == pipargs.INDEX_FLAG)
+            if command.subcommand == "install" and len(indexes) > 1:
                 raise pipargs.PipUsageError(pipargs.TWO_INDEXES)
         except pipargs.PipUsageError as exc:
             raise protocol.BadRequest(str(exc)) from None
@@ -203,8 +204,8 @@ class InstallManager:
                 flags.append(path)
                 if validated.command.subcommand == "install":  # pip ignores them in uninstall -r files
                     for option in parsed.options:
-                        if len(option) == 1 and option[0] in flags:
-                            continue  # --pre in the file and on the command line: uv refuses a repeat
+                        if option[0] in flags and option[0] != "--extra-index-url":
+                            continue  # the same --pre or -i (checked above) twice: uv refuses a repeat
                         flags.extend(option)
             else:
                 flags.append(flag)
