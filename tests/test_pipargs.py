@@ -63,6 +63,8 @@ def test_other_subcommands_are_refused(subcommand: str) -> None:
         (["list", "--format", "xml"], "--format must be one of"),
         (["install", "--pre=yes", "six"], "--pre takes no value"),
         (["install", "six\nidna"], "control characters"),
+        (["install", "six\ud800"], "control characters"),
+        (["install", "six\ridna"], "control characters"),
     ],
 )
 def test_bad_commands_say_what_is_wrong(argv: list[str], fragment: str) -> None:
@@ -93,6 +95,13 @@ def test_requirements_files_are_read_as_the_user_with_includes_inlined(tmp_path:
     text = pipargs.read_requirements_file(str(tmp_path / "req.txt"))
     assert "six==1.16.0" in text and "-r" not in text
     assert pipargs.requirement_lines(text) == ["six==1.16.0", "idna"]
+
+
+def test_comments_never_continue_and_includes_may_carry_one(tmp_path: Path) -> None:
+    (tmp_path / "base.txt").write_text("six\n")
+    (tmp_path / "req.txt").write_text("-r base.txt  # shared pins\n# a comment ending in \\\nidna\n")
+    text = pipargs.read_requirements_file(str(tmp_path / "req.txt"))
+    assert pipargs.requirement_lines(text) == ["six", "idna"]
 
 
 def test_requirements_file_errors(tmp_path: Path) -> None:
@@ -159,6 +168,7 @@ def test_requirement_file_options_become_checked_flags_and_uv_reads_only_require
         ("six\r--index-url file:///x\n", "requirements line 2: --index-url must be an http(s) URL"),
         ("six\u2028--index-url file:///x\n", "requirements line 1 has a control character"),
         ("six\x0c-i file:///x\n", "has a control character"),
+        ("six\n\ud800\n", "requirements line 2 has a control character"),
         ("pkg @ https://x/${UV_INDEX_TOKEN}/pkg.whl\n", "environment variables are not expanded"),
         ("-i https://${TOKEN}@x/simple\n", "environment variables are not expanded"),
     ],

@@ -58,7 +58,8 @@ MAX_FILE_BYTES = 512 * 1024
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 # Tabs are whitespace; every other control character (and the Unicode line breaks that Python's
 # splitlines() knows and uv does not) could make the two read a line differently.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# Lone surrogates (JSON can carry them) cannot be written to a file or an argv.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
 
 
 class PipUsageError(Exception):
@@ -211,7 +212,7 @@ def _check_url(value, flag):
 
 # --- requirement files --------------------------------------------------------------------------
 
-_FILE_INCLUDE = re.compile(r"^\s*(-r|--requirement|-c|--constraint)(\s*=\s*|\s+)(\S+)\s*$")
+_FILE_INCLUDE = re.compile(r"^\s*(-r|--requirement|-c|--constraint)(\s*=\s*|\s+)(\S+)\s*(?:\s#.*)?$")
 # The options a requirements file may carry, with uv's spelling. The daemon takes them out of the
 # file and gives them to uv on its command line, checked like the same flags after `pip install`:
 # uv then reads nothing but requirement lines from a file, so what it acts on is what was checked.
@@ -224,7 +225,7 @@ _FILE_OPTION = re.compile(r"^(--?[A-Za-z][A-Za-z-]*)(?:\s*=\s*|\s+|$)(.*)$")
 _HASH = re.compile(r"^--hash(?:=|\s+)([A-Za-z0-9]+:[A-Za-z0-9]+)$")
 # uv ends a line at \n, \r\n or a lone \r; a backslash right before the break continues it.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_FILE_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
+_FILE_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
 _COMMENT = re.compile(r"(^|\s)#.*$", re.S)
 
 
@@ -282,7 +283,7 @@ def _logical_lines(text):
     for number, line in enumerate(_LINE_BREAK.split(text), 1):
         if pending is None:
             pending, start = "", number
-        if line.endswith("\\"):
+        if line.endswith("\\") and not line.lstrip().startswith("#"):  # as pip: comments never continue
             pending += line[:-1]
             continue
         yield start, pending + line
@@ -303,7 +304,7 @@ def parse_requirements_text(text):
     if control:
         raise PipUsageError(
             "requirements line %d has a control character (%r)"
-            % (text.count("\n", 0, control.start()) + 1, control.group())
+            % (len(_LINE_BREAK.findall(text, 0, control.start())) + 1, control.group())
         )
     parsed = RequirementsText()
     for number, logical in _logical_lines(text):
