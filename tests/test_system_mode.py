@@ -657,3 +657,18 @@ def test_a_users_index_beats_the_daemons_default_index(host: Host) -> None:
                 daemon.kill()
             for server in servers:
                 server.stop()
+
+
+def test_doctor_as_a_user_looks_past_the_private_cache(host: Host) -> None:
+    """The system unit makes the cache's parent 0700 too: a user cannot even stat the cache."""
+    private = host.root / "private-cache"
+    (private / "uv").mkdir(parents=True, exist_ok=True)
+    os.chown(private, DAEMON_UID, DAEMON_UID)
+    private.chmod(0o700)
+    found = host.python_as(UID_A, """
+        import json, sys
+        from pathlib import Path
+        from uvkerneld.doctor import _existing_parent
+        print(json.dumps(str(_existing_parent(Path(sys.argv[1])))))
+        """, str(private / "uv"))
+    assert found == str(private)  # it exists; what is inside it cannot be looked at
