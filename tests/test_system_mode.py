@@ -352,14 +352,16 @@ import tarfile  # noqa: E402
 import zipfile  # noqa: E402
 
 
-def make_wheel(directory: Path, name: str, version: str, module_text: str) -> Path:
-    """A minimal pure-Python wheel (module ``name`` with ``module_text``), built by hand."""
+def make_wheel(directory: Path, name: str, version: str, module_text: str, extra: dict[str, str] | None = None) -> Path:
+    """A minimal pure-Python wheel (module ``name`` with ``module_text``, plus ``extra`` files
+    at the top of site-packages), built by hand."""
     module = name.replace("-", "_")
     dist_info = "%s-%s.dist-info" % (module, version)
     files = {
         "%s/__init__.py" % module: module_text,
         "%s/METADATA" % dist_info: "Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (name, version),
         "%s/WHEEL" % dist_info: "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        **(extra or {}),
     }
     record = []
     for path, text in files.items():
@@ -672,3 +674,38 @@ def test_doctor_as_a_user_looks_past_the_private_cache(host: Host) -> None:
         print(json.dumps(str(_existing_parent(Path(sys.argv[1])))))
         """, str(private / "uv"))
     assert found == str(private)  # it exists; what is inside it cannot be looked at
+
+
+def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(host: Host, attack_files: dict[str, Any]) -> None:
+    """uv runs an env's own Python (site-packages and all) whenever its interpreter cache misses:
+    a wheel's .pth or sitecustomize then ran as the daemon. Wheels are allowed; their hooks are not."""
+    drop = attack_files["marker"].parent
+    marker = drop / "hook-ran"
+    run_hook = "import os; open(%r, 'a').write('%%s:%%d ' %% (__name__, os.getuid()))\n" % str(marker)
+    base = host.root / "hooks"
+    (base / "build").mkdir(parents=True)
+    (drop / "sitecustomize.py").write_text(run_hook)
+    wheel = make_wheel(base / "build", "hookpkg", "1.0", "X = 1\n", extra={
+        "zz_hookpkg.pth": run_hook, "sitecustomize.py": run_hook, "zz_outside.pth": str(drop) + "\n",
+        "zz_inside.pth": "hookpkg\n",
+    })
+    write_simple_index(base / "index", [wheel])
+    server = IndexServer(base / "index")
+    try:
+        env_b = env_of(host, UID_B, "hooks.ipynb")
+        result = host.run_as(UID_B, [env_b + "/bin/pip", "install", "-i", server.url, "hookpkg"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert ("removed sitecustomize.py, zz_hookpkg.pth, zz_outside.pth from this env: code that runs at every "
+                "Python start is not allowed on a shared host") in result.stdout
+        site = next(Path(env_b).glob("lib/python*/site-packages"))
+        assert sorted(path.name for path in site.glob("*.pth")) == ["zz_inside.pth"]
+        assert (site / "hookpkg" / "__init__.py").exists()
+        # What a uv upgrade (a new interpreter cache bucket) or `uv cache clean` does: uv queries
+        # every env's Python again, as the daemon.
+        for bucket in host.cache_dir.glob("interpreter-v*"):
+            shutil.rmtree(bucket)
+        result = host.run_as(UID_B, [env_b + "/bin/pip", "list"])
+        assert result.returncode == 0 and "hookpkg" in result.stdout, result.stdout + result.stderr
+        assert not marker.exists(), "a startup hook ran as the daemon: " + marker.read_text()
+    finally:
+        server.stop()

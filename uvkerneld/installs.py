@@ -23,9 +23,10 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable
 
-from . import pipargs, protocol, states
+from . import pipargs, protocol, startuphooks, states
 from .bytecode import SharedBytecode, sweep_orphaned_bytecode
 from .config import Config
 from .store import EnvRecord, Store
@@ -49,6 +50,23 @@ def changed_distributions(output: str) -> dict[str, list[str]]:
             name = pipargs.normalize_name(match.group(2))
             (removed if match.group(1) == "-" else added).append(name)
     return {"added": sorted(set(added)), "removed": sorted(set(removed))}
+
+
+async def _compile_without_site(python: str, venv: Path) -> None:
+    """Per-env bytecode for a shared host: the daemon's Python with -S compiles (never runs) the
+    env's files, so no startup hook of a user's package runs as the daemon."""
+    sites = [str(site) for site in venv.glob("lib/python*/site-packages")]
+    process = await asyncio.create_subprocess_exec(
+        python, "-I", "-S", "-m", "compileall", "-q", "-j", "0", *sites,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        cwd="/", start_new_session=True,
+    )
+    try:
+        await process.wait()  # files that are not valid Python compile at import, as always
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
 
 
 class Validated:
@@ -160,14 +178,24 @@ class InstallManager:
         try:
             with tempfile.TemporaryDirectory(prefix="uvkerneld-req-") as scratch:
                 flags = self._materialize_files(validated, scratch)
+                per_env_bytecode = self.config.bytecode == "per-env"
                 argv = self.uv.pip_argv(
                     str(record.path), command.subcommand, flags, command.packages,
-                    compile_bytecode=self.config.bytecode == "per-env",
+                    # uv compiles with the env's own Python, which would run what was just installed
+                    compile_bytecode=per_env_bytecode and not self.uv.wheels_only,
                 )
                 install_started = time.monotonic()
                 returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)
                 if returncode != 0 and self.uv.wheels_only and _BUILD_DISABLED.search(output):
                     send_line("uvkerneld: " + pipargs.BUILD_REFUSED % "the package named above")
+                if mutating and self.uv.wheels_only:
+                    removed = startuphooks.strip(str(record.path))
+                    if removed:
+                        send_line("uvkerneld: removed %s from this env: code that runs at every Python "
+                                  "start is not allowed on a shared host (the daemon runs this env's "
+                                  "Python too)" % ", ".join(removed))
+                if returncode == 0 and command.subcommand == "install" and per_env_bytecode and self.uv.wheels_only:
+                    await _compile_without_site(self.config.python, record.path)
                 if returncode == 0 and mutating:
                     if self.bytecode is not None and command.subcommand == "install":
                         await self.bytecode.share(record.path, install_started, send_line)

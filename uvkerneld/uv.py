@@ -12,6 +12,8 @@ import os
 import shutil
 from typing import Callable, Sequence
 
+from . import startuphooks
+
 log = logging.getLogger("uvkerneld.uv")
 
 # uv prints this when the cache and the target are on different filesystems (or the filesystem
@@ -104,6 +106,11 @@ class Uv:
 
     def pip_argv(self, venv: str, subcommand: str, flags: Sequence[str], packages: Sequence[str],
                  compile_bytecode: bool) -> list[str]:
+        """uv's argv for one pip command on ``venv``. In system mode it first removes the
+        startup hooks a user's package may have left there (see startuphooks.py), because uv
+        may run that env's Python as the daemon."""
+        if self.wheels_only:
+            startuphooks.strip(venv)
         argv = [self.binary, "pip", subcommand, "--python", os.path.join(venv, "bin", "python"), *flags]
         if compile_bytecode and subcommand == "install":
             argv.append("--compile-bytecode")
