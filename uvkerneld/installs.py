@@ -181,8 +181,7 @@ class InstallManager:
                 per_env_bytecode = self.config.bytecode == "per-env"
                 argv = self.uv.pip_argv(
                     str(record.path), command.subcommand, flags, command.packages,
-                    # uv compiles with the env's own Python, which would run what was just installed
-                    compile_bytecode=per_env_bytecode and not self.uv.wheels_only,
+                    compile_bytecode=per_env_bytecode,  # not in system mode: see Uv.pip_argv
                 )
                 install_started = time.monotonic()
                 returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)

@@ -112,7 +112,10 @@ class Uv:
         if self.wheels_only:
             startuphooks.strip(venv)
         argv = [self.binary, "pip", subcommand, "--python", os.path.join(venv, "bin", "python"), *flags]
-        if compile_bytecode and subcommand == "install":
+        # uv compiles with the env's own Python, after linking what it just installed: in system
+        # mode that Python would run a user's startup hooks as the daemon (installs.py compiles
+        # user installs with the daemon's Python -S instead).
+        if compile_bytecode and subcommand == "install" and not self.wheels_only:
             argv.append("--compile-bytecode")
         if self.wheels_only and subcommand == "install":
             argv.append("--no-build")
