@@ -29,3 +29,19 @@ def test_only_path_entries_inside_the_env_survive(tmp_path: Path) -> None:
                               "sitecustomize.cpython-311-x86_64-linux-gnu.so", "sitecustomize"])
     assert sorted(path.name for path in site.iterdir()) == ["indented.pth", "inside.pth", "pkg"]
     assert startuphooks.strip(str(tmp_path / "venv")) == []
+
+
+def test_per_env_bytecode_on_a_shared_host_compiles_without_running_the_env(tmp_path: Path) -> None:
+    import asyncio
+    import sys
+
+    from uvkerneld.installs import _compile_without_site
+
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (site / "mod.py").write_text("open(%r, 'w').write('imported')\n" % str(marker))
+    (site / "hook.pth").write_text("import os; open(%r, 'w').write('hook')\n" % str(marker))
+    asyncio.run(_compile_without_site(sys.executable, tmp_path / "venv"))
+    assert list((site / "__pycache__").glob("mod.*.pyc"))
+    assert not marker.exists()
