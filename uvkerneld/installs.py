@@ -185,15 +185,15 @@ class InstallManager:
                 )
                 install_started = time.monotonic()
                 returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)
-                if returncode != 0 and self.uv.wheels_only and _BUILD_DISABLED.search(output):
+                if returncode != 0 and self.uv.shared_host and _BUILD_DISABLED.search(output):
                     send_line("uvkerneld: " + pipargs.BUILD_REFUSED % "the package named above")
-                if mutating and self.uv.wheels_only:
+                if mutating and self.uv.shared_host:
                     removed = startuphooks.strip(str(record.path))
                     if removed:
                         send_line("uvkerneld: removed %s from this env: code that runs at every Python "
                                   "start is not allowed on a shared host (the daemon runs this env's "
                                   "Python too)" % ", ".join(removed))
-                if returncode == 0 and command.subcommand == "install" and per_env_bytecode and self.uv.wheels_only:
+                if returncode == 0 and command.subcommand == "install" and per_env_bytecode and self.uv.shared_host:
                     await _compile_without_site(self.config.python, record.path)
                 if returncode == 0 and mutating:
                     if self.bytecode is not None and command.subcommand == "install":

@@ -170,7 +170,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
         os.chmod(config.store_path, 0o600)  # notebook paths of every user: the daemon's only
         uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
-                          wheels_only=config.mode == "system")
+                          shared_host=config.mode == "system")
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
         self.envs = EnvManager(config, self.store, uv, bytecode)
         await self.envs.recover()
