@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from . import __version__, connlimits, fsafety, handstart, protocol
+from . import __version__, cachedir, connlimits, fsafety, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .bytecode import SharedBytecode
@@ -178,6 +178,11 @@ class Daemon:
             raise StartupError(str(exc)) from None
         for directory in (config.state_dir, config.venvs_dir, config.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        if config.mode == "system":
+            try:
+                cachedir.make_private(config.cache_dir, config.link_mode)
+            except cachedir.CacheDirError as exc:
+                raise StartupError(str(exc)) from None
         self._take_instance_lock()
         uv_binary = find_uv(config.uv)
         try:
@@ -185,7 +190,8 @@ class Daemon:
         except NewerSchema as exc:
             raise StartupError(str(exc)) from None
         os.chmod(config.store_path, 0o600)  # notebook paths of every user: the daemon's only
-        uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
+        uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
+                          shared_host=config.mode == "system")
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
         self.envs = EnvManager(config, self.store, uv, bytecode)
         await self.envs.recover()
