@@ -495,6 +495,10 @@ def format_report(result: dict[str, Any]) -> str:
                   % (disk["uvkerneld_total_bytes"] / mb, disk["pip_total_bytes"] / mb, disk["ratio"], verdict(disk["ratio"], TARGETS["disk_ratio"])),
                   "  per-env bytes beyond the shared files (median): %.1f MB  %s"
                   % (disk["per_env_unshared_bytes"] / mb, verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
+    if result.get("latency"):
+        from bench.latency import format_latency
+
+        lines += format_latency(result["latency"])
     return "\n".join(lines)
 
 
@@ -504,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 50 envs, 2 disk notebooks, no seed")
     parser.add_argument("--envs", type=int, default=1000, help="envs in the store for the daemon figures (default 1000)")
     parser.add_argument("--notebooks", type=int, default=10, help="numpy notebooks for the disk figures (default 10)")
-    parser.add_argument("--skip", action="append", default=[], choices=["starts", "stub", "many", "parallel", "disk", "seed"],
+    parser.add_argument("--skip", action="append", default=[], choices=["starts", "stub", "many", "parallel", "disk", "seed", "latency"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--cache-dir", type=Path, help="reuse this uv cache (default: a fresh one, downloaded once)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
@@ -530,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
             result["parallel_installs"] = bench_parallel_installs(ws)
         if "disk" not in args.skip:
             result["disk"] = bench_disk(ws, args.notebooks)
+        if "latency" not in args.skip:
+            from bench.latency import bench_latency  # it builds on this module's Workspace
+
+            result["latency"] = bench_latency(ws, args.envs, *((3, 2, 50) if args.quick else ()))
     except TimedOut as exc:
         raise SystemExit("bench: %s" % exc) from None
     finally:
