@@ -35,3 +35,8 @@ def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     disk = figures["disk"]
     assert disk["notebooks"] == 2 and 0 < disk["ratio"] < 1 and disk["per_env_unshared_bytes"] > 0
     assert "kernel start, launch -> first kernel_info_reply" in result.stdout
+    latency = figures["latency"]
+    assert latency["gc_envs"] == 3 and latency["files_per_env"] > 1000  # real venvs were removed
+    for case in ("idle", "gc", "rm"):
+        assert latency[case]["samples"] > 0 and 0 < latency[case]["p50_ms"] <= latency[case]["max_ms"], case
+    assert "uvkernelctl gc --older-than 0s (3 envs)" in result.stdout
