@@ -51,8 +51,9 @@ def register_envs(state_dir: Path, venvs_dir: Path, count: int, template: Path |
                 (path / "bin").mkdir(parents=True)
                 (path / "bin" / "python").symlink_to(sys.executable)
             name = "%s-%d" % (name_prefix, index)
-            store.insert_creating(env_id, path, "registered", sys.executable,
-                                  owner_uid=os.getuid() if owner_uid is None else owner_uid, key=EnvKey("env", name))
+            owner = os.getuid() if owner_uid is None else owner_uid
+            store.insert_creating(env_id, path, "registered", sys.executable, owner_uid=owner,
+                                  key=EnvKey("env", name))
             store.transition(env_id, states.ASSIGNED)
             names.append(name)
     finally:

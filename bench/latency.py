@@ -87,7 +87,8 @@ def bench_latency(ws: Workspace, background: int, gc_envs: int = 30, rm_envs: in
     ws.start_daemon(pool_size=0)
     notebook = ws.notebooks / "latency.ipynb"
     notebook.write_text("{}")
-    args = {"key": {"kind": "notebook", "value": str(notebook)}, "file": protocol.file_identity(os.stat(notebook))}
+    args = {"key": {"kind": "notebook", "value": str(notebook)},
+            "file": protocol.file_identity(os.stat(notebook))}
     template = Path(ws.request("acquire", args)["path"])  # built on demand (no pool): a real venv
     ws.stop_daemon()
     register_envs(ws.state_dir, ws.venvs_dir, background, owner_uid=OTHER_UID, name_prefix="other")

@@ -25,7 +25,8 @@ COPIES = 16
 def test_gc_and_rm_over_real_venvs_walk_and_delete_off_the_loop(layout: Layout) -> None:
     debug_env = dict(layout.env, PYTHONASYNCIODEBUG="1")
     daemon = Daemon(layout, "--pool-size", "0", env=debug_env).start()
-    template = Path(layout.request("acquire", {"key": {"kind": "env", "value": "template"}}, timeout=300)["path"])
+    built = layout.request("acquire", {"key": {"kind": "env", "value": "template"}}, timeout=300)
+    template = Path(built["path"])
     # Its connection closed: no kernel (a daemon stopped before it saw that would keep the pid).
     wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquire's lifeline to close")
     assert daemon.stop() == 0

@@ -523,7 +523,9 @@ class Daemon:
             if record.key is not None and record.key.kind in ("notebook", "dir")
         }
         # A stat per env, on home folders that may be network mounts: off the loop.
-        return await asyncio.to_thread(lambda: {env_id for env_id, path in paths.items() if not os.path.exists(path)})
+        return await asyncio.to_thread(
+            lambda: {env_id for env_id, path in paths.items() if not os.path.exists(path)}
+        )
 
 
 def _lock_holder(handle: Any, default_socket: Path) -> tuple[str, str]:
