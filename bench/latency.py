@@ -115,14 +115,16 @@ def bench_latency(ws: Workspace, background: int, gc_envs: int = 30, rm_envs: in
     ws.stop_daemon()
     return {"envs_in_store": background + gc_envs + rm_envs + 1, "files_per_env": scan_tree(template).files,
             "gc_envs": gc_envs, "rm_envs": rm_envs, "idle": summary(idle.samples),
-            "gc": summary(during_gc.samples), "rm": summary(during_rm.samples)}
+            "gc": summary(during_gc.samples), "rm": summary(during_rm.samples),
+            # Other work on the host shows up in every figure here: say how much there was.
+            "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
 
 
 def format_latency(figures: dict[str, Any]) -> list[str]:
     idle = figures["idle"]
     lines = ["", "kernel-start acquire round trip (new connection, known notebook) while envs are removed;",
-             "%d envs in the store, removed venvs have %d files each"
-             % (figures["envs_in_store"], figures["files_per_env"]),
+             "%d envs in the store, removed venvs have %d files each; host load average %.1f on %d CPUs"
+             % (figures["envs_in_store"], figures["files_per_env"], figures["load_average"], figures["cpus"]),
              "  %-40s %7s %9s %9s %9s" % ("", "samples", "p50", "p99", "max")]
     rows = [("idle", "idle"), ("gc", "uvkernelctl gc --older-than 0s (%d envs)" % figures["gc_envs"]),
             ("rm", "uvkernelctl rm, %d envs one after another" % figures["rm_envs"])]
