@@ -3,7 +3,7 @@ that loop, so a file-tree walk on it stalls them all.
 
 The daemon runs in asyncio debug mode (PYTHONASYNCIODEBUG=1), which logs each callback that held
 the loop for more than 100 ms ("Executing <...> took 0.412 seconds") and refuses loop calls from
-other threads. The test asserts a bound far above what the loop does now, so a busy machine
+other threads. The test asserts a bound (1 s) far above what the loop does now, so a busy machine
 cannot fail it: the old code walked each venv on the loop (0.1-0.3 s for ~10,000 files), and
 every one of them in a single callback for gc's preview.
 """
@@ -18,8 +18,8 @@ from helpers import Daemon, Layout, ctl, wait_until
 from bench.fixtures import register_envs
 
 HELD_LOOP = re.compile(r"Executing (.*) took (\d+\.\d+) seconds")
-BOUND_S = 0.5
-COPIES = 16
+BOUND_S = 1.0
+COPIES = 24
 
 
 def test_gc_and_rm_over_real_venvs_walk_and_delete_off_the_loop(layout: Layout) -> None:
