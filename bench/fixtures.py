@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,21 +30,30 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def register_envs(state_dir: Path, venvs_dir: Path, count: int) -> list[str]:
+def register_envs(state_dir: Path, venvs_dir: Path, count: int, template: Path | None = None,
+                  owner_uid: int | None = None, first: int = 0, name_prefix: str = "registered") -> list[str]:
     """Put ``count`` assigned envs into the store, each a minimal venv-shaped directory (an
-    interpreter link), as a long-lived host would have. Returns their env names."""
+    interpreter link), as a long-lived host would have, or with ``template`` a hard-linked copy
+    of that real venv (as many files as a uv venv, linked like uv links from its cache).
+    ``first`` numbers env ids and names, so several batches can share one store. Returns
+    their env names."""
     state_dir.mkdir(parents=True, exist_ok=True)
     venvs_dir.mkdir(parents=True, exist_ok=True)
     store = Store(state_dir / "state.db")
     names = []
     try:
-        for index in range(count):
+        for index in range(first, first + count):
             env_id = "e-%012x" % (0xA00000000000 + index)
             path = venvs_dir / env_id
-            (path / "bin").mkdir(parents=True)
-            (path / "bin" / "python").symlink_to(sys.executable)
-            name = "registered-%d" % index
-            store.insert_creating(env_id, path, "registered", sys.executable, owner_uid=os.getuid(), key=EnvKey("env", name))
+            if template is not None:
+                subprocess.run(["cp", "-al", str(template), str(path)], check=True)
+            else:
+                (path / "bin").mkdir(parents=True)
+                (path / "bin" / "python").symlink_to(sys.executable)
+            name = "%s-%d" % (name_prefix, index)
+            owner = os.getuid() if owner_uid is None else owner_uid
+            store.insert_creating(env_id, path, "registered", sys.executable, owner_uid=owner,
+                                  key=EnvKey("env", name))
             store.transition(env_id, states.ASSIGNED)
             names.append(name)
     finally:

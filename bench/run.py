@@ -498,6 +498,10 @@ def format_report(result: dict[str, Any]) -> str:
                   % (disk["per_env_unshared_bytes"] / mb, verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
     if result.get("abuse"):
         lines += format_abuse(result["abuse"])
+    if result.get("latency"):
+        from bench.latency import format_latency
+
+        lines += format_latency(result["latency"])
     return "\n".join(lines)
 
 
@@ -507,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 50 envs, 2 disk notebooks, no seed")
     parser.add_argument("--envs", type=int, default=1000, help="envs in the store for the daemon figures (default 1000)")
     parser.add_argument("--notebooks", type=int, default=10, help="numpy notebooks for the disk figures (default 10)")
-    parser.add_argument("--skip", action="append", default=[], choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse"],
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse", "latency"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--cache-dir", type=Path, help="reuse this uv cache (default: a fresh one, downloaded once)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
@@ -535,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
             result["disk"] = bench_disk(ws, args.notebooks)
         if "abuse" not in args.skip:
             result["abuse"] = bench_abuse(ws)
+        if "latency" not in args.skip:
+            from bench.latency import bench_latency  # it builds on this module's Workspace
+
+            result["latency"] = bench_latency(ws, args.envs, *((3, 2, 50) if args.quick else ()))
     except TimedOut as exc:
         raise SystemExit("bench: %s" % exc) from None
     finally:

@@ -57,7 +57,7 @@ class Layout:
             text = (self.state_dir / "uvkerneld.pid").read_text().strip()
         except FileNotFoundError:
             return None
-        return int(text) if text else None
+        return int(text.split()[0]) if text else None  # line 1: the pid; line 2: its socket
 
     def request(self, op: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         return client.request(str(self.socket), op, args, timeout)

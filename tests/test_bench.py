@@ -38,3 +38,8 @@ def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     assert abuse["held_open"] <= abuse["limits"]["max_connections_per_uid"] and abuse["status_max_ms"] > 0
     assert abuse["partial_refused"] > 0 and abuse["rss_partial_frames_mb"] > 0
     assert "kernel start, launch -> first kernel_info_reply" in result.stdout
+    latency = figures["latency"]
+    assert latency["gc_envs"] == 3 and latency["files_per_env"] > 1000  # real venvs were removed
+    for case in ("idle", "gc", "rm"):
+        assert latency[case]["samples"] > 0 and 0 < latency[case]["p50_ms"] <= latency[case]["max_ms"], case
+    assert "uvkernelctl gc --older-than 0s (3 envs)" in result.stdout

@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 from helpers import Daemon, Layout, read_message, wait_until
 
@@ -113,12 +114,20 @@ def test_a_second_daemon_refuses_to_steal_a_live_socket(bare_daemon: Daemon, lay
 
 
 def test_a_second_daemon_on_the_same_state_dir_is_refused(bare_daemon: Daemon, layout: Layout) -> None:
+    # Another --socket, the same state dir: the running daemon answers on ITS socket (recorded in
+    # the lock file), so the second one is refused at once, not after the 15 s an exiting one gets.
+    started = time.monotonic()
     second = subprocess.run(
         [sys.executable, "-m", "uvkerneld", "--socket", str(layout.root / "s2.sock"), "--pool-size", "0"],
         env=layout.env, capture_output=True, text=True, timeout=60,
     )
+    took = time.monotonic() - started
     assert second.returncode == 1
     assert "another uvkerneld (pid %d) is already using" % bare_daemon.process.pid in second.stderr
+    assert "it answers on %s" % layout.socket in second.stderr
+    assert took < 5, "refused after %.1f s" % took  # loose: a Python start-up on a busy machine
+    assert not (layout.root / "s2.sock").exists()
+    assert_still_serving(layout)
 
 
 def test_a_stale_socket_file_is_replaced(layout: Layout) -> None:

@@ -2,17 +2,24 @@
 
 Counting follows du(1): *real* bytes are ``st_blocks * 512`` of each inode once (so a file
 hardlinked from the uv cache into 50 venvs counts once), *apparent* bytes are ``st_size`` of
-every link. The scan walks every file, so it runs in a worker thread on a timer and after
-changes, and requests read the last result: ``status`` answers in microseconds however many
-envs there are.
+every link. The scan walks every file, so it runs on a timer and after changes, in a child
+process at idle priority, and requests read the last result: ``status`` answers in
+microseconds however many envs there are.
+
+A process, not a thread: a thread of the daemon at idle priority that is preempted while it
+holds the GIL holds the event loop with it. With the CPUs busy, that stalled the loop for up to
+a second (measured: 0.5-1.2 s at SCHED_IDLE or nice 19, under 60 ms at normal priority).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import ctypes
+import json
 import logging
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +29,14 @@ from .tasks import cancel_and_wait
 log = logging.getLogger("uvkerneld.diskusage")
 
 
-def _idle_thread() -> None:
-    # On Linux, pid 0 means the calling *thread*: only this worker drops to SCHED_IDLE.
+def _idle_child() -> None:
+    """In the forked scanner before exec: idle CPU time only, and killed with the daemon."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):
         pass
 
@@ -88,6 +99,12 @@ def scan_tree(root: Path, seen: set[tuple[int, int]] | None = None) -> TreeUsage
     return usage
 
 
+async def unshared_bytes(root: Path) -> int:
+    """What deleting ``root`` would free (``TreeUsage.unshared``). The walk stats every file (a
+    venv has ~10,000: 0.1-0.3 s), so it runs in a worker thread, never on the event loop."""
+    return (await asyncio.to_thread(scan_tree, root)).unshared
+
+
 class DiskUsage:
     """The last scan of the cache and of every venv, refreshed in the background."""
 
@@ -101,11 +118,6 @@ class DiskUsage:
         self._dirty = asyncio.Event()
         self._dirty.set()
         self._task: asyncio.Task[None] | None = None
-        # Its own thread at idle priority: a scan walks every file of every venv, and must never
-        # compete with a kernel that is starting.
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="disk-usage", initializer=_idle_thread
-        )
 
     def mark_dirty(self) -> None:
         self._dirty.set()
@@ -115,13 +127,11 @@ class DiskUsage:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def refresh(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
         self.scanning = True
         try:
-            figures, per_env = await loop.run_in_executor(self._executor, self._scan)
+            figures, per_env = await self._scan_in_child()
         finally:
             self.scanning = False
         self.figures, self.per_env = figures, per_env
@@ -141,39 +151,69 @@ class DiskUsage:
             except Exception:  # noqa: BLE001 - a failed scan must not kill the daemon
                 log.exception("disk usage scan failed")
 
-    def _scan(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
-        started = time.monotonic()
-        # "computed_at" is when the walk began: a change made while it ran may be missing, so a
-        # reader waiting for figures that include a change must not take this scan for one.
-        started_at = time.time()
-        everything: set[tuple[int, int]] = set()
-        cache = scan_tree(self.cache_dir, everything)
-        venvs_seen: set[tuple[int, int]] = set()
-        per_env = {}
-        apparent = linked = real = beyond_cache = 0
+    async def _scan_in_child(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+        """``scan`` in ``python -m uvkerneld.diskusage`` at idle priority: a scan walks every file
+        of every venv, and must never compete with a kernel that is starting."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "uvkerneld.diskusage", str(self.cache_dir), str(self.venvs_dir),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_idle_child,
+            # `-m` imports from the working folder first: run from the folder this uvkerneld is
+            # in, so the scanner is this very code and never a `uvkerneld/` beside the daemon's cwd.
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
         try:
-            entries = sorted(p for p in self.venvs_dir.iterdir() if p.is_dir())
-        except OSError:
-            entries = []
-        for env_dir in entries:
-            usage = scan_tree(env_dir, venvs_seen)
-            per_env[env_dir.name] = {"disk_bytes": usage.real, "unshared_bytes": usage.unshared,
-                                     "apparent_bytes": usage.apparent}
-            apparent += usage.apparent
-            linked += usage.linked
-            real += usage.new
-            beyond_cache += scan_tree(env_dir, everything).new
-        figures = {
-            "computed_at": started_at,
-            "scan_seconds": round(time.monotonic() - started, 3),
-            "envs_scanned": len(entries),
-            "cache_bytes": cache.real,
-            "venvs_apparent_bytes": apparent,
-            "venvs_linked_bytes": linked,
-            "venvs_real_bytes": real,
-            "venvs_beyond_cache_bytes": beyond_cache,
-            "total_real_bytes": cache.real + beyond_cache,
-            # Like for like: the venvs' blocks if every link were a copy, over their real blocks.
-            "dedup_ratio": round(linked / real, 2) if real else None,
-        }
-        return figures, per_env
+            output, errors = await process.communicate()
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            raise
+        if process.returncode != 0:
+            raise RuntimeError("the scanner exited with %s: %s" % (
+                process.returncode, errors.decode("utf-8", "replace").strip()[-2000:]))
+        result = json.loads(output)
+        return result["figures"], result["per_env"]
+
+
+def scan(cache_dir: Path, venvs_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """(figures, per-env usage) of the cache and every venv; runs in the scanner process."""
+    started = time.monotonic()
+    # "computed_at" is when the walk began: a change made while it ran may be missing, so a
+    # reader waiting for figures that include a change must not take this scan for one.
+    started_at = time.time()
+    everything: set[tuple[int, int]] = set()
+    cache = scan_tree(cache_dir, everything)
+    venvs_seen: set[tuple[int, int]] = set()
+    per_env = {}
+    apparent = linked = real = beyond_cache = 0
+    try:
+        entries = sorted(p for p in venvs_dir.iterdir() if p.is_dir())
+    except OSError:
+        entries = []
+    for env_dir in entries:
+        usage = scan_tree(env_dir, venvs_seen)
+        per_env[env_dir.name] = {"disk_bytes": usage.real, "unshared_bytes": usage.unshared,
+                                 "apparent_bytes": usage.apparent}
+        apparent += usage.apparent
+        linked += usage.linked
+        real += usage.new
+        beyond_cache += scan_tree(env_dir, everything).new
+    figures = {
+        "computed_at": started_at,
+        "scan_seconds": round(time.monotonic() - started, 3),
+        "envs_scanned": len(entries),
+        "cache_bytes": cache.real,
+        "venvs_apparent_bytes": apparent,
+        "venvs_linked_bytes": linked,
+        "venvs_real_bytes": real,
+        "venvs_beyond_cache_bytes": beyond_cache,
+        "total_real_bytes": cache.real + beyond_cache,
+        # Like for like: the venvs' blocks if every link were a copy, over their real blocks.
+        "dedup_ratio": round(linked / real, 2) if real else None,
+    }
+    return figures, per_env
+
+
+if __name__ == "__main__":
+    _figures, _per_env = scan(Path(sys.argv[1]), Path(sys.argv[2]))
+    json.dump({"figures": _figures, "per_env": _per_env}, sys.stdout)

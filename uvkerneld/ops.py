@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__, protocol, states
-from .diskusage import scan_tree
+from .diskusage import unshared_bytes
 from .store import EnvRecord
 
 if TYPE_CHECKING:
@@ -149,15 +149,17 @@ class Operations:
 
     # --- seeing and cleaning up -----------------------------------------------------------------
 
-    def _row(self, record: EnvRecord, live: set[str]) -> dict[str, Any]:
+    def _row(self, record: EnvRecord, live: set[str], requirements: int | None = None) -> dict[str, Any]:
         disk = self.daemon.disk.per_env.get(record.id, {})
+        if requirements is None:
+            requirements = len(self.store.requirements(record.id))
         return {
             "env_id": record.id,
             "path": str(record.path),
             "key": record.key.to_wire() if record.key else None,
             "owner_uid": record.owner_uid,
             "python": record.python,
-            "requirements": len(self.store.requirements(record.id)),
+            "requirements": requirements,
             "disk_bytes": disk.get("disk_bytes"),
             "unshared_bytes": disk.get("unshared_bytes"),
             "created_at": record.created_at,
@@ -174,9 +176,11 @@ class Operations:
                 "only root%s can list every user's envs; drop --all to list yours"
                 % (" and members of group %s" % self.daemon.config.admin_group if self._admin_gid is not None else "")
             )
+        records = await self.store.scan()
         live = self.daemon.live_env_ids()
+        counts = self.store.requirement_counts()
         rows = [
-            self._row(record, live) for record in self.store.all()
+            self._row(record, live, counts.get(record.id, 0)) for record in records
             if record.owner_uid is not None and (args["all"] or record.owner_uid == peer.uid)
         ]
         return {"envs": rows, "disk_computed_at": self.daemon.disk.figures.get("computed_at")}
@@ -200,7 +204,9 @@ class Operations:
     async def op_remove(self, args: dict[str, Any], peer: "PeerCredentials", send_event: Any) -> dict[str, Any]:
         record = self._resolve(args, peer, admin_may=True)
         self._check_removable(record)
-        freed = scan_tree(record.path).unshared
+        freed = await unshared_bytes(record.path)
+        # Other requests ran during the walk: a kernel may have started in the env meanwhile.
+        self._check_removable(self.store.get(record.id) or record)
         await self.daemon.envs.remove(record)
         self.daemon.disk.mark_dirty()
         log.info("removed env %s (%s) for uid %d", record.id, record.key, peer.uid)
@@ -224,26 +230,37 @@ class Operations:
         self, older_than_s: float | None, orphan_ids: set[str], dry_run: bool, uid: int | None,
         progress: Callable[[str], None] = lambda line: None,
     ) -> dict[str, Any]:
-        """The GC policy: unused for ``older_than_s``, or orphaned; never an env with a live kernel."""
+        """The GC policy: unused for ``older_than_s``, or orphaned; never an env with a live kernel.
+
+        Every tree walk and removal is awaited, so kernels start while it runs; an env is judged
+        again, as it is now, right before it is removed."""
         now = time.time()
-        live = self.daemon.live_env_ids()
-        removed, kept_live = [], []
-        for record in list(self.store.all()):
-            if record.owner_uid is None or (uid is not None and record.owner_uid != uid):
-                continue
+
+        def reason_to_collect(record: EnvRecord | None) -> str | None:
+            if record is None or record.owner_uid is None or (uid is not None and record.owner_uid != uid):
+                return None
             if record.state in (states.CREATING, states.INSTALLING, states.DELETING):
-                continue
+                return None
             last_used = record.last_used_at or record.created_at
             if record.id in orphan_ids:
-                reason = "its notebook no longer exists"
-            elif older_than_s is not None and last_used <= now - older_than_s:
-                reason = "unused for %s" % _duration(now - last_used)
-            else:
+                return "its notebook no longer exists"
+            if older_than_s is not None and last_used <= now - older_than_s:
+                return "unused for %s" % _duration(now - last_used)
+            return None
+
+        removed, kept_live = [], []
+        for planned in await self.store.scan():
+            if reason_to_collect(planned) is None:
                 continue
-            if record.id in live:
+            freed = 0 if planned.id in self.daemon.live_env_ids() else await unshared_bytes(planned.path)
+            # The walk let other requests run: judge the env as it is now.
+            record = self.store.get(planned.id)
+            reason = reason_to_collect(record)
+            if record is None or reason is None:
+                continue  # used, removed or busy since the plan: not garbage now
+            if record.id in self.daemon.live_env_ids():
                 kept_live.append({"env_id": record.id, "key": record.key.to_wire() if record.key else None})
                 continue
-            freed = scan_tree(record.path).unshared
             entry = {"env_id": record.id, "key": record.key.to_wire() if record.key else None,
                      "reason": reason, "freed_bytes": freed}
             progress("%s %s (%s): %s, %s" % (

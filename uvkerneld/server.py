@@ -183,7 +183,7 @@ class Daemon:
                 cachedir.make_private(config.cache_dir, config.link_mode)
             except cachedir.CacheDirError as exc:
                 raise StartupError(str(exc)) from None
-        self._take_instance_lock()
+        await self._take_instance_lock(inherited)
         uv_binary = find_uv(config.uv)
         try:
             self.store = Store(config.store_path)
@@ -256,40 +256,51 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(self.notifier.watchdog_interval)
 
-    def _take_instance_lock(self) -> None:
-        """One daemon per state dir: two would corrupt each other's venvs and store."""
+    async def _take_instance_lock(self, inherited: socket.socket | None) -> None:
+        """One daemon per state dir: two would corrupt each other's venvs and store.
+
+        The lock file holds the holder's pid and the socket it serves. A holder that answers
+        there is running and staying: refuse at once, naming it. One that does not answer may
+        be exiting (idle exit closes its socket first): wait for it, without blocking the loop.
+        """
         path = self.config.state_dir / "uvkerneld.pid"
         handle = open(path, "a+")
         deadline = time.monotonic() + INSTANCE_LOCK_WAIT
-        # The holder may be exiting (idle exit: its socket is closed already): wait for it. One
-        # that still answers on our socket is running and staying: refuse at once.
         waited = False
         while not _try_flock(handle):
-            if time.monotonic() > deadline or self._socket_answers():
-                handle.seek(0)
-                other = handle.read().strip() or "?"
+            pid, holder_socket = _lock_holder(handle, self.config.socket)
+            if await asyncio.to_thread(self._socket_answers, holder_socket):
                 handle.close()
                 raise StartupError(
-                    "another uvkerneld (pid %s) is already using %s; stop it first or pass a "
-                    "different --state-dir" % (other, self.config.state_dir)
+                    "another uvkerneld (pid %s) is already using %s; it answers on %s (`uvkernelctl "
+                    "--socket %s status` shows it): stop it first or pass a different --state-dir"
+                    % (pid, self.config.state_dir, holder_socket, holder_socket)
+                )
+            if time.monotonic() > deadline:
+                handle.close()
+                raise StartupError(
+                    "another uvkerneld (pid %s) is already using %s; it does not answer on %s and did "
+                    "not exit within %.0f s: stop it first or pass a different --state-dir"
+                    % (pid, self.config.state_dir, holder_socket, INSTANCE_LOCK_WAIT)
                 )
             if not waited:
-                log.info("another uvkerneld holds %s and is not answering on %s: waiting up to %.0f s for it to exit",
-                         path, self.config.socket, INSTANCE_LOCK_WAIT)
+                log.info("another uvkerneld (pid %s) holds %s and is not answering on %s: waiting up to "
+                         "%.0f s for it to exit", pid, path, holder_socket, INSTANCE_LOCK_WAIT)
                 waited = True
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
+        serving = inherited.getsockname() if inherited is not None else None
         handle.seek(0)
         handle.truncate()
-        handle.write("%d\n" % os.getpid())
+        handle.write("%d\n%s\n" % (os.getpid(), serving or self.config.socket))
         handle.flush()
         self._lock_file = handle
 
-    def _socket_answers(self) -> bool:
-        """Whether a daemon accepts connections on our socket path now."""
+    def _socket_answers(self, path: Path | str | None = None) -> bool:
+        """Whether a daemon accepts connections on ``path`` (default: our socket path) now."""
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(2.0)
         try:
-            probe.connect(str(self.config.socket))
+            probe.connect(str(path or self.config.socket))
             return True
         except OSError:
             return False
@@ -576,23 +587,36 @@ class Daemon:
             await asyncio.sleep(self.config.gc_interval)
             try:
                 result = await self.ops.collect(
-                    older_than_s=self.config.gc_older_than, orphan_ids=self._orphaned_env_ids(),
+                    older_than_s=self.config.gc_older_than, orphan_ids=await self._orphaned_env_ids(),
                     dry_run=False, uid=None, progress=lambda line: log.info("gc: %s", line),
                 )
                 log.info("scheduled gc removed %d env(s), freed %d bytes", len(result["removed"]), result["freed_bytes"])
             except Exception:  # noqa: BLE001 - the schedule must survive a failed run
                 log.exception("scheduled gc failed")
 
-    def _orphaned_env_ids(self) -> set[str]:
+    async def _orphaned_env_ids(self) -> set[str]:
         # Only a user-mode daemon may look at notebook paths: in system mode it never reads a
         # user's files (ProtectHome=yes hides them anyway); there `uvkernelctl gc --orphans`,
         # run by the user, finds orphans and names them.
         if self.config.mode != "user" or self.store is None:
             return set()
-        return {
-            record.id for record in self.store.all()
-            if record.key is not None and record.key.kind in ("notebook", "dir") and not os.path.exists(record.key.value)
+        paths = {
+            record.id: record.key.value for record in await self.store.scan()
+            if record.key is not None and record.key.kind in ("notebook", "dir")
         }
+        # A stat per env, on home folders that may be network mounts: off the loop.
+        return await asyncio.to_thread(
+            lambda: {env_id for env_id, path in paths.items() if not os.path.exists(path)}
+        )
+
+
+def _lock_holder(handle: Any, default_socket: Path) -> tuple[str, str]:
+    """(pid, socket) the lock holder wrote; a daemon of an older version wrote its pid only."""
+    handle.seek(0)
+    lines = handle.read().splitlines()
+    pid = lines[0].strip() if lines and lines[0].strip() else "?"
+    holder_socket = lines[1].strip() if len(lines) > 1 and lines[1].strip() else str(default_socket)
+    return pid, holder_socket
 
 
 def _try_flock(handle: Any) -> bool:

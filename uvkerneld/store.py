@@ -8,6 +8,7 @@ notebook or a pool claim) is one small transaction.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -176,6 +177,17 @@ class Store:
     def all(self) -> Iterator[EnvRecord]:
         for row in self._db.execute("SELECT * FROM envs ORDER BY created_at"):
             yield EnvRecord(row)
+
+    async def scan(self) -> list[EnvRecord]:
+        """What ``all()`` returns, read in a worker thread on a connection of its own: building a
+        record per env holds the event loop ~10 ms per 1,000 envs. A snapshot: callers that act
+        on an env after an await look at it again with ``get``."""
+        return await asyncio.to_thread(_read_all_envs, self.path)
+
+    def requirement_counts(self) -> dict[str, int]:
+        """Recorded requirements per env id, in one query (``len(requirements(id))`` for all)."""
+        return {row["env_id"]: row["n"] for row in
+                self._db.execute("SELECT env_id, COUNT(*) AS n FROM requirements GROUP BY env_id")}
 
     def count_by_state(self) -> dict[str, int]:
         counts = {state: 0 for state in states.ALL_STATES}
@@ -350,3 +362,13 @@ class Store:
             db.execute("DELETE FROM envs WHERE id=?", (env_id,))
             db.execute("DELETE FROM requirements WHERE env_id=?", (env_id,))
             db.execute("DELETE FROM kernels WHERE env_id=?", (env_id,))
+
+
+def _read_all_envs(path: Path) -> list[EnvRecord]:
+    db = sqlite3.connect(str(path), timeout=10.0)
+    try:
+        db.execute("PRAGMA query_only=ON")
+        db.row_factory = sqlite3.Row
+        return [EnvRecord(row) for row in db.execute("SELECT * FROM envs ORDER BY created_at")]
+    finally:
+        db.close()

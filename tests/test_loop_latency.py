@@ -1,0 +1,53 @@
+"""gc and rm over real venvs never hold the daemon's event loop: every kernel start goes through
+that loop, so a file-tree walk on it stalls them all.
+
+The daemon runs in asyncio debug mode (PYTHONASYNCIODEBUG=1), which logs each callback that held
+the loop for more than 100 ms ("Executing <...> took 0.412 seconds") and refuses loop calls from
+other threads. The test asserts a bound (1 s) far above what the loop does now, so a busy machine
+cannot fail it: the old code walked each venv on the loop (0.1-0.3 s for ~10,000 files), and
+every one of them in a single callback for gc's preview.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from helpers import Daemon, Layout, ctl, wait_until
+
+from bench.fixtures import register_envs
+
+HELD_LOOP = re.compile(r"Executing (.*) took (\d+\.\d+) seconds")
+BOUND_S = 1.0
+COPIES = 24
+
+
+def test_gc_and_rm_over_real_venvs_walk_and_delete_off_the_loop(layout: Layout) -> None:
+    debug_env = dict(layout.env, PYTHONASYNCIODEBUG="1")
+    daemon = Daemon(layout, "--pool-size", "0", env=debug_env).start()
+    built = layout.request("acquire", {"key": {"kind": "env", "value": "template"}}, timeout=300)
+    template = Path(built["path"])
+    # Its connection closed: no kernel (a daemon stopped before it saw that would keep the pid).
+    wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquire's lifeline to close")
+    assert daemon.stop() == 0
+    # Hard-linked copies of that real venv: as many files as a uv venv, linked like uv links them.
+    names = register_envs(layout.state_dir, layout.venvs_dir, COPIES, template=template, name_prefix="old")
+    daemon = Daemon(layout, "--pool-size", "0", env=debug_env).start()
+    try:
+        log_start = len(daemon.log)
+        preview = ctl(layout, "gc", "--older-than", "0s", "--dry-run")
+        assert preview.returncode == 0, preview.stderr
+        assert "would remove %d env(s), would free" % (COPIES + 1) in preview.stdout
+        removed = ctl(layout, "rm", names[0])
+        assert removed.returncode == 0, removed.stderr
+        assert re.search(r"removed e-[0-9a-f]{12}, freed \d", removed.stdout)
+        done = ctl(layout, "gc", "--older-than", "0s", "--yes")
+        assert done.returncode == 0, done.stderr
+        assert "removed %d env(s), freed" % COPIES in done.stdout
+        assert sorted(path.name for path in layout.venvs_dir.iterdir()) == []
+        held = [(float(seconds), what[:200]) for what, seconds in HELD_LOOP.findall(daemon.log[log_start:])]
+        print("callbacks that held the loop > 100 ms during gc and rm: %s" % (held or "none"))
+        assert not [entry for entry in held if entry[0] > BOUND_S], held
+        assert "Non-thread-safe operation" not in daemon.log
+    finally:
+        daemon.stop()
