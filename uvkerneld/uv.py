@@ -7,10 +7,13 @@ Every run logs its argv, never its environment (it may carry index credentials o
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
 from typing import Callable, Sequence
+
+from .children import ChildRegistry, die_with_parent
 
 log = logging.getLogger("uvkerneld.uv")
 
@@ -53,6 +56,8 @@ class Uv:
         self.python = python
         self.link_fallback_seen = False
         self._low_priority_pids: set[int] = set()
+        # Set by the daemon: the uv process groups running now, so a successor can stop them.
+        self.children: ChildRegistry | None = None
 
     def raise_priority(self) -> tuple[int, int]:
         """Put the low-priority uv runs under way back at normal priority: (raised, refused).
@@ -138,10 +143,13 @@ class Uv:
             stderr=asyncio.subprocess.STDOUT,
             env=self._env(),
             cwd="/",
-            # Pool refills must not steal CPU from a kernel that is starting right now.
-            preexec_fn=_lowest_cpu_priority if low_priority else None,
+            # Dies with the daemon (PDEATHSIG); pool refills must not steal CPU from a kernel
+            # that is starting right now.
+            preexec_fn=functools.partial(_in_child, os.getpid(), low_priority),
             start_new_session=True,
         )
+        if self.children is not None:
+            self.children.add(process.pid)
         if low_priority:
             self._low_priority_pids.add(process.pid)
         lines: list[str] = []
@@ -165,7 +173,15 @@ class Uv:
             raise
         finally:
             self._low_priority_pids.discard(process.pid)
+            if self.children is not None:
+                self.children.discard(process.pid)
         return returncode, "\n".join(lines)
+
+
+def _in_child(parent_pid: int, low_priority: bool) -> None:
+    die_with_parent(parent_pid)
+    if low_priority:
+        _lowest_cpu_priority()
 
 
 def _lowest_cpu_priority() -> None:
