@@ -104,7 +104,8 @@ def test_status_reports_pool_and_envs(bare_daemon: Daemon) -> None:
 def test_a_second_daemon_refuses_to_steal_a_live_socket(bare_daemon: Daemon, layout: Layout) -> None:
     other_state = layout.root / "other-state"
     second = subprocess.run(
-        [sys.executable, "-m", "uvkerneld", "--state-dir", str(other_state), "--pool-size", "0"],
+        [sys.executable, "-m", "uvkerneld", "--state-dir", str(other_state), "--pool-size", "0",
+         "--venvs-dir", str(layout.root / "other-venvs")],  # its own venvs dir: only the socket is shared
         env=layout.env, capture_output=True, text=True, timeout=60,
     )
     assert second.returncode == 1
