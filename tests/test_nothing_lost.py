@@ -3,6 +3,8 @@ private state files. Real daemons, real uv, real other uids."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -11,10 +13,12 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from helpers import Daemon, Layout, process_alive, processes_matching, wait_until
 
+from uvkerneld import protocol
 from uvkerneld.uv import find_uv
 
 KEY_A = {"kind": "env", "value": "a"}
@@ -214,3 +218,119 @@ def test_no_file_in_the_state_dir_or_an_env_record_is_readable_by_another_user(l
         assert os.path.isfile(acquired["python"])  # the venv itself stays readable
     finally:
         daemon.stop()
+
+
+# --- a full disk ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tiny filesystem at ``path`` (root can mount tmpfs here)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", str(path)],
+                   check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True, timeout=30)
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of ``folder``'s filesystem."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_build_on_a_full_venvs_disk_gets_a_clear_error_leaves_nothing_and_a_restart_works(layout: Layout) -> None:
+    with tmpfs(layout.venvs_dir, "8m"):
+        daemon = Daemon(layout, "--pool-size", "0").start()
+        try:
+            with pytest.raises(protocol.UvkError) as raised:
+                layout.request("acquire", {"key": KEY_A}, timeout=300)
+            assert raised.value.code == "env_unavailable"
+            assert "no space left on the disk of %s (" % layout.venvs_dir in raised.value.message
+            assert "a new venv needs about" in raised.value.message
+            assert env_dirs(layout) == []  # the half-made venv is gone
+            status = layout.status()  # still serving
+            assert [entry["folder"] for entry in status["disk_full"]] == [str(layout.venvs_dir)]
+            assert any("no space left" in error["message"] for error in status["errors"])
+        finally:
+            daemon.stop()
+        fill(layout.venvs_dir)
+        daemon = Daemon(layout, "--pool-size", "0").start()
+        try:
+            assert layout.status()["envs"]["by_state"]["creating"] == 0
+        finally:
+            daemon.stop()
+
+
+def test_a_full_state_folder_keeps_known_notebooks_starting_and_says_so(layout: Layout) -> None:
+    with tmpfs(layout.state_dir, "2m"):
+        daemon = Daemon(layout, "--pool-size", "1").start()
+        try:
+            daemon.wait_pool_full()
+            first = layout.request("acquire", {"key": KEY_A})
+            daemon.wait_pool_full()
+            filler = fill(layout.state_dir)
+            again = layout.request("acquire", {"key": KEY_A})
+            assert (again["env_id"], again["source"]) == (first["env_id"], "known")
+            with pytest.raises(protocol.UvkError) as raised:
+                layout.request("acquire", {"key": {"kind": "env", "value": "b"}})
+            assert raised.value.code == "env_unavailable"
+            assert "the state folder %s is full" % layout.state_dir in raised.value.message
+            status = layout.status()
+            assert str(layout.state_dir) in [entry["folder"] for entry in status["disk_full"]]
+        finally:
+            daemon.stop()
+        # A restart on the full disk works and still knows the notebook.
+        daemon = Daemon(layout, "--pool-size", "1").start()
+        try:
+            again = layout.request("acquire", {"key": KEY_A})
+            assert (again["env_id"], again["source"]) == (first["env_id"], "known")
+            filler.unlink()
+            second = layout.request("acquire", {"key": {"kind": "env", "value": "b"}}, timeout=300)
+            assert second["source"] in ("pool", "created")
+        finally:
+            daemon.stop()
+
+
+def test_a_build_failing_on_a_full_disk_while_the_state_folder_is_full_too_is_cleaned_up(layout: Layout) -> None:
+    fake_uv = layout.root / "held-uv"
+    fake_uv.write_text(HELD_UV.replace("    sleep 3600 &\n", ""))
+    fake_uv.chmod(0o755)
+    gate = layout.root / "gate"
+    env = dict(layout.env, UVKERNELD_UV=str(fake_uv), UVK_TEST_GATE=str(gate), UVK_TEST_REAL_UV=find_uv(None),
+               UVK_TEST_HOLD="pip install")
+    with tmpfs(layout.state_dir, "2m"), tmpfs(layout.venvs_dir, "16m"):
+        daemon = Daemon(layout, "--pool-size", "1", env=env).start()
+        try:
+            wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the pool build's install")
+            (half_made,) = env_dirs(layout)
+            state_filler, venvs_filler = fill(layout.state_dir), fill(layout.venvs_dir)
+            gate.touch()
+            last_error = wait_until(lambda: layout.status()["pool"]["last_error"], 120, "the build to fail")
+            assert "no space left on the disk of %s" % layout.venvs_dir in last_error
+            assert "stays 'creating' in the store until the next start" in daemon.log
+            assert half_made not in env_dirs(layout)  # removed although the store could not be written
+        finally:
+            daemon.stop()
+        # The row is still 'creating' (the store was full); a restart on the full disks works.
+        daemon = Daemon(layout, "--pool-size", "0").start()
+        try:
+            assert layout.status()["envs"]["by_state"]["creating"] == 1
+        finally:
+            daemon.stop()
+        state_filler.unlink()
+        venvs_filler.unlink()
+        daemon = Daemon(layout, "--pool-size", "0").start()
+        try:
+            assert layout.status()["envs"]["by_state"]["creating"] == 0
+            assert env_dirs(layout) == []
+        finally:
+            daemon.stop()
