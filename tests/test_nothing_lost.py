@@ -39,6 +39,8 @@ def test_a_zero_byte_store_next_to_venvs_deletes_nothing_and_the_records_are_reb
     try:
         daemon.wait_pool_full()
         first = layout.request("acquire", {"key": KEY_A})
+        installed = layout.request("pip", {"env": first["path"], "argv": ["install", "six==1.16.0"]}, timeout=300)
+        assert installed["exit_status"] == 0
         daemon.wait_pool_full()
     finally:
         daemon.stop()
@@ -56,8 +58,11 @@ def test_a_zero_byte_store_next_to_venvs_deletes_nothing_and_the_records_are_reb
         status = layout.status()
         assert status["pool"]["ready"] == 1 and status["quarantine"] == []
         assert any("rebuilt 2 env record(s)" in error["message"] for error in status["errors"])
+        # What the user asked for came back with the env: a damaged env is still rebuilt with it.
+        assert layout.request("installs", {"env_id": first["env_id"]})["requirements"] == ["six==1.16.0"]
         record = json.loads((Path(first["path"]) / ".uvkerneld-env.json").read_text())
         assert record["id"] == first["env_id"] and record["key"] == ["env", "a"]
+        assert (Path(first["path"]) / ".uvkerneld-env.json").stat().st_mode & 0o777 == 0o600
     finally:
         daemon.stop()
 
@@ -100,10 +105,17 @@ def test_a_directory_the_store_cannot_account_for_is_moved_aside_never_deleted(l
     stranger = layout.venvs_dir / "e-0123456789ab"
     (stranger / "bin").mkdir(parents=True)
     (stranger / "bin" / "notes.txt").write_text("someone's work")
+    # A record that does not describe its own directory is not trusted either (the store is empty:
+    # the daemon tries to rebuild records from what the venvs carry).
+    forged = layout.venvs_dir / "e-0123456789ac"
+    forged.mkdir()
+    (forged / ".uvkerneld-env.json").write_text(json.dumps({"id": "e-0123456789ac", "key": "not a key"}))
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
         status = layout.status()
-        (moved,) = status["quarantine"]
+        assert [Path(path).name.rsplit("-", 1)[0] for path in status["quarantine"]] == [stranger.name, forged.name]
+        assert status["envs"]["total"] == 0
+        moved = status["quarantine"][0]
         assert Path(moved).parent == layout.venvs_dir / ".quarantine"
         assert (Path(moved) / "bin" / "notes.txt").read_text() == "someone's work"
         assert not stranger.exists()

@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import shutil
+import sqlite3
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -153,7 +154,11 @@ class EnvManager:
             error = None
             if not os.access(entry / "bin" / "python", os.X_OK):
                 state, error = states.BROKEN, "interpreter missing when the store was rebuilt"
-            self.store.insert_adopted(fields, entry, state, error)
+            try:
+                self.store.insert_adopted(fields, entry, state, error)
+            except (sqlite3.IntegrityError, ValueError, TypeError) as exc:
+                log.warning("the record in %s cannot be adopted (%s); the directory is moved aside", entry, exc)
+                continue
             adopted += 1
         self.record_error(
             "the store %s had no records of the venvs in %s: rebuilt %d env record(s) from the venvs' own "

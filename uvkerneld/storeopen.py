@@ -29,8 +29,10 @@ def private_state_files(state_dir: Path) -> None:
     """Every file the daemon writes in its state dir holds something private (notebook paths,
     requirements, pids): create the pid file 0600 before it is opened, and fix files an older
     uvkerneld left world-readable."""
-    fd = os.open(state_dir / PID_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    os.close(fd)
+    try:
+        os.close(os.open(state_dir / PID_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    except OSError as exc:
+        log.warning("could not create %s private: %s", state_dir / PID_FILE, exc)
     for name in (PID_FILE, CHILDREN_FILE, "state.db", "state.db-wal", "state.db-shm", "state.db-journal"):
         try:
             fd = os.open(state_dir / name, os.O_RDONLY | os.O_NOFOLLOW)

@@ -136,6 +136,12 @@ def read_env_record(venv: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or value.get("id") != venv.name:
         return None
+    key, owner = value.get("key"), value.get("owner_uid")
+    key_ok = key is None or (isinstance(key, list) and len(key) == 2 and all(isinstance(part, str) for part in key))
+    owner_ok = owner is None or (isinstance(owner, int) and not isinstance(owner, bool))
+    requirements = value.get("requirements") or {}
+    if not (key_ok and owner_ok and isinstance(requirements, dict)):
+        return None  # not ours to trust: the directory is quarantined instead
     return value
 
 
