@@ -250,7 +250,19 @@ class Store:
             return self.db
 
         def __exit__(self, exc_type: Any, *rest: Any) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except BaseException:
+                    self._rollback()  # a COMMIT that failed (disk full) must not leave it open
+                    raise
+            self._rollback()
+
+        def _rollback(self) -> None:
+            # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
 
     def _transaction(self) -> "Store._Transaction":
         return Store._Transaction(self._db)

@@ -33,7 +33,7 @@ def private_state_files(state_dir: Path) -> None:
         os.close(os.open(state_dir / PID_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     except OSError as exc:
         log.warning("could not create %s private: %s", state_dir / PID_FILE, exc)
-    for name in (PID_FILE, CHILDREN_FILE, "state.db", "state.db-wal", "state.db-shm", "state.db-journal"):
+    for name in (PID_FILE, CHILDREN_FILE):  # the db's own files: store.make_private
         try:
             fd = os.open(state_dir / name, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
