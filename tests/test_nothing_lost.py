@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers import Daemon, Layout, process_alive, processes_matching, wait_until
+from helpers import Daemon, Layout, process_alive, processes_matching, register_envs, wait_until
 
 from uvkerneld import protocol
 from uvkerneld.uv import find_uv
@@ -346,3 +346,23 @@ def test_a_build_failing_on_a_full_disk_while_the_state_folder_is_full_too_is_cl
             assert env_dirs(layout) == []
         finally:
             daemon.stop()
+
+
+def test_envs_from_before_records_existed_get_one_at_start_and_survive_a_lost_store(layout: Layout) -> None:
+    names = register_envs(layout, 2)  # as an older uvkerneld left them: rows, no record files
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        wait_until(lambda: all((layout.venvs_dir / name / ".uvkerneld-env.json").exists() for name in env_dirs(layout)),
+                   10, "record files for the existing envs")
+    finally:
+        daemon.stop()
+    (layout.state_dir / "state.db").unlink()
+    for name in ("state.db-wal", "state.db-shm"):
+        (layout.state_dir / name).unlink(missing_ok=True)
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        for name in names:
+            assert layout.request("acquire", {"key": {"kind": "env", "value": name}})["source"] == "known"
+        assert layout.status()["quarantine"] == []
+    finally:
+        daemon.stop()

@@ -110,6 +110,12 @@ class EnvManager:
             except StoreFull as exc:
                 # The next start finishes the job; the files of a half-made venv are gone already.
                 self.record_error("recovery of env %s postponed: %s" % (record.id, exc))
+        # Envs built by an older uvkerneld carry no record of their own yet: write the missing ones.
+        described = [
+            (record.path, self.store.env_record_fields(record.id)) for record in self.store.all()
+            if record.state in (states.POOLED, states.ASSIGNED, states.BROKEN)
+        ]
+        await asyncio.to_thread(venvsdir.write_missing_env_records, described)
         for entry in venvsdir.env_dirs(self.venvs_dir):
             if entry.name not in known:
                 # Never delete what the store cannot account for (another store's env, a lost row).

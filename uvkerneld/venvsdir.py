@@ -129,6 +129,12 @@ def write_env_record(venv: Path, fields: dict[str, Any]) -> None:
         log.warning("could not write %s: %s", venv / ENV_RECORD_FILE, exc)
 
 
+def write_missing_env_records(described: list[tuple[Path, dict[str, Any] | None]]) -> None:
+    for venv, fields in described:
+        if fields is not None and venv.is_dir() and not (venv / ENV_RECORD_FILE).exists():
+            write_env_record(venv, fields)
+
+
 def read_env_record(venv: Path) -> dict[str, Any] | None:
     try:
         value = json.loads((venv / ENV_RECORD_FILE).read_text())
