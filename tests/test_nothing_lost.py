@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers import Daemon, Layout, process_alive, processes_matching, register_envs, wait_until
+from helpers import Daemon, Layout, ctl, process_alive, processes_matching, register_envs, wait_until
 
 from uvkerneld import protocol
 from uvkerneld.uv import find_uv
@@ -120,6 +120,7 @@ def test_a_directory_the_store_cannot_account_for_is_moved_aside_never_deleted(l
         assert (Path(moved) / "bin" / "notes.txt").read_text() == "someone's work"
         assert not stranger.exists()
         assert any("moved aside" in error["message"] for error in status["errors"])
+        assert "2 unknown dir(s) moved aside, never deleted: %s" % moved in ctl(layout, "status").stdout
     finally:
         daemon.stop()
 
@@ -272,6 +273,8 @@ def test_a_build_on_a_full_venvs_disk_gets_a_clear_error_leaves_nothing_and_a_re
             status = layout.status()  # still serving
             assert [entry["folder"] for entry in status["disk_full"]] == [str(layout.venvs_dir)]
             assert any("no space left" in error["message"] for error in status["errors"])
+            assert any(line.startswith("disk full") and "%s: " % layout.venvs_dir in line
+                       for line in ctl(layout, "status").stdout.splitlines())
         finally:
             daemon.stop()
         fill(layout.venvs_dir)
