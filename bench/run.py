@@ -29,6 +29,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from bench.abuse import bench_abuse, format_abuse
 from bench.fixtures import TimedOut, register_envs, wait_until
 from uvkerneld import client
 from uvkerneld.config import default_kernel_packages
@@ -495,6 +496,8 @@ def format_report(result: dict[str, Any]) -> str:
                   % (disk["uvkerneld_total_bytes"] / mb, disk["pip_total_bytes"] / mb, disk["ratio"], verdict(disk["ratio"], TARGETS["disk_ratio"])),
                   "  per-env bytes beyond the shared files (median): %.1f MB  %s"
                   % (disk["per_env_unshared_bytes"] / mb, verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
+    if result.get("abuse"):
+        lines += format_abuse(result["abuse"])
     return "\n".join(lines)
 
 
@@ -504,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 50 envs, 2 disk notebooks, no seed")
     parser.add_argument("--envs", type=int, default=1000, help="envs in the store for the daemon figures (default 1000)")
     parser.add_argument("--notebooks", type=int, default=10, help="numpy notebooks for the disk figures (default 10)")
-    parser.add_argument("--skip", action="append", default=[], choices=["starts", "stub", "many", "parallel", "disk", "seed"],
+    parser.add_argument("--skip", action="append", default=[], choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--cache-dir", type=Path, help="reuse this uv cache (default: a fresh one, downloaded once)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
@@ -530,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
             result["parallel_installs"] = bench_parallel_installs(ws)
         if "disk" not in args.skip:
             result["disk"] = bench_disk(ws, args.notebooks)
+        if "abuse" not in args.skip:
+            result["abuse"] = bench_abuse(ws)
     except TimedOut as exc:
         raise SystemExit("bench: %s" % exc) from None
     finally:

@@ -33,6 +33,8 @@ IDENTITY_VARS = ("UVKERNEL_ENV", "UVKERNEL_NOTEBOOK", "JPY_SESSION_NAME")
 IDENTITY_MARKER = "UVKERNEL_KERNEL_IDENTITY"
 DAEMON_START_TIMEOUT = 60.0
 DEFAULT_ACQUIRE_TIMEOUT = 600.0
+# A day: longer than any build; beyond ~1e9 s the socket timeout itself overflows.
+MAX_ACQUIRE_TIMEOUT = 86400.0
 NOTEBOOK_FILE_VAR = "UVKERNEL_NOTEBOOK_FILE"
 # Variables that describe one kernel; a daemon started by this stub must not inherit them.
 _KERNEL_ONLY_VARS = IDENTITY_VARS + (
@@ -68,11 +70,36 @@ def resolve_key(environ, cwd):
             return "env", name, note
         notebook = environ.get("UVKERNEL_NOTEBOOK", "")
         if notebook:
-            return "notebook", _absolute(notebook, cwd), note
+            return "notebook", _user_notebook(notebook, environ, cwd), note
         session_name = environ.get("JPY_SESSION_NAME", "")
         if session_name.endswith(".ipynb"):
             return "notebook", _absolute(session_name, cwd, strip_overlap=True), note
     return "dir", os.path.realpath(cwd), note
+
+
+def _user_notebook(value, environ, cwd):
+    """The notebook ``UVKERNEL_NOTEBOOK`` names, as the user meant it; it must exist.
+
+    The user typed it relative to the folder they ran the command in, but nbconvert, `jupyter
+    execute` and papermill start the kernel in the notebook's folder: `a/report.ipynb` from the
+    shell's folder would become `a/a/report.ipynb`. The shell's folder is still in $PWD (a
+    subprocess's cwd= does not change it), so a relative path is looked up there first.
+    """
+    path = os.path.expanduser(value)
+    if os.path.isabs(path):
+        candidates = [path]
+    else:
+        shell_dir = environ.get("PWD", "")
+        bases = [shell_dir] if os.path.isabs(shell_dir) and shell_dir != cwd else []
+        candidates = [os.path.join(base, path) for base in bases + [cwd]]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return os.path.realpath(candidate)
+    raise StubError(
+        "UVKERNEL_NOTEBOOK=%r names no existing notebook (looked for %s). Set it to the notebook "
+        "this kernel runs (papermill: the input notebook, not the output), absolute or relative to "
+        "the folder you run the command in." % (value, " and ".join(candidates))
+    )
 
 
 def _absolute(path, cwd, strip_overlap=False):
@@ -152,6 +179,14 @@ def hold_kernel_ports(connection_file):
 
 def connect_or_start(socket_path, environ):
     try:
+        return _connect_or_start(socket_path, environ)
+    except client.UntrustedDaemon as exc:
+        # Never retried, never auto-started over: someone else's process holds our socket.
+        raise StubError(str(exc)) from None
+
+
+def _connect_or_start(socket_path, environ):
+    try:
         return client.connect(socket_path)
     except client.DaemonNotRunning:
         pass
@@ -167,9 +202,15 @@ def connect_or_start(socket_path, environ):
 def _start_daemon_and_connect(socket_path, environ):
     import fcntl
 
-    folder = os.path.dirname(socket_path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    lock_fd = os.open(socket_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    from uvkerneld import fsafety
+
+    # The same rules as the daemon's own start: never a folder, lock or log another user controls.
+    try:
+        fsafety.secure_dir(os.path.dirname(socket_path), 0o700, "socket folder",
+                           sticky_leaf=os.path.basename(socket_path))
+        lock_fd = fsafety.open_own(socket_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600, "daemon start lock")
+    except fsafety.UnsafePath as exc:
+        raise StubError(str(exc)) from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         # Another stub may have started the daemon while we waited for the lock.
@@ -178,7 +219,14 @@ def _start_daemon_and_connect(socket_path, environ):
         except client.DaemonNotRunning:
             pass
         log_path = locations.daemon_log_path(socket_path)
-        pid = _spawn_daemon(socket_path, log_path, environ)
+        try:
+            log_fd = fsafety.open_own(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600, "daemon log")
+        except fsafety.UnsafePath as exc:
+            raise StubError(str(exc)) from None
+        try:
+            pid = _spawn_daemon(socket_path, log_fd, environ)
+        finally:
+            os.close(log_fd)
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while True:
             try:
@@ -200,10 +248,11 @@ def _start_daemon_and_connect(socket_path, environ):
         os.close(lock_fd)
 
 
-def _spawn_daemon(socket_path, log_path, environ):
+def _spawn_daemon(socket_path, log_fd, environ):
     """Start ``uvkerneld`` fully detached (double fork, own session); return its pid."""
     env = {k: v for k, v in environ.items() if k not in _KERNEL_ONLY_VARS}
     argv = [sys.executable, "-m", "uvkerneld", "--socket", socket_path, "--started-by-kernel"]
+    distribution_dir = _distribution_dir()
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked children
@@ -216,11 +265,10 @@ def _spawn_daemon(socket_path, log_path, environ):
                 os._exit(0)
             os.close(write_end)
             null = os.open(os.devnull, os.O_RDONLY)
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(null, 0)
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
-            os.chdir("/")
+            os.chdir(distribution_dir)
             os.execve(argv[0], argv, env)
         finally:
             os._exit(127)
@@ -231,6 +279,13 @@ def _spawn_daemon(socket_path, log_path, environ):
     if not data:
         raise StubError("could not start uvkerneld (fork failed)")
     return int(data)
+
+
+def _distribution_dir():
+    """The folder holding the uvkerneld this stub imported. ``python -m`` looks in its cwd first:
+    run from here, the daemon and the fallback kernel are the same code as this stub (not another
+    copy in site-packages, nor a same-named file in the notebook's folder)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(client.__file__)))
 
 
 def _alive(pid):
@@ -287,10 +342,10 @@ def acquire_timeout(environ):
         timeout = float(value)
     except ValueError:
         timeout = -1.0
-    if not 0 < timeout < float("inf"):
+    if not 0 < timeout <= MAX_ACQUIRE_TIMEOUT:
         raise StubError(
-            "UVKERNEL_ACQUIRE_TIMEOUT=%r is not a number of seconds > 0; unset it to wait up to %.0f s"
-            % (value, DEFAULT_ACQUIRE_TIMEOUT)
+            "UVKERNEL_ACQUIRE_TIMEOUT=%r is not a number of seconds > 0 and <= %.0f; unset it to wait "
+            "up to %.0f s" % (value, MAX_ACQUIRE_TIMEOUT, DEFAULT_ACQUIRE_TIMEOUT)
         )
     return timeout
 
@@ -335,7 +390,8 @@ def exec_fallback(message, connection_file, passthrough):
     sys.stderr.flush()
     env = dict(os.environ)
     env["UVKERNEL_ERROR"] = message
-    argv = [sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", connection_file] + passthrough
+    argv = [sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", os.path.abspath(connection_file)] + passthrough
+    os.chdir(_distribution_dir())
     os.execve(sys.executable, argv, env)
 
 

@@ -34,4 +34,7 @@ def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     assert figures["parallel_installs"]["ratio"] > 0
     disk = figures["disk"]
     assert disk["notebooks"] == 2 and 0 < disk["ratio"] < 1 and disk["per_env_unshared_bytes"] > 0
+    abuse = figures["abuse"]
+    assert abuse["held_open"] <= abuse["limits"]["max_connections_per_uid"] and abuse["status_max_ms"] > 0
+    assert abuse["partial_refused"] > 0 and abuse["rss_partial_frames_mb"] > 0
     assert "kernel start, launch -> first kernel_info_reply" in result.stdout

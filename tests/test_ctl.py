@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sqlite3
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def test_list_and_status_count_envs_and_live_kernels(ctl_daemon: Daemon, layout:
         assert status["envs"]["total"] == 3 and status["envs"]["live"] == 1
         table = ctl(layout, "list").stdout
         assert str(notebook) in table and "env:first" in table and "yes" in table
+        # The PYTHON column: each venv's version (the daemon builds them with this interpreter).
+        assert table.splitlines()[0].split()[4] == "PYTHON"  # after "NOTEBOOK / KEY" and "OWNER"
+        assert [line.split()[2] for line in table.splitlines()[1:]] == [platform.python_version()] * 3
     wait_until(lambda: ctl_json(layout, "status")["envs"]["live"] == 0, 30, "the kernel to be seen gone")
     assert all(row["live"] is False for row in ctl_json(layout, "list"))
 
@@ -140,7 +144,7 @@ def test_show_export_and_rm(ctl_daemon: Daemon, layout: Layout) -> None:
     assert not os.path.exists(env_path)
     missing = ctl(layout, "rm", str(notebook))
     assert missing.returncode == 4 and "has no env for notebook:%s" % notebook in missing.stderr
-    assert ctl(layout, "show", "e-000000000000").returncode == 3
+    assert ctl(layout, "show", "e-000000000000").returncode == 4  # not found, as for rm
 
 
 def test_rm_refuses_an_env_with_a_running_kernel(ctl_daemon: Daemon, layout: Layout, kernelspec: str) -> None:

@@ -227,7 +227,7 @@ def test_only_the_owner_may_install_and_pooled_or_unknown_envs_are_refused(layou
         daemon.wait_pool_full()
         (pooled,) = [p for p in layout.venvs_dir.glob("e-*")]
         for path in (str(pooled), str(layout.venvs_dir / "e-000000000000"), "/usr"):
-            with pytest.raises(protocol.NotAllowed, match="does not own an env at"):
+            with pytest.raises(protocol.NotFound, match="does not own an env at"):
                 layout.request("pip", {"env": path, "argv": ["install", "six"]})
     finally:
         daemon.stop()
@@ -336,3 +336,27 @@ def test_sigterm_during_an_install_leaves_the_env_rebuildable(layout: Layout) ->
         assert installed_version(rebuilt, "six") == "1.16.0"
     finally:
         daemon.stop()
+
+
+def test_uv_gets_requirement_files_as_checked_with_their_options_on_its_command_line(tmp_path: Any) -> None:
+    """What uv reads is what the daemon checked: options move to argv, the file keeps requirements."""
+    from types import SimpleNamespace
+
+    from uvkerneld.installs import InstallManager
+
+    manager = InstallManager(SimpleNamespace(mode="system", max_parallel_installs=1), None, None)  # type: ignore[arg-type]
+    files = ["--index-url https://idx/simple\n--pre\nsix==1.16.0 \\\n  --hash=sha256:00ff\n",
+             "-i https://idx/simple\n--extra-index-url https://extra/simple\nidna<4\n"]
+    validated = manager._validate(["install", "--pre", "-r", "a.txt", "-c", "b.txt"], files)
+    flags = manager._materialize_files(validated, str(tmp_path))
+    assert flags == ["--prerelease=allow", "-r", str(tmp_path / "requirements-0.txt"), "--default-index",
+                     "https://idx/simple", "-c", str(tmp_path / "requirements-1.txt"),
+                     "--extra-index-url", "https://extra/simple"]
+    assert (tmp_path / "requirements-0.txt").read_text() == "six==1.16.0 --hash=sha256:00ff\n"
+    assert (tmp_path / "requirements-1.txt").read_text() == "idna<4\n"
+    with pytest.raises(protocol.BadRequest, match="given more than once"):
+        manager._validate(["install", "-i", "https://other/simple", "-r", "a.txt"], files[:1])
+    with pytest.raises(protocol.NotAllowed, match="installing from a local path"):
+        manager._validate(["install", "-r", "a.txt"], ["pkg@file:///home/ub/pkg\n"])
+    with pytest.raises(protocol.NotAllowed, match="pkg needs a build"):
+        manager._validate(["install", "-c", "a.txt", "six"], ["pkg @ git+https://host/pkg\n"])

@@ -11,6 +11,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import pytest
 from helpers import Daemon, Layout, process_alive, processes_matching, read_message, run_code, running_kernel, wait_until
 from jupyter_client.manager import KernelManager
 
@@ -151,12 +152,15 @@ def test_no_daemon_and_autostart_off_shows_the_reason_in_the_notebook(layout: La
     assert "uvkerneld is not running (nothing answers on %s)" % layout.socket in reply["content"]["evalue"]
 
 
-def test_a_bad_acquire_timeout_shows_the_reason_in_the_notebook(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
-    with running_kernel(layout, kernelspec, UVKERNEL_ACQUIRE_TIMEOUT="soon") as (_, kernel):
+@pytest.mark.parametrize("value", ["soon", "1e10"])  # 1e10: the socket timeout overflowed, the kernel died
+def test_a_bad_acquire_timeout_shows_the_reason_in_the_notebook(
+    bare_daemon: Daemon, layout: Layout, kernelspec: str, value: str
+) -> None:
+    with running_kernel(layout, kernelspec, UVKERNEL_ACQUIRE_TIMEOUT=value) as (_, kernel):
         reply = kernel.execute_interactive("1 + 1", timeout=60)
     assert reply["content"]["ename"] == "EnvironmentUnavailable"
-    assert ("UVKERNEL_ACQUIRE_TIMEOUT='soon' is not a number of seconds > 0; unset it to wait up to 600 s"
-            in reply["content"]["evalue"])
+    assert ("UVKERNEL_ACQUIRE_TIMEOUT=%r is not a number of seconds > 0 and <= 86400; unset it to wait up to "
+            "600 s" % value in reply["content"]["evalue"])
 
 
 def test_a_damaged_env_is_replaced_instead_of_failing_the_kernel(

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kernel_stub.stub import IDENTITY_MARKER, identity_fingerprint, parse_argv, resolve_key
+from kernel_stub.stub import IDENTITY_MARKER, StubError, identity_fingerprint, parse_argv, resolve_key
 
 
 def test_explicit_env_name_wins_over_everything() -> None:
@@ -15,8 +15,29 @@ def test_explicit_env_name_wins_over_everything() -> None:
 
 
 def test_explicit_notebook_beats_session_name_and_resolves_against_cwd(tmp_path: os.PathLike) -> None:
+    open(os.path.join(str(tmp_path), "report.ipynb"), "w").close()
     environ = {"UVKERNEL_NOTEBOOK": "report.ipynb", "JPY_SESSION_NAME": "/elsewhere/b.ipynb"}
     assert resolve_key(environ, str(tmp_path))[:2] == ("notebook", os.path.join(str(tmp_path), "report.ipynb"))
+
+
+def test_a_relative_notebook_is_looked_up_in_the_shells_folder_first(tmp_path: os.PathLike) -> None:
+    # `UVKERNEL_NOTEBOOK=a/report.ipynb jupyter execute a/report.ipynb`: the kernel's cwd is a/.
+    shell_dir = str(tmp_path)
+    os.mkdir(os.path.join(shell_dir, "a"))
+    open(os.path.join(shell_dir, "a", "report.ipynb"), "w").close()
+    environ = {"UVKERNEL_NOTEBOOK": "a/report.ipynb", "PWD": shell_dir}
+    expected = os.path.join(shell_dir, "a", "report.ipynb")
+    assert resolve_key(environ, os.path.join(shell_dir, "a"))[:2] == ("notebook", expected)
+    # No such file from the shell's folder (a stale $PWD): the kernel's cwd, as before.
+    environ = {"UVKERNEL_NOTEBOOK": "report.ipynb", "PWD": shell_dir}
+    assert resolve_key(environ, os.path.join(shell_dir, "a"))[:2] == ("notebook", expected)
+
+
+def test_a_notebook_key_that_names_no_file_is_refused(tmp_path: os.PathLike) -> None:
+    environ = {"UVKERNEL_NOTEBOOK": "a/missing.ipynb", "PWD": "/srv"}
+    with pytest.raises(StubError, match=r"UVKERNEL_NOTEBOOK='a/missing.ipynb' names no existing notebook "
+                       r"\(looked for /srv/a/missing.ipynb and %s/a/missing.ipynb\)" % tmp_path):
+        resolve_key(environ, str(tmp_path))
 
 
 def test_session_name_absolute_path_as_jupyter_server_sets_it() -> None:
@@ -51,10 +72,12 @@ def test_kernel_started_inside_a_uv_kernel_does_not_reuse_the_parents_env() -> N
     assert note is not None and "inherited" in note and "UVKERNEL_NOTEBOOK" in note
 
 
-def test_child_kernel_with_a_new_explicit_notebook_gets_that_notebook() -> None:
+def test_child_kernel_with_a_new_explicit_notebook_gets_that_notebook(tmp_path: os.PathLike) -> None:
+    child_notebook = os.path.join(str(tmp_path), "child.ipynb")
+    open(child_notebook, "w").close()
     parent = {"JPY_SESSION_NAME": "/srv/nb/parent.ipynb"}
-    child = dict(parent, UVKERNEL_NOTEBOOK="/srv/nb/child.ipynb", **{IDENTITY_MARKER: identity_fingerprint(parent)})
-    assert resolve_key(child, "/srv/nb")[:2] == ("notebook", "/srv/nb/child.ipynb")
+    child = dict(parent, UVKERNEL_NOTEBOOK=child_notebook, **{IDENTITY_MARKER: identity_fingerprint(parent)})
+    assert resolve_key(child, "/srv/nb")[:2] == ("notebook", child_notebook)
 
 
 def test_kernel_restarted_by_the_server_keeps_its_notebook() -> None:

@@ -230,7 +230,7 @@ def test_error_codes_are_stable_and_rebuild_on_the_client() -> None:
     assert sorted(protocol.ERROR_CLASSES) == sorted([
         "frame_too_large", "truncated_frame", "not_json", "bad_request", "unknown_op",
         "unsupported_version", "not_allowed", "not_found", "env_unavailable", "shutting_down",
-        "internal",
+        "internal", "over_limit",
     ])
     for code, cls in protocol.ERROR_CLASSES.items():
         rebuilt = protocol.error_from_wire({"code": code, "message": "m"})
@@ -308,3 +308,31 @@ def test_fastjson_nan_and_errors_behave_like_json() -> None:
     # A failed call leaves nothing behind for the next one.
     assert fastjson.dumps([[1], [1]]) == "[[1],[1]]"
 
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"key": {"kind": "notebook", "value": "/home/u/caf\udce9.ipynb"}},
+        {"key": {"kind": "dir", "value": "/home/u/\ud800"}},
+    ],
+)
+def test_lone_surrogates_in_paths_are_bad_requests(args: dict) -> None:
+    with pytest.raises(BadRequest, match="not valid Unicode"):
+        protocol.parse_request(protocol.request(1, "acquire", args))
+
+
+def test_lone_surrogates_and_nul_in_pip_requests_are_bad_requests() -> None:
+    with pytest.raises(BadRequest, match="valid Unicode text without NUL"):
+        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "six\x00"]}))
+    with pytest.raises(BadRequest, match="valid Unicode text without NUL"):
+        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "\ud800"]}))
+    with pytest.raises(BadRequest, match='"env" must be the absolute path'):
+        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/\udce9", "argv": []}))
+
+
+def test_deep_json_is_not_json_and_surrogates_are_sent_as_escapes() -> None:
+    with pytest.raises(NotJson, match="nested too deeply"):
+        protocol.decode_body(b"[" * 100_000)
+    frame = protocol.encode_frame(protocol.error_response(None, UnknownOp("unknown op 'st\ud800tus'")))
+    assert decode_one(frame)["error"]["message"] == "unknown op 'st\ud800tus'"  # the escape round-trips

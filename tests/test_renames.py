@@ -172,7 +172,7 @@ def test_saves_reported_by_a_kernel_are_checked_and_recorded(bare_daemon: Daemon
     named = layout.request("acquire", {"key": {"kind": "env", "value": "named"}}, timeout=300)
     with pytest.raises(protocol.BadRequest, match="belongs to env:named, not to a notebook"):
         layout.request("notebook_saved", {"env": named["path"], "file": saved})
-    with pytest.raises(protocol.NotAllowed, match="does not own an env at /nowhere/e-000000000000"):
+    with pytest.raises(protocol.NotFound, match="does not own an env at /nowhere/e-000000000000"):
         layout.request("notebook_saved", {"env": "/nowhere/e-000000000000", "file": saved})
 
 

@@ -67,7 +67,9 @@ class Host:
         return dict(
             self.base_env(), HOME=str(home), JUPYTER_PATH=str(self.jupyter),
             JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTER_DATA_DIR=str(home / "data"),
-            JUPYTER_CONFIG_DIR=str(home / "config"), UVKERNELD_SOCKET=str(self.socket), **extra,
+            JUPYTER_CONFIG_DIR=str(home / "config"), UVKERNELD_SOCKET=str(self.socket),
+            # Clients trust only the daemon's uid; it has no passwd entry here, so name it.
+            **dict({"UVKERNELD_DAEMON_USER": str(DAEMON_UID)}, **extra),
         )
 
     def run_as(self, uid: int, argv: list[str], cwd: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -84,7 +86,12 @@ class Host:
     def kernel_as(self, uid: int, notebook: str, code: str) -> dict[str, Any]:
         """Start a kernel as ``uid`` through jupyter_client and the installed kernelspec, run code."""
         probe = self.root / "kernel_probe.py"
-        result = self.run_as(uid, [self.python, str(probe), code], UVKERNEL_NOTEBOOK=str(self.home(uid) / notebook))
+        path = self.home(uid) / notebook
+        if not path.exists():  # the kernel refuses a UVKERNEL_NOTEBOOK that names no file
+            assert self.run_as(uid, ["sh", "-c", 'echo "{}" > "$0"', str(path)]).returncode == 0
+        # No UVKERNELD_DAEMON_USER of our own: the kernelspec's must be what makes kernels trust the daemon.
+        result = self.run_as(uid, [self.python, str(probe), code], UVKERNEL_NOTEBOOK=str(path),
+                             UVKERNELD_DAEMON_USER="")
         assert result.returncode == 0, result.stdout + result.stderr
         return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -128,7 +135,7 @@ def host(uv_cache: Path) -> Iterator[Host]:
     subprocess.run([uv, "pip", "install", "-q", "--compile-bytecode", "--python", host.python, str(REPO)],
                    env=uv_env, check=True, timeout=600)
     subprocess.run([host.python, "-m", "uvkerneld.ctl", "install-kernelspec", "--prefix", str(root),
-                    "--socket", str(host.socket)], check=True, capture_output=True, timeout=120)
+                    "--socket", str(host.socket), "--daemon-user", str(DAEMON_UID)], check=True, capture_output=True, timeout=120)
     (root / "kernel_probe.py").write_text(KERNEL_PROBE)
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
     # What systemd's StateDirectory=/CacheDirectory=/RuntimeDirectory= would create for User=.
@@ -217,7 +224,7 @@ def test_users_cannot_touch_each_others_envs(host: Host) -> None:
                      ("installs", {"env": env_a}),
                      ("remove", {"env": env_a})):
         error = protocol_error_as(host, UID_B, op, args)
-        assert error["code"] == "not_allowed" and "uid %d does not own an env at %s" % (UID_B, env_a) in error["message"]
+        assert error["code"] == "not_found" and "uid %d does not own an env at %s" % (UID_B, env_a) in error["message"]
     # The shim in A's env, run by B, is refused the same way.
     result = host.run_as(UID_B, [env_a + "/bin/pip", "install", "six"])
     assert result.returncode == 2 and "does not own an env" in result.stderr
@@ -338,4 +345,374 @@ def test_a_notebook_saved_then_renamed_keeps_its_env_in_system_mode(host: Host) 
     # Reports are authorized like everything else: B cannot set the identity of A's env.
     error = protocol_error_as(host, UID_B, "notebook_saved",
                               {"env": prefix, "file": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4}})
-    assert error["code"] == "not_allowed" and "uid %d does not own an env at %s" % (UID_B, prefix) in error["message"]
+    assert error["code"] == "not_found" and "uid %d does not own an env at %s" % (UID_B, prefix) in error["message"]
+
+
+# --- issue 9: what a user's %pip may make the daemon do ---------------------------------------------
+
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import zipfile  # noqa: E402
+
+
+def make_wheel(directory: Path, name: str, version: str, module_text: str, extra: dict[str, str] | None = None) -> Path:
+    """A minimal pure-Python wheel (module ``name`` with ``module_text``, plus ``extra`` files
+    at the top of site-packages), built by hand."""
+    module = name.replace("-", "_")
+    dist_info = "%s-%s.dist-info" % (module, version)
+    files = {
+        "%s/__init__.py" % module: module_text,
+        "%s/METADATA" % dist_info: "Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (name, version),
+        "%s/WHEEL" % dist_info: "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        **(extra or {}),
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d" % (path, digest, len(text.encode())))
+    record.append("%s/RECORD,," % dist_info)
+    files["%s/RECORD" % dist_info] = "\n".join(record) + "\n"
+    wheel = directory / ("%s-%s-py3-none-any.whl" % (module, version))
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def make_malicious_sdist(directory: Path, marker: Path, venvs_dir: Path) -> Path:
+    """An sdist whose in-tree build backend does what an attacker's would: note who ran it, and
+    plant a .pth in every venv it can write (a .pth runs at every interpreter start)."""
+    backend = textwrap.dedent('''
+        import glob, os
+        def _attack():
+            with open(%r, "w") as handle:
+                handle.write(str(os.getuid()))
+            for site in glob.glob(%r + "/*/lib/python*/site-packages"):
+                try:
+                    with open(os.path.join(site, "zz_evil.pth"), "w") as handle:
+                        handle.write("import os; open(%r + '.pth-ran', 'a').write(str(os.getuid()))\\n")
+                except OSError:
+                    pass
+        def get_requires_for_build_wheel(config_settings=None):
+            _attack()
+            return []
+        def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+            _attack()
+            raise RuntimeError("done")
+        def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+            _attack()
+            raise RuntimeError("done")
+        ''') % (str(marker), str(venvs_dir), str(marker))
+    files = {
+        "pyproject.toml": '[project]\nname = "evilpkg"\nversion = "1.0"\n\n[build-system]\nrequires = []\n'
+                          'build-backend = "backend"\nbackend-path = ["."]\n',
+        "backend.py": backend,
+        "PKG-INFO": "Metadata-Version: 2.1\nName: evilpkg\nVersion: 1.0\n",
+    }
+    sdist = directory / "evilpkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo("evilpkg-1.0/" + path)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return sdist
+
+
+def write_simple_index(root: Path, distributions: list[Path]) -> None:
+    """A PEP 503 simple index under root/simple for the given files (copied to root/files)."""
+    (root / "files").mkdir(parents=True, exist_ok=True)
+    projects: dict[str, list[Path]] = {}
+    for dist in distributions:
+        shutil.copy(dist, root / "files" / dist.name)
+        name = dist.name.split("-")[0].replace("_", "-").lower()
+        projects.setdefault(name, []).append(dist)
+    for name, dists in projects.items():
+        page = root / "simple" / name
+        page.mkdir(parents=True, exist_ok=True)
+        links = "".join('<a href="../../files/%s#sha256=%s">%s</a>\n'
+                        % (d.name, hashlib.sha256(d.read_bytes()).hexdigest(), d.name) for d in dists)
+        (page / "index.html").write_text("<!DOCTYPE html><html><body>\n%s</body></html>\n" % links)
+    (root / "simple" / "index.html").write_text(
+        "<!DOCTYPE html><html><body>%s</body></html>" % "".join('<a href="%s/">%s</a>' % (n, n) for n in projects))
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+
+
+class IndexServer:
+    """``python -m http.server`` on 127.0.0.1 serving a directory: an index someone runs."""
+
+    def __init__(self, root: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 30, "the local index on port %d" % self.port)
+        self.url = "http://127.0.0.1:%d/simple" % self.port
+
+    def _answers(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def attack_files(host: Host) -> Iterator[dict[str, Any]]:
+    """A world-writable drop for markers, a malicious sdist behind a local index, a local wheel."""
+    base = host.root / "attack"
+    drop = base / "drop"
+    drop.mkdir(parents=True)
+    drop.chmod(0o1777)
+    build = base / "build"
+    build.mkdir()
+    marker = drop / "built-by"
+    sdist = make_malicious_sdist(build, marker, host.venvs_dir)
+    local_wheel = make_wheel(build, "localpkg", "1.0", "WHERE = 'a file only the daemon should never read for you'\n")
+    write_simple_index(base / "index", [sdist, local_wheel])
+    subprocess.run(["chmod", "-R", "a+rX", str(build)], check=True)
+    server = IndexServer(base / "index")
+    try:
+        yield {"marker": marker, "index": server.url, "sdist_url": "http://127.0.0.1:%d/files/%s" % (server.port, sdist.name),
+               "wheel": local_wheel, "file_index": "file://%s/simple" % (base / "index")}
+    finally:
+        server.stop()
+
+
+def cache_entries_named(host: Host, needle: str) -> list[str]:
+    """Cache entries for a distribution (uv may keep the index page it read; that is no code)."""
+    return [str(path) for path in host.cache_dir.rglob("*")
+            if needle in path.name and not path.relative_to(host.cache_dir).parts[0].startswith("simple-v")]
+
+
+def test_a_users_sdist_never_builds_with_the_daemons_rights(host: Host, attack_files: dict[str, Any]) -> None:
+    marker = attack_files["marker"]
+    env_a = env_of(host, UID_A, "sdist.ipynb")
+    requirements = host.home(UID_A) / "sdist-req.txt"
+    host.run_as(UID_A, ["sh", "-c", "printf -- '--index-url %s\\nevilpkg\\n' > %s" % (attack_files["index"], requirements)])
+    attempts = {
+        "index": (["install", "-i", attack_files["index"], "evilpkg"], 1, "wheels only"),
+        "requirements file": (["install", "-r", str(requirements)], 1, "wheels only"),
+        "direct URL": (["install", "evilpkg @ " + attack_files["sdist_url"]], 2, "evilpkg needs a build"),
+        "VCS": (["install", "evilpkg @ git+http://127.0.0.1:9/evil.git"], 2, "evilpkg needs a build"),
+    }
+    for what, (argv, status, message) in attempts.items():
+        result = host.run_as(UID_A, [env_a + "/bin/pip", *argv])
+        print("%s: exit %d; %s" % (what, result.returncode, (result.stdout + result.stderr).strip().splitlines()[-1:]))
+        assert not marker.exists(), "%s: the build backend ran as uid %s" % (what, marker.read_text())
+        assert result.returncode == status, result.stdout + result.stderr
+        assert message in result.stdout + result.stderr
+        assert "this shared host installs wheels only" in result.stdout + result.stderr
+    assert not list(host.venvs_dir.glob("*/lib/python*/site-packages/zz_evil.pth"))
+    assert not list(host.venvs_dir.glob("*/lib/python*/site-packages/evilpkg*"))
+    assert cache_entries_named(host, "evilpkg") == [], "the sdist reached the shared cache"
+
+
+def test_local_paths_hidden_in_urls_and_requirement_files_are_refused(host: Host, attack_files: dict[str, Any]) -> None:
+    """Each of these made the daemon read a path a user named (a wheel anyone may read, here)."""
+    env_b = env_of(host, UID_B, "paths.ipynb")
+    home = host.home(UID_B)
+    wheel = attack_files["wheel"]
+    nested = home / "nested.txt"
+    file_index = attack_files["file_index"]
+    texts = {
+        "pep508.txt": "localpkg @ file://%s\n" % wheel,
+        "index.txt": "--index-url %s\nlocalpkg\n" % file_index,
+        "extra.txt": "--extra-index-url=%s\nlocalpkg\n" % file_index,
+        "find-links.txt": "--find-links %s\nlocalpkg\n" % wheel.parent,
+        "trusted.txt": "--trusted-host 127.0.0.1\nlocalpkg\n",
+        "variable.txt": "localpkg @ file://${HOME}/../../../attack/build/%s\n" % wheel.name,
+        "continued.txt": "six \\\n--index-url %s\n" % file_index,
+        "include.txt": "-r nested.txt\n",
+        "editable.txt": "-e git+https://127.0.0.1:9/x.git#egg=x\n",
+        "path.txt": "%s\n" % wheel,
+    }
+    host.run_as(UID_B, ["sh", "-c", "printf -- '-i %s\\nlocalpkg\\n' > %s" % (file_index, nested)])
+    for name, text in texts.items():
+        (home / name).write_text(text)
+        os.chown(home / name, UID_B, UID_B)
+    (home / "pins.txt").write_text("localpkg @ file://%s\n" % wheel)
+    os.chown(home / "pins.txt", UID_B, UID_B)
+    attempts = [
+        (["install", "localpkg@file://%s" % wheel], "installing from a local path (localpkg@file://"),
+        (["install", "localpkg @ file:%s" % wheel], "installing from a local path (localpkg @ file:"),
+        (["install", "localpkg @ %s" % wheel], "installing from a local path"),
+        (["install", "-r", "pep508.txt"], "installing from a local path (localpkg @ file://"),
+        (["install", "-r", "index.txt"], "requirements line 1: --index-url must be an http(s) URL"),
+        (["install", "-r", "extra.txt"], "requirements line 1: --extra-index-url must be an http(s) URL"),
+        (["install", "-r", "find-links.txt"], "option --find-links is not supported"),
+        (["install", "-r", "trusted.txt"], "option --trusted-host is not supported"),
+        (["install", "-r", "variable.txt"], "environment variables are not expanded"),
+        (["install", "-r", "continued.txt"], "only --hash=ALGORITHM:DIGEST may follow a requirement"),
+        (["install", "-r", "include.txt"], "requirements line 1: -i must be an http(s) URL"),
+        (["install", "-r", "editable.txt"], "x needs a build"),
+        (["install", "-r", "path.txt"], "installing from a local path"),
+        (["install", "six", "-c", "pins.txt"], "installing from a local path (localpkg @ file://"),
+    ]
+    for argv, message in attempts:
+        result = host.run_as(UID_B, [env_b + "/bin/pip", *argv], cwd=home)
+        assert result.returncode == 2 and message in result.stderr, (argv, result.stdout + result.stderr)
+    # A client that skips the shim and sends the contents itself meets the same checks.
+    for text, message in (("localpkg @ file://%s\n" % wheel, "installing from a local path"),
+                          ("-i %s\nlocalpkg\n" % file_index, "-i must be an http(s) URL"),
+                          ("six\r--index-url %s\n" % file_index, "--index-url must be an http(s) URL"),
+                          ("six \\\n  -i=%s\n" % file_index, "only --hash=ALGORITHM:DIGEST may follow"),
+                          ("six\u2028-i %s\n" % file_index, "control character")):
+        error = protocol_error_as(host, UID_B, "pip", {"env": env_b, "argv": ["install", "-r", "r.txt"], "files": [text]})
+        assert error["code"] in ("bad_request", "not_allowed") and message in error["message"], (text, error)
+    assert not list(Path(env_b).glob("lib/python*/site-packages/localpkg*"))
+
+
+def test_no_user_can_open_the_shared_cache(host: Host) -> None:
+    """uv's cache lock file was 0666: flock -x on it stalled every install on the host."""
+    assert host.cache_dir.stat().st_mode & 0o777 == 0o700
+    lock = host.cache_dir / ".lock"
+    assert lock.exists(), "uv made no cache lock: the test no longer looks at the right file"
+    verdict = host.python_as(UID_B, """
+        import fcntl, json, os, sys
+        facts = {}
+        for name, action in (("lock", lambda: fcntl.flock(open(sys.argv[1], "rb"), fcntl.LOCK_EX | fcntl.LOCK_NB)),
+                             ("list", lambda: os.listdir(sys.argv[2]))):
+            try:
+                action()
+                facts[name] = "allowed"
+            except PermissionError:
+                facts[name] = "denied"
+        print(json.dumps(facts))
+        """, str(lock), str(host.cache_dir))
+    assert verdict == {"lock": "denied", "list": "denied"}
+    # Kernels read the same files through their hardlinks in the venvs.
+    result = host.kernel_as(UID_A, "cache.ipynb", "import ipykernel, os; print('imported', os.getuid())")
+    assert "imported %d" % UID_A in result["output"], result
+
+
+def test_a_users_index_beats_the_daemons_default_index(host: Host) -> None:
+    """UV_DEFAULT_INDEX in the daemon's environment silently beat a user's explicit -i."""
+    base = host.root / "precedence"
+    servers = []
+    for name, version, source in (("a", "1.0", "daemon default"), ("b", "2.0", "user index")):
+        (base / name / "build").mkdir(parents=True)
+        wheel = make_wheel(base / name / "build", "uvk-i9-probe", version, "SOURCE = %r\n" % source)
+        write_simple_index(base / name / "index", [wheel])
+        servers.append(IndexServer(base / name / "index"))
+    daemon_index, user_index = servers[0].url, servers[1].url
+    run = base / "run"
+    for directory in (run, base / "state"):
+        directory.mkdir(parents=True)
+        os.chown(directory, DAEMON_UID, DAEMON_UID)
+    sock = run / "d.sock"
+    log = open(base / "daemon.log", "wb")
+    # The admin's default index is the local one; PyPI (as an extra index) still serves ipykernel.
+    daemon = subprocess.Popen(
+        [host.python, "-m", "uvkerneld", "--mode", "system", "--socket", str(sock), "--state-dir", str(base / "state"),
+         "--cache-dir", str(host.cache_dir), "--venvs-dir", str(base / "state" / "venvs"), "--pool-size", "0"],
+        user=DAEMON_UID, group=DAEMON_UID, extra_groups=[], cwd="/", stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT, env=dict(host.base_env(), HOME=str(base / "state"), UV_DEFAULT_INDEX=daemon_index,
+                                           UV_INDEX="https://pypi.org/simple"),
+    )
+    log.close()
+    try:
+        wait_until(sock.exists, 60, "the second daemon's socket")
+
+        def as_user(argv: list[str]) -> subprocess.CompletedProcess[str]:
+            env = dict(host.user_env(UID_A), UVKERNELD_SOCKET=str(sock))
+            return subprocess.run(argv, user=UID_A, group=UID_A, extra_groups=[], env=env, cwd=str(host.home(UID_A)),
+                                  capture_output=True, text=True, timeout=600)
+
+        def env_for(notebook: str) -> str:
+            result = as_user([host.python, "-c", "import json, sys; from uvkerneld import client; print(client.request("
+                              "sys.argv[1], 'acquire', {'key': {'kind': 'notebook', 'value': sys.argv[2]}}, 600)['path'])",
+                              str(sock), str(host.home(UID_A) / notebook)])
+            assert result.returncode == 0, result.stdout + result.stderr + (base / "daemon.log").read_text()
+            return result.stdout.strip().splitlines()[-1]
+
+        def installed_source(env: str) -> str:
+            result = as_user([env + "/bin/python", "-c", "import uvk_i9_probe; print(uvk_i9_probe.SOURCE)"])
+            assert result.returncode == 0, result.stdout + result.stderr
+            return result.stdout.strip()
+
+        # Naming no index: the daemon's environment default applies.
+        plain = env_for("plain.ipynb")
+        result = as_user([plain + "/bin/pip", "install", "uvk-i9-probe"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert installed_source(plain) == "daemon default"
+        # The user's -i for their own env wins, on the command line and in a requirements file.
+        explicit = env_for("explicit.ipynb")
+        result = as_user([explicit + "/bin/pip", "install", "-i", user_index, "uvk-i9-probe"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert installed_source(explicit) == "user index"
+        requirements = host.home(UID_A) / "precedence.txt"
+        as_user(["sh", "-c", "printf -- '--index-url %s\\nuvk-i9-probe==2.0\\n' > %s" % (user_index, requirements)])
+        result = as_user([plain + "/bin/pip", "install", "-r", str(requirements)])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert installed_source(plain) == "user index"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            assert daemon.wait(60) == 0, (base / "daemon.log").read_text()
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+            for server in servers:
+                server.stop()
+
+
+def test_doctor_as_a_user_looks_past_the_private_cache(host: Host) -> None:
+    """The system unit makes the cache's parent 0700 too: a user cannot even stat the cache."""
+    private = host.root / "private-cache"
+    (private / "uv").mkdir(parents=True, exist_ok=True)
+    os.chown(private, DAEMON_UID, DAEMON_UID)
+    private.chmod(0o700)
+    found = host.python_as(UID_A, """
+        import json, sys
+        from pathlib import Path
+        from uvkerneld.doctor import _existing_parent
+        print(json.dumps(str(_existing_parent(Path(sys.argv[1])))))
+        """, str(private / "uv"))
+    assert found == str(private)  # it exists; what is inside it cannot be looked at
+
+
+def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(host: Host, attack_files: dict[str, Any]) -> None:
+    """uv runs an env's own Python (site-packages and all) whenever its interpreter cache misses:
+    a wheel's .pth or sitecustomize then ran as the daemon. Wheels are allowed; their hooks are not."""
+    drop = attack_files["marker"].parent
+    marker = drop / "hook-ran"
+    run_hook = "import os; open(%r, 'a').write('%%s:%%d ' %% (__name__, os.getuid()))\n" % str(marker)
+    base = host.root / "hooks"
+    (base / "build").mkdir(parents=True)
+    (drop / "sitecustomize.py").write_text(run_hook)
+    wheel = make_wheel(base / "build", "hookpkg", "1.0", "X = 1\n", extra={
+        "zz_hookpkg.pth": run_hook, "sitecustomize.py": run_hook, "zz_outside.pth": str(drop) + "\n",
+        "zz_inside.pth": "hookpkg\n",
+    })
+    write_simple_index(base / "index", [wheel])
+    server = IndexServer(base / "index")
+    try:
+        env_b = env_of(host, UID_B, "hooks.ipynb")
+        result = host.run_as(UID_B, [env_b + "/bin/pip", "install", "-i", server.url, "hookpkg"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert ("removed sitecustomize.py, zz_hookpkg.pth, zz_outside.pth from this env: code that runs at every "
+                "Python start is not allowed on a shared host") in result.stdout
+        site = next(Path(env_b).glob("lib/python*/site-packages"))
+        assert sorted(path.name for path in site.glob("*.pth")) == ["zz_inside.pth"]
+        assert (site / "hookpkg" / "__init__.py").exists()
+        # What a uv upgrade (a new interpreter cache bucket) or `uv cache clean` does: uv queries
+        # every env's Python again, as the daemon.
+        for bucket in host.cache_dir.glob("interpreter-v*"):
+            shutil.rmtree(bucket)
+        result = host.run_as(UID_B, [env_b + "/bin/pip", "list"])
+        assert result.returncode == 0 and "hookpkg" in result.stdout, result.stdout + result.stderr
+        assert not marker.exists(), "a startup hook ran as the daemon: " + marker.read_text()
+    finally:
+        server.stop()

@@ -1,6 +1,6 @@
 """``uvkernelctl``: see and control the daemon. Only this module prints and exits.
 
-Exit status: 0 ok; 1 the daemon is not running; 2 bad usage or bad input; 3 not allowed;
+Exit status: 0 ok; 1 the daemon is not running (or what answers is not the daemon); 2 bad usage or bad input; 3 not allowed;
 4 not found; 5 the daemon failed the request; 6 doctor found a FAIL.
 """
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--cache-dir", metavar="DIR", help="uv cache for a daemon this kernel starts")
     spec.add_argument("--venvs-dir", metavar="DIR", help="venvs dir for a daemon this kernel starts")
     spec.add_argument("--link-mode", choices=LINK_MODES, help="uv link mode for a daemon this kernel starts")
+    spec.add_argument("--daemon-user", metavar="USER",
+                      help="user (name or uid) the system daemon runs as; kernels trust no other "
+                      "(besides themselves and root). Default: the account uvkerneld, if it exists")
 
     units = commands.add_parser("install-systemd", help="install the systemd socket and service units")
     units.add_argument("--user", action="store_true", help="user units (systemctl --user), else system units")
@@ -157,6 +160,8 @@ def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,
         raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
     except protocol.UvkError as exc:
         raise CtlError(exc.message, _EXIT_BY_CODE.get(exc.code, EXIT_DAEMON_ERROR)) from None
+    except client.UntrustedDaemon as exc:
+        raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
     except OSError as exc:
         raise CtlError("talking to uvkerneld at %s failed: %s" % (socket_path, exc), EXIT_DAEMON_ERROR) from None
 
@@ -280,7 +285,7 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     rows = [("NOTEBOOK / KEY", "OWNER", "PYTHON", "REQS", "DISK", "LAST USED", "LIVE", "STATE")]
     for env in result["envs"]:
         rows.append((
-            _key_label(env["key"]), str(env["owner_uid"]), os.path.basename(env["python"]), str(env["requirements"]),
+            _key_label(env["key"]), str(env["owner_uid"]), venv_python_version(env["path"]), str(env["requirements"]),
             human_bytes(env["disk_bytes"]), _ago(env["last_used_at"]), "yes" if env["live"] else "no", env["state"],
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -289,6 +294,20 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     if not result["envs"]:
         print("(no envs yet: open a notebook with the uv kernel)")
     return EXIT_OK
+
+
+def venv_python_version(venv: str) -> str:
+    """The venv's Python version from its pyvenv.cfg (read here, as the user: venvs are readable);
+    '?' when the venv is gone or half-made."""
+    try:
+        with open(os.path.join(venv, "pyvenv.cfg"), encoding="utf-8", errors="replace") as handle:
+            lines = handle.read(65536).splitlines()
+    except OSError:
+        return "?"
+    values = dict(line.split("=", 1) for line in lines if "=" in line)
+    values = {key.strip(): value.strip() for key, value in values.items()}
+    # uv writes version_info; the standard library's venv writes version.
+    return values.get("version_info") or values.get("version") or "?"
 
 
 def cmd_show(socket_path: str, args: argparse.Namespace) -> int:
@@ -445,6 +464,9 @@ def cmd_install_kernelspec(args: argparse.Namespace) -> int:
     from .kernelspec import KernelspecError, install
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
+    if args.daemon_user is not None and client.daemon_user({client.DAEMON_USER_ENV: args.daemon_user})[0] is None:
+        raise CtlError("--daemon-user %r is neither a uid nor a user on this host; give the name or "
+                       "uid the system daemon runs as" % args.daemon_user, EXIT_USAGE)
     try:
         destination = install(
             name=args.name,
@@ -455,6 +477,7 @@ def cmd_install_kernelspec(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             venvs_dir=args.venvs_dir,
             link_mode=args.link_mode,
+            daemon_user=args.daemon_user,
         )
     except KernelspecError as exc:
         raise CtlError(str(exc), EXIT_USAGE) from None

@@ -143,6 +143,9 @@ class DiskUsage:
 
     def _scan(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
         started = time.monotonic()
+        # "computed_at" is when the walk began: a change made while it ran may be missing, so a
+        # reader waiting for figures that include a change must not take this scan for one.
+        started_at = time.time()
         everything: set[tuple[int, int]] = set()
         cache = scan_tree(self.cache_dir, everything)
         venvs_seen: set[tuple[int, int]] = set()
@@ -162,7 +165,7 @@ class DiskUsage:
             real += usage.new
             beyond_cache += scan_tree(env_dir, everything).new
         figures = {
-            "computed_at": time.time(),
+            "computed_at": started_at,
             "scan_seconds": round(time.monotonic() - started, 3),
             "envs_scanned": len(entries),
             "cache_bytes": cache.real,

@@ -100,7 +100,12 @@ def _check_kernelspec(name: str) -> Check:
 
 
 def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    while path != path.parent:
+        try:
+            if path.exists():
+                break
+        except PermissionError:
+            pass  # inside a folder we may not enter (system mode's private cache): ask its parent
         path = path.parent
     return path
 

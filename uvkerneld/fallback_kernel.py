@@ -31,15 +31,12 @@ class EnvUnavailableKernel(IPythonKernel):
             "Fix the cause, then restart the kernel. `uvkernelctl status` shows the daemon's state."
             % self.reason
         )
+        error = {"ename": "EnvironmentUnavailable", "evalue": self.reason, "traceback": [text]}
         if not silent:
-            self.send_response(self.iopub_socket, "stream", {"name": "stderr", "text": text + "\n"})
-        return {
-            "status": "error",
-            "execution_count": self.execution_count,
-            "ename": "EnvironmentUnavailable",
-            "evalue": self.reason,
-            "traceback": [text],
-        }
+            # The cell's error output, as a failed cell's: JupyterLab, nbclient and papermill all
+            # read the reason from it (a stderr stream alone left papermill's message empty).
+            self.send_response(self.iopub_socket, "error", error)
+        return {"status": "error", "execution_count": self.execution_count, **error}
 
 
 def main() -> None:

@@ -23,9 +23,10 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable
 
-from . import pipargs, protocol, states
+from . import pipargs, protocol, startuphooks, states
 from .bytecode import SharedBytecode, sweep_orphaned_bytecode
 from .config import Config
 from .store import EnvRecord, Store
@@ -35,6 +36,8 @@ log = logging.getLogger("uvkerneld.installs")
 
 _CHANGE_LINE = re.compile(r"^ ([+\-~]) ([A-Za-z0-9][A-Za-z0-9._-]*)")
 MUTATING = ("install", "uninstall")
+# uv's words when --no-build stopped it (a resolver hint, or the build step itself).
+_BUILD_DISABLED = re.compile(r"Building source distributions.* is disabled|building from source is disabled")
 
 
 def changed_distributions(output: str) -> dict[str, list[str]]:
@@ -47,6 +50,33 @@ def changed_distributions(output: str) -> dict[str, list[str]]:
             name = pipargs.normalize_name(match.group(2))
             (removed if match.group(1) == "-" else added).append(name)
     return {"added": sorted(set(added)), "removed": sorted(set(removed))}
+
+
+async def _compile_without_site(python: str, venv: Path) -> None:
+    """Per-env bytecode for a shared host: the daemon's Python with -S compiles (never runs) the
+    env's files, so no startup hook of a user's package runs as the daemon."""
+    sites = [str(site) for site in venv.glob("lib/python*/site-packages")]
+    process = await asyncio.create_subprocess_exec(
+        python, "-I", "-S", "-m", "compileall", "-q", "-j", "0", *sites,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        cwd="/", start_new_session=True,
+    )
+    try:
+        await process.wait()  # files that are not valid Python compile at import, as always
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
+
+
+class Validated:
+    """A pip command and its requirement files, each checked, as uv will get them."""
+
+    __slots__ = ("command", "files")
+
+    def __init__(self, command: pipargs.PipCommand, files: list[pipargs.RequirementsText]) -> None:
+        self.command = command
+        self.files = files
 
 
 class InstallManager:
@@ -67,7 +97,8 @@ class InstallManager:
         self, record: EnvRecord, uid: int, argv: list[str], files: list[str], send_line: Callable[[str], None]
     ) -> dict[str, Any]:
         """Run one pip command in ``record`` (the caller checked that ``uid`` owns it)."""
-        command = self._validate(argv, files)
+        validated = self._validate(argv, files)
+        command = validated.command
         install_id = self.store.insert_install(record.id, uid, command.subcommand, argv)
         self.queued += 1
         dequeued = False
@@ -78,43 +109,59 @@ class InstallManager:
                     dequeued = True
                     self.running += 1
                     try:
-                        return await self._run_locked(record, command, files, install_id, send_line)
+                        return await self._run_locked(record, validated, install_id, send_line)
                     finally:
                         self.running -= 1
         finally:
             if not dequeued:
                 self.queued -= 1
 
-    def _validate(self, argv: list[str], files: list[str]) -> pipargs.PipCommand:
+    def _validate(self, argv: list[str], files: list[str]) -> Validated:
+        """Check everything uv will act on: the command line and every requirement file."""
         try:
             command = pipargs.parse_command(argv)
             if len(files) != len(command.files):
                 raise pipargs.PipUsageError(
                     "%d requirement file(s) named but %d sent" % (len(command.files), len(files))
                 )
-            local_paths = list(command.local_paths)
-            for text in files:
-                local_paths.extend(pipargs.check_requirements_text(text))
+            parsed = [pipargs.parse_requirements_text(text) for text in files]
+            flags = command.uv_flags
+            indexes = {flags[i + 1] for i, flag in enumerate(flags) if flag == pipargs.INDEX_FLAG}
+            indexes.update(option[1] for each in parsed for option in each.options if option[0] == pipargs.INDEX_FLAG)
+            if command.subcommand == "install" and len(indexes) > 1:
+                raise pipargs.PipUsageError(pipargs.TWO_INDEXES)
         except pipargs.PipUsageError as exc:
             raise protocol.BadRequest(str(exc)) from None
-        if local_paths and self.config.mode == "system":
-            raise protocol.NotAllowed(
-                "installing from a local path (%s) is not possible on a shared host: the daemon "
-                "never reads your files. Build a wheel and install it from an index instead."
-                % local_paths[0]
-            )
+        local_paths = list(command.local_paths)
+        for each in parsed:
+            local_paths.extend(each.local_paths)
+        if self.config.mode == "system":
+            self._refuse_on_a_shared_host(command, parsed)
         for path in local_paths:
             candidate = path.split(None, 1)[-1] if path.startswith("-") else path
             if not (candidate.startswith(("/", "file:")) or "://" in candidate):
                 raise protocol.BadRequest(
                     "local path %r must be absolute (the pip shim resolves it against your cwd)" % candidate
                 )
-        return command
+        return Validated(command, parsed)
+
+    @staticmethod
+    def _refuse_on_a_shared_host(command: pipargs.PipCommand, parsed: list[pipargs.RequirementsText]) -> None:
+        """System mode: no local paths, nothing that needs a build (see pipargs.shared_host_refusal)."""
+        checks = [(requirement, False) for requirement in command.packages]
+        checks.extend((asked[3:], True) for asked in command.requirements if asked.startswith("-e "))
+        for each in parsed:
+            checks.extend((requirement, False) for requirement, _ in each.requirements)
+            checks.extend((target, True) for target in each.editables)
+        for requirement, editable in checks:
+            reason = pipargs.shared_host_refusal(requirement, editable)
+            if reason:
+                raise protocol.NotAllowed(reason)
 
     async def _run_locked(
-        self, record: EnvRecord, command: pipargs.PipCommand, files: list[str], install_id: int,
-        send_line: Callable[[str], None],
+        self, record: EnvRecord, validated: Validated, install_id: int, send_line: Callable[[str], None],
     ) -> dict[str, Any]:
+        command = validated.command
         record = self.store.get(record.id) or record
         mutating = command.subcommand in MUTATING
         if record.state != states.ASSIGNED:
@@ -130,13 +177,24 @@ class InstallManager:
         returncode: int | None = None
         try:
             with tempfile.TemporaryDirectory(prefix="uvkerneld-req-") as scratch:
-                flags = self._materialize_files(command, files, scratch)
+                flags = self._materialize_files(validated, scratch)
+                per_env_bytecode = self.config.bytecode == "per-env"
                 argv = self.uv.pip_argv(
                     str(record.path), command.subcommand, flags, command.packages,
-                    compile_bytecode=self.config.bytecode == "per-env",
+                    compile_bytecode=per_env_bytecode,  # not in system mode: see Uv.pip_argv
                 )
                 install_started = time.monotonic()
                 returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)
+                if returncode != 0 and self.uv.shared_host and _BUILD_DISABLED.search(output):
+                    send_line("uvkerneld: " + pipargs.BUILD_REFUSED % "the package named above")
+                if mutating and self.uv.shared_host:
+                    removed = startuphooks.strip(str(record.path))
+                    if removed:
+                        send_line("uvkerneld: removed %s from this env: code that runs at every Python "
+                                  "start is not allowed on a shared host (the daemon runs this env's "
+                                  "Python too)" % ", ".join(removed))
+                if returncode == 0 and command.subcommand == "install" and per_env_bytecode and self.uv.shared_host:
+                    await _compile_without_site(self.config.python, record.path)
                 if returncode == 0 and mutating:
                     if self.bytecode is not None and command.subcommand == "install":
                         await self.bytecode.share(record.path, install_started, send_line)
@@ -155,29 +213,37 @@ class InstallManager:
             self.store.transition(record.id, states.ASSIGNED)
         changes = changed_distributions(output)
         if returncode == 0 and mutating:
-            self._record(record.id, command, files, changes)
+            self._record(record.id, validated, changes)
         log.info("pip %s in env %s finished with status %d", command.subcommand, record.id, returncode)
         return {"exit_status": returncode, "changed": changes, "install_id": install_id}
 
     @staticmethod
-    def _materialize_files(command: pipargs.PipCommand, files: list[str], scratch: str) -> list[str]:
+    def _materialize_files(validated: Validated, scratch: str) -> list[str]:
+        """uv's flags, each requirement file written as checked: its options become flags."""
         flags = []
-        for flag in command.uv_flags:
+        for flag in validated.command.uv_flags:
             if flag.startswith("@file:"):
                 index = int(flag.split(":", 1)[1])
+                parsed = validated.files[index]
                 path = os.path.join(scratch, "requirements-%d.txt" % index)
                 with open(path, "w", encoding="utf-8") as handle:
-                    handle.write(files[index])
+                    handle.write(parsed.render())
                 flags.append(path)
+                if validated.command.subcommand == "install":  # pip ignores them in uninstall -r files
+                    for option in parsed.options:
+                        if option[0] in flags and option[0] != "--extra-index-url":
+                            continue  # the same --pre or -i (checked above) twice: uv refuses a repeat
+                        flags.extend(option)
             else:
                 flags.append(flag)
         return flags
 
-    def _record(self, env_id: str, command: pipargs.PipCommand, files: list[str], changes: dict[str, list[str]]) -> None:
+    def _record(self, env_id: str, validated: Validated, changes: dict[str, list[str]]) -> None:
+        command = validated.command
         asked = list(command.requirements)
-        for (flag, _), text in zip(command.files, files):
+        for (flag, _), parsed in zip(command.files, validated.files):
             if flag == "-r":
-                asked.extend(pipargs.requirement_lines(text))
+                asked.extend(requirement for requirement, _ in parsed.requirements)
         by_name = {}
         for requirement in asked:
             by_name[pipargs.requirement_name(requirement) or requirement] = requirement

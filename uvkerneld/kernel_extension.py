@@ -90,6 +90,26 @@ def _identity(path):
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+class UntrustedDaemon(PermissionError):
+    """What answers on the socket is not uvkerneld's uid; we tell it nothing."""
+
+
+def _trusted_daemon_uids():
+    """Our uid, root, and the system daemon's user (the same rule as uvkerneld.client)."""
+    uids = {os.getuid(), 0}
+    name = os.environ.get("UVKERNELD_DAEMON_USER", "").strip() or "uvkerneld"
+    if name.isdigit():
+        uids.add(int(name))
+    else:
+        import pwd
+
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+    return uids
+
+
 def _tell_daemon(socket_path, op, args):
     """One request in uvkerneld's framing (4-byte big-endian length, JSON), its reply ignored."""
     import socket
@@ -99,6 +119,13 @@ def _tell_daemon(socket_path, op, args):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(socket_path)
+        # A notebook's path and file identity go to the daemon only, never to whoever listens.
+        _, uid, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid not in _trusted_daemon_uids():
+            raise UntrustedDaemon(
+                "refusing to use %s: the process answering there runs as uid %d, not uvkerneld's "
+                "user (set UVKERNELD_DAEMON_USER if the system daemon runs as that uid)" % (socket_path, uid)
+            )
         sock.sendall(struct.pack(">I", len(body)) + body)
         sock.recv(65536)
 
@@ -126,6 +153,9 @@ def _report_notebook_saves(notebook, venv, socket_path):
             try:
                 _tell_daemon(socket_path, "notebook_saved", {"env": venv, "file": current})
                 last = current
+            except UntrustedDaemon as exc:
+                print("uvkerneld: notebook saves are no longer reported: %s" % exc, file=sys.__stderr__)
+                return
             except OSError:
                 pass  # the daemon is restarting: try again at the next look
 

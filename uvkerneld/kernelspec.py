@@ -33,6 +33,7 @@ def kernel_json(
     venvs_dir: str | None = None,
     link_mode: str | None = None,
     python: str | None = None,
+    daemon_user: str | None = None,
 ) -> dict[str, object]:
     # argv[0] must be an absolute path: jupyter_client swaps a bare "python"/"python3" for its own
     # interpreter, which may not be the one uvkerneld is installed in. Not realpath: if we are in a
@@ -44,9 +45,10 @@ def kernel_json(
         ("UVKERNELD_CACHE_DIR", cache_dir),
         ("UVKERNELD_VENVS_DIR", venvs_dir),
         ("UVKERNELD_LINK_MODE", link_mode),
+        ("UVKERNELD_DAEMON_USER", daemon_user),
     ):
         if value:
-            env[variable] = os.path.abspath(value) if variable != "UVKERNELD_LINK_MODE" else value
+            env[variable] = os.path.abspath(value) if variable.endswith(("_SOCKET", "_DIR")) else value
     spec: dict[str, object] = {
         "argv": [interpreter, "-I", "-S", stub_entry_point(), "-f", "{connection_file}"],
         "display_name": display_name,

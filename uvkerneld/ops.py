@@ -81,9 +81,12 @@ class Operations:
         if record is not None and record.owner_uid is not None:
             if record.owner_uid == peer.uid or (admin_may and self.is_admin(peer)):
                 return record
+        # One answer whether the env does not exist or is someone else's: not found.
         if "key" in args:
             raise protocol.NotFound("uid %d has no env for %s" % (peer.uid, label))
-        raise protocol.NotAllowed(
+        if "env_id" in args:
+            raise protocol.NotFound("uid %d has no env %s; `uvkernelctl list` shows yours" % (peer.uid, label))
+        raise protocol.NotFound(
             "uid %d does not own an env at %s: packages can only be changed in your own "
             "notebook's env" % (peer.uid, label)
         )

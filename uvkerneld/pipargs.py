@@ -27,7 +27,9 @@ _INSTALL_FLAGS = {
     "-r": (True, "-r"), "--requirement": (True, "-r"),
     "-c": (True, "-c"), "--constraint": (True, "-c"),
     "--pre": (False, "--prerelease=allow"),
-    "-i": (True, "--index-url"), "--index-url": (True, "--index-url"),
+    # uv's --index-url is the legacy spelling, which UV_DEFAULT_INDEX in the daemon's environment
+    # beats; --default-index on the command line beats every environment default.
+    "-i": (True, "--default-index"), "--index-url": (True, "--default-index"),
     "--extra-index-url": (True, "--extra-index-url"),
     "--no-deps": (False, "--no-deps"),
     "-e": (True, "-e"), "--editable": (True, "-e"),
@@ -54,6 +56,10 @@ MAX_REQUIREMENT_LENGTH = 4096
 MAX_FILE_BYTES = 512 * 1024
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+# Tabs are whitespace; every other control character (and the Unicode line breaks that Python's
+# splitlines() knows and uv does not) could make the two read a line differently.
+# Lone surrogates (JSON can carry them) cannot be written to a file or an argv.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
 
 
 class PipUsageError(Exception):
@@ -74,6 +80,9 @@ class PipCommand:
         self.requirements = requirements  # what the user asked for, to record
         self.files = files  # list of (flag, name) for -r/-c; contents travel separately
         self.local_paths = local_paths  # local paths / editables (refused in system mode)
+
+
+INDEX_FLAG = "--default-index"
 
 
 def normalize_name(name):
@@ -147,6 +156,8 @@ def parse_command(argv):
                     uv_args.extend([uv_flag, value])
                 else:
                     _check_url(value, flag)
+                    if uv_flag == INDEX_FLAG and INDEX_FLAG in uv_args:
+                        raise PipUsageError(TWO_INDEXES)
                     uv_args.extend([uv_flag, value])
             else:
                 if inline_value is not None:
@@ -180,8 +191,18 @@ def _refuse_flag(flag, subcommand):
 
 
 def _check_text(value, what):
-    if not value or len(value) > MAX_REQUIREMENT_LENGTH or "\0" in value or "\n" in value:
+    if not value or len(value) > MAX_REQUIREMENT_LENGTH or _CONTROL.search(value):
         raise PipUsageError("%s %r is empty, too long or has control characters" % (what, value[:80]))
+    if "${" in value:
+        # uv expands ${NAME} in URLs and requirements from *its* environment: the daemon's,
+        # which is not yours (and may hold an index token).
+        raise PipUsageError(
+            "%s %r uses ${...}: environment variables are not expanded here (uv would read the "
+            "daemon's environment, not yours); write the value itself" % (what, value[:200])
+        )
+
+
+TWO_INDEXES = "-i/--index-url given more than once: name one index, add others with --extra-index-url"
 
 
 def _check_url(value, flag):
@@ -191,8 +212,38 @@ def _check_url(value, flag):
 
 # --- requirement files --------------------------------------------------------------------------
 
-_FILE_INCLUDE = re.compile(r"^\s*(-r|--requirement|-c|--constraint)(\s*=\s*|\s+)(\S+)\s*$")
-_FILE_OPTIONS = ("--index-url", "-i", "--extra-index-url", "--pre", "--no-deps")
+_FILE_INCLUDE = re.compile(r"^\s*(-r|--requirement|-c|--constraint)(\s*=\s*|\s+)(\S+)\s*(?:\s#.*)?$")
+# The options a requirements file may carry, with uv's spelling. The daemon takes them out of the
+# file and gives them to uv on its command line, checked like the same flags after `pip install`:
+# uv then reads nothing but requirement lines from a file, so what it acts on is what was checked.
+_FILE_OPTIONS = {
+    "-i": "--default-index", "--index-url": "--default-index", "--extra-index-url": "--extra-index-url",
+    "--pre": "--prerelease=allow", "--no-deps": "--no-deps",
+}
+_FILE_OPTIONS_WITH_VALUE = ("-i", "--index-url", "--extra-index-url")
+_FILE_OPTION = re.compile(r"^(--?[A-Za-z][A-Za-z-]*)(?:\s*=\s*|\s+|$)(.*)$")
+_HASH = re.compile(r"^--hash(?:=|\s+)([A-Za-z0-9]+:[A-Za-z0-9]+)$")
+# uv ends a line at \n, \r\n or a lone \r; a backslash right before the break continues it.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FILE_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
+_COMMENT = re.compile(r"(^|\s)#.*$", re.S)
+
+
+class RequirementsText:
+    """A requirements file as the daemon hands it to uv: one requirement per line, no options."""
+
+    __slots__ = ("requirements", "editables", "options", "local_paths")
+
+    def __init__(self):
+        self.requirements = []  # (requirement, [hash, ...])
+        self.editables = []  # the targets of -e lines
+        self.options = []  # uv command-line flags: ("--default-index", url), ("--no-deps",)
+        self.local_paths = []  # local paths and "-e TARGET" (refused in system mode)
+
+    def render(self):
+        lines = [" ".join([requirement] + ["--hash=%s" % h for h in hashes]) for requirement, hashes in self.requirements]
+        lines.extend("-e %s" % target for target in self.editables)
+        return "\n".join(lines) + "\n"
 
 
 def read_requirements_file(path, _seen=None):
@@ -214,7 +265,7 @@ def read_requirements_file(path, _seen=None):
     except UnicodeDecodeError:
         raise PipUsageError("%s is not UTF-8 text" % path) from None
     lines = []
-    for line in text.splitlines():
+    for line in _LINE_BREAK.split(text):
         match = _FILE_INCLUDE.match(line)
         if match:
             nested = match.group(3)
@@ -226,44 +277,132 @@ def read_requirements_file(path, _seen=None):
     return "\n".join(lines)
 
 
-def check_requirements_text(text):
-    """Daemon side: requirement lines and a few index options only; returns local paths found.
+def _logical_lines(text):
+    """(number of the first physical line, text) of each line, backslash continuations joined."""
+    pending, start = None, 0
+    for number, line in enumerate(_LINE_BREAK.split(text), 1):
+        if pending is None:
+            pending, start = "", number
+        if line.endswith("\\") and not line.lstrip().startswith("#"):  # as pip: comments never continue
+            pending += line[:-1]
+            continue
+        yield start, pending + line
+        pending = None
+    if pending:
+        yield start, pending
+
+
+def parse_requirements_text(text):
+    """Daemon side: a requirements file's contents -> RequirementsText. Raises PipUsageError.
 
     Includes must have been inlined by the client; any left are refused, because the daemon
     would otherwise open that path itself.
     """
-    if len(text.encode("utf-8")) > MAX_FILE_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise PipUsageError("requirements file is larger than %d bytes" % MAX_FILE_BYTES)
-    local_paths = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split(" #", 1)[0].strip()
-        if not line or line.startswith("#"):
+    control = _FILE_CONTROL.search(text)
+    if control:
+        raise PipUsageError(
+            "requirements line %d has a control character (%r)"
+            % (len(_LINE_BREAK.findall(text, 0, control.start())) + 1, control.group())
+        )
+    parsed = RequirementsText()
+    for number, logical in _logical_lines(text):
+        line = _COMMENT.sub("", logical).strip()
+        if not line:
             continue
-        if "\0" in line:
-            raise PipUsageError("requirements line %d has a NUL byte" % number)
+        where = "requirements line %d" % number
         if line.startswith("-"):
-            option = re.split(r"[\s=]", line, maxsplit=1)[0]
+            match = _FILE_OPTION.match(line)
+            option, value = (match.group(1), match.group(2).strip()) if match else (line.split()[0], "")
             if option in ("-e", "--editable"):
-                local_paths.append(line)
-                continue
-            if option in FORBIDDEN_FLAGS:
-                raise PipUsageError("requirements line %d: %s is not allowed" % (number, option))
-            if option not in _FILE_OPTIONS:
+                _check_text(value, where)
+                parsed.editables.append(value)
+                parsed.local_paths.append("-e " + value)
+            elif option in FORBIDDEN_FLAGS:
+                raise PipUsageError("%s: %s is not allowed" % (where, option))
+            elif option not in _FILE_OPTIONS:
                 raise PipUsageError(
-                    "requirements line %d: option %s is not supported (only %s)"
-                    % (number, option, ", ".join(_FILE_OPTIONS))
+                    "%s: option %s is not supported (only %s, -e and --hash)"
+                    % (where, option, ", ".join(_FILE_OPTIONS))
                 )
+            elif option in _FILE_OPTIONS_WITH_VALUE:
+                _check_text(value, "%s: %s" % (where, option))
+                _check_url(value, "%s: %s" % (where, option))
+                parsed.options.append((_FILE_OPTIONS[option], value))
+            elif value:
+                raise PipUsageError("%s: %s takes no value" % (where, option))
+            else:
+                parsed.options.append((_FILE_OPTIONS[option],))
             continue
-        if looks_like_local_path(line):
-            local_paths.append(line)
-    return local_paths
+        requirement, *tail = re.split(r"\s+(?=-)", line)
+        hashes = []
+        for item in tail:
+            match = _HASH.match(item)
+            if not match:
+                raise PipUsageError("%s: only --hash=ALGORITHM:DIGEST may follow a requirement, got %r" % (where, item[:80]))
+            hashes.append(match.group(1))
+        _check_text(requirement, where)
+        if looks_like_local_path(requirement):
+            parsed.local_paths.append(requirement)
+        parsed.requirements.append((requirement, hashes))
+    return parsed
+
+
+def check_requirements_text(text):
+    """Daemon side: validate a requirements file; returns the local paths it names."""
+    return parse_requirements_text(text).local_paths
 
 
 def requirement_lines(text):
     """The requirement strings of a requirements file (for the record)."""
-    found = []
-    for raw in text.splitlines():
-        line = raw.split(" #", 1)[0].strip()
-        if line and not line.startswith(("#", "-")):
-            found.append(line)
-    return found
+    return [requirement for requirement, _ in parse_requirements_text(text).requirements]
+
+
+# --- what a shared host may install ------------------------------------------------------------
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_PEP508_NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(\[[^\]]*\])?\s*")
+# What may follow a project name (and extras) in a requirement uv resolves from an index: a
+# version specifier, a marker, or nothing. Anything else makes uv read the string as a path.
+_AFTER_NAME = re.compile(r"^($|;|\(|[<>=!~])")
+_VCS_SCHEMES = ("git+", "hg+", "svn+", "bzr+")
+
+LOCAL_PATH_REFUSED = (
+    "installing from a local path (%s) is not possible on a shared host: the daemon never reads "
+    "your files. Build a wheel and install it from an index instead."
+)
+BUILD_REFUSED = (
+    "%s needs a build (a source distribution, VCS checkout or editable install): this shared host "
+    "installs wheels only, because a build runs the package's own code with the daemon's rights. "
+    "Install a version that has a wheel (or a URL ending in .whl), or use your own user-mode uvkerneld."
+)
+
+
+def shared_host_refusal(requirement, editable=False):
+    """Why a system-mode daemon must not act on ``requirement`` (None when it may).
+
+    A shared host installs wheels only and never reads a path on a user's behalf; a requirement
+    that uv would resolve from an index gets uv's ``--no-build`` instead (see uv.py).
+    """
+    text = requirement.strip()
+    if _SCHEME.match(text) and not looks_like_local_path(text):
+        name, url = None, text.split(None, 1)[0]
+    else:
+        head = _PEP508_NAME.match(text)
+        if head is None or looks_like_local_path(text):
+            return LOCAL_PATH_REFUSED % requirement
+        rest = text[head.end():]
+        if not rest.startswith("@"):
+            if not _AFTER_NAME.match(rest):
+                return LOCAL_PATH_REFUSED % requirement
+            return BUILD_REFUSED % head.group(1) if editable else None
+        name, url = head.group(1), (rest[1:].split(None, 1) or [""])[0]
+    lowered = url.lower()
+    if lowered.startswith("file:") or not _SCHEME.match(lowered):
+        return LOCAL_PATH_REFUSED % requirement
+    if editable or lowered.startswith(_VCS_SCHEMES) or not lowered.startswith(("http://", "https://")):
+        return BUILD_REFUSED % (name or url)
+    if not re.split(r"[?#]", lowered, 1)[0].endswith(".whl"):
+        return BUILD_REFUSED % (name or url)
+    return None

@@ -33,6 +33,7 @@ HEADER_SIZE = HEADER.size
 MAX_FRAME_SIZE = 1 << 20  # 1 MiB: far above any real request, small enough to never hurt the daemon
 MAX_ID_LENGTH = 128
 MAX_PATH_LENGTH = 4096
+MAX_AGE_S = 100 * 365 * 86400
 
 OPS = ("acquire", "status", "pip", "installs", "remove", "list", "show", "gc", "pool", "notebook_saved")
 MAX_PIP_ARGS = 256
@@ -116,11 +117,18 @@ class InternalError(DaemonFault):
     code = "internal"
 
 
+class OverLimit(DaemonFault):
+    """A bound on connections, running kernels or buffered request bytes was reached; the
+    message names it. The same request may succeed later."""
+
+    code = "over_limit"
+
+
 ERROR_CLASSES = {
     cls.code: cls
     for cls in (
         FrameTooLarge, TruncatedFrame, NotJson, BadRequest, UnknownOp, UnsupportedVersion,
-        NotAllowed, NotFound, EnvUnavailable, ShuttingDown, InternalError,
+        NotAllowed, NotFound, EnvUnavailable, ShuttingDown, InternalError, OverLimit,
     )
 }
 
@@ -141,7 +149,9 @@ def error_from_wire(error):
 
 def encode_frame(message, max_size=MAX_FRAME_SIZE):
     """Serialize one message object into a frame."""
-    body = fastjson.dumps(message).encode("utf-8")
+    # A lone surrogate (from a client's "\\udc80" or an undecodable file name) goes out as the
+    # JSON escape it came in as, instead of failing to encode.
+    body = fastjson.dumps(message).encode("utf-8", "backslashreplace")
     if len(body) > max_size:
         raise FrameTooLarge(
             "message of %d bytes exceeds the %d-byte frame limit" % (len(body), max_size)
@@ -167,6 +177,9 @@ def decode_body(body):
         message = fastjson.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise NotJson("frame body is not UTF-8 JSON: %s" % exc) from None
+    except RecursionError:
+        raise NotJson("frame body is JSON nested too deeply (arrays/objects inside each other); "
+                      "send a flat request object") from None
     if not isinstance(message, dict):
         raise BadRequest("a message must be a JSON object, got %s" % type(message).__name__)
     return message
@@ -248,7 +261,7 @@ def request_id_of(message):
     request_id = message.get("id")
     if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
         return None
-    if isinstance(request_id, str) and len(request_id) > MAX_ID_LENGTH:
+    if isinstance(request_id, str) and (len(request_id) > MAX_ID_LENGTH or not _encodable(request_id)):
         return None
     return request_id
 
@@ -268,7 +281,7 @@ def parse_request(message):
     request_id = request_id_of(message)
     if request_id is None:
         raise BadRequest(
-            '"id" must be an integer or a string of at most %d characters, got %r'
+            '"id" must be an integer or a string of at most %d characters (valid Unicode), got %r'
             % (MAX_ID_LENGTH, _short(message.get("id")))
         )
     op = message.get("op")
@@ -337,7 +350,8 @@ def _validate_status(args):
 
 def _validate_env_path(args):
     env = args.get("env")
-    if not isinstance(env, str) or not env.startswith("/") or os.path.normpath(env) != env or "\0" in env:
+    if not isinstance(env, str) or not env.startswith("/") or os.path.normpath(env) != env or "\0" in env \
+            or not _encodable(env):
         raise BadRequest('"env" must be the absolute path of a venv, got %r' % (_short(env),))
     return env
 
@@ -346,9 +360,11 @@ def _validate_pip(args):
     argv = args.get("argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or len(argv) > MAX_PIP_ARGS:
         raise BadRequest('"argv" must be a list of at most %d strings' % MAX_PIP_ARGS)
+    _check_texts(argv, '"argv"')
     files = args.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise BadRequest('"files" must be a list of strings (the contents of -r/-c files)')
+    _check_texts(files, '"files"')
     return {"env": _validate_env_path(args), "argv": argv, "files": files}
 
 
@@ -384,11 +400,13 @@ def _validate_list(args):
 
 def _validate_gc(args):
     older_than = args.get("older_than_s")
-    if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or older_than < 0):
-        raise BadRequest('"older_than_s" must be a number of seconds >= 0 or null')
+    if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float))
+                                   or not 0 <= older_than <= MAX_AGE_S):
+        raise BadRequest('"older_than_s" must be a number of seconds >= 0 (at most 100 years) or null')
     env_ids = args.get("env_ids", [])
     if not isinstance(env_ids, list) or not all(isinstance(e, str) for e in env_ids):
         raise BadRequest('"env_ids" must be a list of env ids')
+    _check_texts(env_ids, '"env_ids"')
     return {"older_than_s": older_than, "env_ids": env_ids, "dry_run": _flag(args, "dry_run"), "all": _flag(args, "all")}
 
 
@@ -432,6 +450,9 @@ def parse_env_key(kind, value):
         return EnvKey(kind, value)
     if len(value) > MAX_PATH_LENGTH or "\0" in value:
         raise BadRequest("%s path is too long or contains NUL" % kind)
+    if not _encodable(value):
+        raise BadRequest("%s path %r is not valid Unicode (a lone surrogate, as from a file name that is "
+                         "not UTF-8); rename it to a UTF-8 name" % (kind, _short(value)))
     if not value.startswith("/") or os.path.normpath(value) != value or value.startswith("//"):
         raise BadRequest(
             "%s path must be absolute and normalized (no '..', '.', or '//'), got %r"
@@ -441,8 +462,31 @@ def parse_env_key(kind, value):
 
 
 def _short(value, limit=80):
-    text = repr(value) if not isinstance(value, str) else value
+    try:
+        text = repr(value) if not isinstance(value, str) else value
+    except RecursionError:
+        return "<a value nested too deeply to show>"
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _encodable(text):
+    """Whether ``text`` is valid Unicode: no lone surrogate, which SQLite, the file system calls
+    and UTF-8 output all refuse."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_texts(texts, what):
+    """Strings that reach a subprocess's argv or a file: valid Unicode without NUL."""
+    for text in texts:
+        if "\0" in text or not _encodable(text):
+            raise BadRequest("%s must be valid Unicode text without NUL characters, got %r"
+                             % (what, _short(text)))
 
 
 # --- messages -----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ during shutdown forces exit.
 Each connection is served by one task that reads frames one at a time. The peer's uid comes from
 SO_PEERCRED, never from the message. After a successful ``acquire`` the connection becomes the
 kernel's *lifeline*: the stub execs ipykernel with the socket still open, and when the kernel dies
-the kernel closes it, which tells us the env no longer has a live kernel.
+the kernel closes it, which tells us the env no longer has a live kernel. What connections can
+make the daemon hold (descriptors, idle time, buffered bytes, log lines) is bounded by connlimits.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from . import __version__, protocol
+from . import __version__, cachedir, connlimits, fsafety, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .bytecode import SharedBytecode
@@ -46,7 +47,6 @@ from .watch import NotebookWatcher
 
 log = logging.getLogger("uvkerneld.server")
 
-FRAME_BODY_TIMEOUT = 30.0  # a client that starts a frame must finish it within this
 WRITE_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 30.0  # running installs/acquires get this long to finish on SIGTERM
 STATUS_INTERVAL = 5.0
@@ -85,7 +85,7 @@ class Daemon:
         self.envs: EnvManager | None = None
         self.pool: WarmPool | None = None
         self.installs: InstallManager | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: connlimits.Listener | None = None
         self._lock_file: Any = None
         self._venvs_claim: Any = None
         self._bound_socket = False
@@ -98,6 +98,7 @@ class Daemon:
         self.disk: DiskUsage | None = None
         self.ops: Operations | None = None
         self.watcher: NotebookWatcher | None = None
+        self.admission: connlimits.Admission | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -107,10 +108,26 @@ class Daemon:
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         try:
+            self._prepare_limits()
             await self.startup()
             await self._stop.wait()
         finally:
             await self.shutdown()
+
+    def _prepare_limits(self) -> None:
+        connlimits.install_log_guard()
+        fd_limit = connlimits.raise_fd_limit()
+        try:
+            limits = connlimits.Limits(fd_limit, os.environ)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self.admission = connlimits.Admission(limits)
+        log.info(
+            "open-file limit %s: up to %d connections (%d per uid besides kernels, %d kernels per uid), "
+            "idle connections closed after %.0f s, %d MiB for large requests being received",
+            fd_limit if fd_limit >= 0 else "unlimited", limits.max_connections, limits.max_connections_per_uid,
+            limits.max_kernels_per_uid, limits.idle_timeout, limits.frame_buffer_budget >> 20,
+        )
 
     def _on_reload(self) -> None:
         log.info("SIGHUP received: reloading the configuration")
@@ -156,10 +173,19 @@ class Daemon:
         if config.mode == "system":
             # Venvs and cache must be readable by every notebook user, writable by us only.
             os.umask(0o022)
+        try:
+            if inherited is None:
+                handstart.check(config, started_by_kernel=bool(self.flags.get("started_by_kernel")))
+            fsafety.prepare_daemon_paths(config, socket_activated=inherited is not None)
+        except (handstart.OtherDaemonsSocket, fsafety.UnsafePath) as exc:
+            raise StartupError(str(exc)) from None
         for directory in (config.state_dir, config.venvs_dir, config.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        if config.mode == "user":
-            os.chmod(config.state_dir, 0o700)
+        if config.mode == "system":
+            try:
+                cachedir.make_private(config.cache_dir, config.link_mode)
+            except cachedir.CacheDirError as exc:
+                raise StartupError(str(exc)) from None
         private_state_files(config.state_dir)
         self._take_instance_lock()
         uv_binary = find_uv(config.uv)
@@ -168,7 +194,8 @@ class Daemon:
             self.store, self._venvs_claim, adopt = open_store(config)
         except StoreRefused as exc:
             raise StartupError(str(exc)) from None
-        uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python)
+        uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
+                          shared_host=config.mode == "system")
         uv.children = ChildRegistry(config.state_dir)
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
         self.envs = EnvManager(config, self.store, uv, bytecode)
@@ -191,11 +218,10 @@ class Daemon:
                 log.info("socket-activated on %s (overrides %s)", address, config.socket)
                 self.config = dataclasses.replace(config, socket=Path(address))
         else:
-            config.socket.parent.mkdir(parents=True, exist_ok=True)
-            if config.mode == "user":
-                os.chmod(config.socket.parent, 0o700)
             sock = self._bind_socket()
-        self._server = await asyncio.start_unix_server(self._on_connection, sock=sock)
+            handstart.write_record(config, started_by_kernel=bool(self.flags.get("started_by_kernel")))
+        assert self.admission is not None
+        self._server = connlimits.Listener(sock, self._on_connection, self.admission.limits)
         log.info(
             "uvkerneld %s ready: mode=%s socket=%s%s venvs=%s cache=%s pool=%d uv=%s",
             __version__, config.mode, self.config.socket, " (socket-activated)" if self.socket_activated else "",
@@ -346,31 +372,20 @@ class Daemon:
         self.last_activity = time.monotonic()
         connection_id = id(task)
         lifeline_env: str | None = None
+        admission = self.admission
+        assert admission is not None
+        connection: connlimits.Connection | None = None
         try:
             peer = peer_credentials(writer.get_extra_info("socket"))
+            try:
+                connection = admission.open(peer.uid, writer)
+            except protocol.OverLimit as exc:
+                log.warning("refused a connection from uid %d: %s", peer.uid, exc.message)
+                await self._send_error(writer, None, exc)
+                return
             while True:
-                try:
-                    header = await reader.readexactly(protocol.HEADER_SIZE)
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial:
-                        await self._send_error(writer, None, protocol.TruncatedFrame(
-                            "connection closed inside a frame header (%d of %d bytes)"
-                            % (len(exc.partial), protocol.HEADER_SIZE)))
-                    return
-                try:
-                    length = protocol.frame_length(header)
-                    body = await asyncio.wait_for(reader.readexactly(length), FRAME_BODY_TIMEOUT)
-                except protocol.FrameTooLarge as exc:
-                    # The stream cannot be resynchronised without reading the body: close.
-                    await self._send_error(writer, None, exc)
-                    return
-                except asyncio.IncompleteReadError as exc:
-                    await self._send_error(writer, None, protocol.TruncatedFrame(
-                        "connection closed after %d of %d body bytes" % (len(exc.partial), length)))
-                    return
-                except asyncio.TimeoutError:
-                    await self._send_error(writer, None, protocol.BadRequest(
-                        "frame body not received within %.0f s; closing" % FRAME_BODY_TIMEOUT))
+                body = await self._read_frame(reader, writer, connection)
+                if body is None:
                     return
                 request_id = None
                 self._busy.add(task)
@@ -378,26 +393,36 @@ class Daemon:
                     message = protocol.decode_body(body)
                     request_id = protocol.request_id_of(message)
                     request = protocol.parse_request(message)
+                    if request.op == "acquire":
+                        admission.check_kernel_slot(connection)
                     result = await self._dispatch(request, peer, writer)
                 except UvkError as exc:
                     await self._send_error(writer, request_id, exc)
+                    admission.set_busy(connection, False)
                     continue
                 except Exception:
                     log.exception("internal error handling a request from pid %d", peer.pid)
                     await self._send_error(writer, request_id, protocol.InternalError(
                         "internal error in uvkerneld; the daemon log has the details"))
+                    admission.set_busy(connection, False)
                     continue
                 finally:
                     self._busy.discard(task)
+                if request.op == "status":
+                    result = dict(result, connections=admission.status())
                 if request.op == "acquire" and lifeline_env is None:
+                    admission.make_lifeline(connection)
                     lifeline_env = result["env_id"]
                     self.live[lifeline_env].add(connection_id)
                     if self.store is not None:
                         self.store.add_kernel(lifeline_env, peer.pid)
                 await self._send(writer, protocol.ok_response(request.id, result))
+                admission.set_busy(connection, False)
         except (ConnectionError, asyncio.TimeoutError):
             pass
         finally:
+            if connection is not None:
+                admission.close(connection)
             if lifeline_env is not None:
                 self.live[lifeline_env].discard(connection_id)
                 if not self.live[lifeline_env]:
@@ -409,6 +434,63 @@ class Daemon:
             self._connections.discard(task)
             self.last_activity = time.monotonic()
             writer.close()
+
+    async def _read_frame(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: connlimits.Connection
+    ) -> bytes | None:
+        """The next frame's body; None when the connection is to be closed (the peer was told why).
+
+        Waiting for a frame to start is bounded by the idle timeout (not for a kernel's lifeline);
+        once its first byte is in, header and body together by the frame timeout, and a large
+        body's bytes are reserved from the shared budget before they are read.
+        """
+        admission = self.admission
+        assert admission is not None
+        limits = admission.limits
+        try:
+            first = await asyncio.wait_for(reader.readexactly(1), admission.idle_timeout_of(connection))
+        except asyncio.IncompleteReadError:
+            return None  # closed between requests: the normal end
+        except asyncio.TimeoutError:
+            admission.refused["idle_closed"] += 1
+            admission.close(connection, protocol.OverLimit(
+                "no request within %.0f s of connecting or of the last answer (idle_timeout); closing: "
+                "connect when you have a request to send" % limits.idle_timeout))
+            return None
+        admission.set_busy(connection, True)
+        deadline = time.monotonic() + limits.frame_timeout
+        try:
+            header = first + await asyncio.wait_for(
+                reader.readexactly(protocol.HEADER_SIZE - 1), deadline - time.monotonic())
+        except asyncio.IncompleteReadError as exc:
+            await self._send_error(writer, None, protocol.TruncatedFrame(
+                "connection closed inside a frame header (%d of %d bytes)" % (1 + len(exc.partial), protocol.HEADER_SIZE)))
+            return None
+        except asyncio.TimeoutError:
+            await self._send_error(writer, None, protocol.TruncatedFrame(
+                "frame header not completed within %.0f s; closing" % limits.frame_timeout))
+            return None
+        reserved = 0
+        try:
+            length = protocol.frame_length(header)
+            reserved = admission.reserve(length)
+            return await asyncio.wait_for(reader.readexactly(length), max(0.0, deadline - time.monotonic()))
+        except (protocol.FrameTooLarge, protocol.OverLimit) as exc:
+            # The stream cannot be resynchronised without reading the body: close.
+            if isinstance(exc, protocol.OverLimit):
+                log.warning("refused a %d-byte request from a connection: %s", length, exc.message)
+            await self._send_error(writer, None, exc)
+            return None
+        except asyncio.IncompleteReadError as exc:
+            await self._send_error(writer, None, protocol.TruncatedFrame(
+                "connection closed after %d of %d body bytes" % (len(exc.partial), length)))
+            return None
+        except asyncio.TimeoutError:
+            await self._send_error(writer, None, protocol.BadRequest(
+                "frame not received in full within %.0f s; closing" % limits.frame_timeout))
+            return None
+        finally:
+            admission.release(reserved)
 
     async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         writer.write(protocol.encode_frame(message))

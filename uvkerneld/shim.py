@@ -49,6 +49,8 @@ def main(program, venv, argv=None):
     try:
         command = pipargs.parse_command(argv)
         files = [pipargs.read_requirements_file(name) for _, name in command.files]
+        for text in files:
+            pipargs.parse_requirements_text(text)  # the daemon checks again; this says it sooner
         argv = _absolute_local_paths(argv, command, os.getcwd())
     except pipargs.PipUsageError as exc:
         return _error(program, str(exc), EXIT_USAGE)
@@ -60,6 +62,8 @@ def main(program, venv, argv=None):
             program, "cannot reach uvkerneld, so nothing was installed: %s Restart the kernel "
             "(it starts the daemon) or run `uvkernelctl status` to check." % exc, EXIT_NO_DAEMON,
         )
+    except client.UntrustedDaemon as exc:
+        return _error(program, "nothing was installed: %s" % exc, EXIT_NO_DAEMON)
 
     def print_line(name, data):
         if name == "output":

@@ -13,6 +13,7 @@ import os
 import shutil
 from typing import Callable, Sequence
 
+from . import startuphooks
 from .children import ChildRegistry, die_with_parent
 
 log = logging.getLogger("uvkerneld.uv")
@@ -49,12 +50,16 @@ def find_uv(configured: str | None) -> str:
 
 
 class Uv:
-    def __init__(self, binary: str, cache_dir: str, link_mode: str, python: str) -> None:
+    def __init__(self, binary: str, cache_dir: str, link_mode: str, python: str, shared_host: bool = False) -> None:
         self.binary = binary
         self.cache_dir = cache_dir
         self.link_mode = link_mode
         self.python = python
         self.link_fallback_seen = False
+        # System mode: no user code may run with the daemon's rights, which write the shared cache
+        # and every venv. So uv never builds (a build backend is code from whoever serves the
+        # sdist) and never runs an env's Python with a user's startup hooks in it.
+        self.shared_host = shared_host
         self._low_priority_pids: set[int] = set()
         # Set by the daemon: the uv process groups running now, so a successor can stop them.
         self.children: ChildRegistry | None = None
@@ -106,9 +111,19 @@ class Uv:
 
     def pip_argv(self, venv: str, subcommand: str, flags: Sequence[str], packages: Sequence[str],
                  compile_bytecode: bool) -> list[str]:
+        """uv's argv for one pip command on ``venv``. In system mode it first removes the
+        startup hooks a user's package may have left there (see startuphooks.py), because uv
+        may run that env's Python as the daemon."""
+        if self.shared_host:
+            startuphooks.strip(venv)
         argv = [self.binary, "pip", subcommand, "--python", os.path.join(venv, "bin", "python"), *flags]
-        if compile_bytecode and subcommand == "install":
+        # uv compiles with the env's own Python, after linking what it just installed: in system
+        # mode that Python would run a user's startup hooks as the daemon (installs.py compiles
+        # user installs with the daemon's Python -S instead).
+        if compile_bytecode and subcommand == "install" and not self.shared_host:
             argv.append("--compile-bytecode")
+        if self.shared_host and subcommand == "install":
+            argv.append("--no-build")
         if packages:
             argv.append("--")  # requirement strings can never be read as uv flags
             argv.extend(packages)
