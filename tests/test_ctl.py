@@ -202,7 +202,7 @@ def test_pool_resize_and_fill_with_progress(ctl_daemon: Daemon, layout: Layout) 
     result = ctl(layout, "pool", "--size", "1", "--fill", "--wait")
     assert result.stdout.strip().splitlines()[-1] == "pool: 1/1 ready"
     assert layout.status()["pool"]["ready"] == 1
-    wait_until(lambda: len(list(layout.venvs_dir.iterdir())) == 1, 30, "the extra venv's files to go")
+    wait_until(lambda: len(list(layout.venvs_dir.glob("e-*"))) == 1, 30, "the extra venv's files to go")
 
 
 def test_output_into_a_closed_pipe_is_not_a_traceback(ctl_daemon: Daemon, layout: Layout) -> None:

@@ -225,7 +225,7 @@ def test_only_the_owner_may_install_and_pooled_or_unknown_envs_are_refused(layou
     daemon = Daemon(layout, "--pool-size", "1").start()
     try:
         daemon.wait_pool_full()
-        (pooled,) = [p for p in layout.venvs_dir.iterdir()]
+        (pooled,) = [p for p in layout.venvs_dir.glob("e-*")]
         for path in (str(pooled), str(layout.venvs_dir / "e-000000000000"), "/usr"):
             with pytest.raises(protocol.NotFound, match="does not own an env at"):
                 layout.request("pip", {"env": path, "argv": ["install", "six"]})

@@ -229,9 +229,9 @@ def test_stub_also_runs_as_python_m_kernel_stub(daemon: Daemon, layout: Layout) 
 
 def test_shrinking_the_pool_gives_venvs_back(daemon: Daemon, layout: Layout) -> None:
     daemon.wait_pool_full()
-    assert len(list(layout.venvs_dir.iterdir())) == 2
+    assert len(list(layout.venvs_dir.glob("e-*"))) == 2
     layout.request("pool", {"size": 0})
-    wait_until(lambda: not list(layout.venvs_dir.iterdir()), 60, "the pooled venvs to be deleted")
+    wait_until(lambda: not list(layout.venvs_dir.glob("e-*")), 60, "the pooled venvs to be deleted")
     status = layout.status()
     assert status["pool"]["ready"] == 0 and status["envs"]["by_state"]["deleting"] == 0
 

@@ -91,7 +91,7 @@ def test_where_priority_may_not_be_raised_the_pool_build_is_stopped_instead(layo
         assert result["source"] == "created" and os.path.isdir(result["path"])
         # The stopped build left nothing behind, and the pool refills afterwards.
         daemon.wait_pool_full()
-        venvs = sorted(entry.name for entry in layout.venvs_dir.iterdir())
+        venvs = sorted(entry.name for entry in layout.venvs_dir.glob("e-*"))
         status = layout.status()
         assert len(venvs) == 2 and status["envs"]["by_state"]["pooled"] == 1 and status["envs"]["total"] == 1
     finally:

@@ -51,7 +51,7 @@ def test_wrong_types_and_unknown_op_keep_the_request_id(bare_daemon: Daemon) -> 
         send_body(sock, json.dumps({"v": 3, "id": 43, "op": "status"}).encode())
         reply = read_message(sock)
         assert reply is not None and reply["error"]["code"] == "unsupported_version"
-    assert not list(bare_daemon.layout.venvs_dir.iterdir())  # nothing was created for bad requests
+    assert not list(bare_daemon.layout.venvs_dir.glob("e-*"))  # nothing was created for bad requests
 
 
 def test_too_large_frame_is_refused_and_the_connection_closed(bare_daemon: Daemon) -> None:
@@ -105,7 +105,8 @@ def test_status_reports_pool_and_envs(bare_daemon: Daemon) -> None:
 def test_a_second_daemon_refuses_to_steal_a_live_socket(bare_daemon: Daemon, layout: Layout) -> None:
     other_state = layout.root / "other-state"
     second = subprocess.run(
-        [sys.executable, "-m", "uvkerneld", "--state-dir", str(other_state), "--pool-size", "0"],
+        [sys.executable, "-m", "uvkerneld", "--state-dir", str(other_state), "--pool-size", "0",
+         "--venvs-dir", str(layout.root / "other-venvs")],  # its own venvs dir: only the socket is shared
         env=layout.env, capture_output=True, text=True, timeout=60,
     )
     assert second.returncode == 1
@@ -183,7 +184,7 @@ def test_sigterm_exits_0_and_removes_the_socket(layout: Layout) -> None:
     try:
         status = layout.status()
         assert status["envs"]["by_state"]["creating"] == 0
-        venvs = sorted(layout.venvs_dir.iterdir())
+        venvs = sorted(layout.venvs_dir.glob("e-*"))
         assert len(venvs) == status["pool"]["ready"]  # only complete, registered venvs remain
         assert all((venv / "bin" / "python").exists() for venv in venvs)
     finally:

@@ -23,11 +23,14 @@ another user's kernel then runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+from .children import die_with_parent
 
 log = logging.getLogger("uvkerneld.bytecode")
 
@@ -79,6 +82,7 @@ class SharedBytecode:
         process = await asyncio.create_subprocess_exec(
             self.python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
         )
         output, _ = await process.communicate()
         return output.decode().strip() or sys.implementation.cache_tag
@@ -89,6 +93,7 @@ class SharedBytecode:
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, cwd="/",
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""},  # irrelevant to compileall; explicit
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
         )
         output, _ = await process.communicate()
         if process.returncode != 0:

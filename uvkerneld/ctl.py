@@ -241,6 +241,12 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append(("pool error", pool["last_error"].splitlines()[0]))
     if status.get("link_fallback_seen"):
         rows.append(("warning", "uv copied files instead of linking: cache and venvs on different filesystems?"))
+    for full in status.get("disk_full", []):
+        rows.append(("disk full", "%s: %s free, a venv build needs about %s" % (
+            full["folder"], human_bytes(full["free_bytes"]), human_bytes(full["needed_bytes"]))))
+    if status.get("quarantine"):
+        rows.append(("quarantine", "%d unknown dir(s) moved aside, never deleted: %s" % (
+            len(status["quarantine"]), ", ".join(status["quarantine"]))))
     for error in status.get("errors", [])[-3:]:
         rows.append(("error", "%s %s" % (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(error["time"])),

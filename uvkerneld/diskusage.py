@@ -187,7 +187,8 @@ def scan(cache_dir: Path, venvs_dir: Path) -> tuple[dict[str, Any], dict[str, di
     per_env = {}
     apparent = linked = real = beyond_cache = 0
     try:
-        entries = sorted(p for p in venvs_dir.iterdir() if p.is_dir())
+        # Envs only: the quarantine folder (venvsdir.py) holds no env of ours.
+        entries = sorted(p for p in venvs_dir.iterdir() if p.is_dir() and p.name.startswith("e-"))
     except OSError:
         entries = []
     for env_dir in entries:

@@ -13,36 +13,46 @@ recognised by that identity and its env follows it (``follow_rename``; see watch
 
 Crash safety: a row is inserted in ``creating`` *before* ``uv venv`` runs, and only moves to
 ``pooled``/``assigned`` after uv succeeded, so a daemon killed at any moment leaves at most
-``creating`` rows and unregistered directories, which ``recover()`` deletes at the next start.
-Venvs are never moved after creation: uv writes absolute paths into their scripts.
+``creating`` rows, whose directories ``recover()`` deletes at the next start. A directory the
+store cannot account for is never deleted: it is moved into the venvs dir's quarantine folder
+(see venvsdir.py). Venvs are never moved after creation: uv writes absolute paths into their
+scripts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
+import sqlite3
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 from . import states
 from .config import Config
 from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
-from .store import EnvRecord, Store
+from .store import EnvRecord, Store, StoreFull
 from .bytecode import SharedBytecode
+from .diskusage import scan_tree
+from . import venvsdir
 from .pipargs import requirement_name
 from .uv import Uv, UvFailed
 from .venvfiles import write_kernel_files
 
 log = logging.getLogger("uvkerneld.envs")
 
-ENV_DIR_PREFIX = "e-"
+ENV_DIR_PREFIX = venvsdir.ENV_DIR_PREFIX
+# What a failed build is assumed to need when no build has succeeded yet to measure.
+DEFAULT_VENV_BYTES = 64 * 1024 * 1024
+_ENOSPC_MARKERS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
 def env_spec(config: Config) -> str:
@@ -80,39 +90,86 @@ class EnvManager:
         self.starts_waiting_for_a_build = 0
         self._background_builds: set[asyncio.Task[EnvRecord]] = set()
         self.preempted_builds: set[asyncio.Task[EnvRecord]] = set()
+        self._cleanups: set[asyncio.Task[None]] = set()
         self.last_errors: list[dict[str, object]] = []
+        self.venv_bytes = DEFAULT_VENV_BYTES  # the last build's own disk use: what a build needs
 
     # --- start-up -------------------------------------------------------------------------------
 
-    async def recover(self) -> None:
-        """Bring disk and store back in line after any crash."""
+    async def recover(self, adopt: bool = False) -> None:
+        """Bring disk and store back in line after any crash. ``adopt``: the store lost its
+        records (see venvsdir.VenvsDirClaim.check): rebuild them from the venvs' record files."""
         self.venvs_dir.mkdir(parents=True, exist_ok=True)
+        if adopt:
+            await self._adopt()
         known = set()
         for record in list(self.store.all()):
             known.add(record.path.name)
-            if record.state == states.CREATING:
-                log.info("removing env %s left half-made by an earlier run", record.id)
+            try:
+                await self._recover_one(record)
+            except StoreFull as exc:
+                # The next start finishes the job; the files of a half-made venv are gone already.
+                self.record_error("recovery of env %s postponed: %s" % (record.id, exc))
+        # Envs built by an older uvkerneld carry no record of their own yet: write the missing ones.
+        described = [
+            (record.path, self.store.env_record_fields(record.id)) for record in self.store.all()
+            if record.state in (states.POOLED, states.ASSIGNED, states.BROKEN)
+        ]
+        await asyncio.to_thread(venvsdir.write_missing_env_records, described)
+        for entry in venvsdir.env_dirs(self.venvs_dir):
+            if entry.name not in known:
+                # Never delete what the store cannot account for (another store's env, a lost row).
+                target = await asyncio.to_thread(
+                    venvsdir.quarantine, self.venvs_dir, entry, "no record of it in %s" % self.store.path)
+                self.record_error("venv directory %s is not in the store: moved aside to %s" % (entry, target))
+
+    async def _recover_one(self, record: EnvRecord) -> None:
+        if record.state == states.CREATING:
+            log.info("removing env %s left half-made by an earlier run", record.id)
+            await self.delete_files_and_row(record)
+        elif record.state == states.DELETING:
+            await self.delete_files_and_row(record)
+        elif record.state == states.POOLED and record.spec != self.spec:
+            log.info("removing pooled env %s built from an older configuration", record.id)
+            await self.delete_files_and_row(record)
+        elif record.state == states.INSTALLING:
+            log.warning("env %s was interrupted during a package install; it will be rebuilt "
+                        "from its recorded requirements at the next kernel start", record.id)
+            self.store.transition(record.id, states.BROKEN, "a package install was interrupted")
+        elif record.state in (states.POOLED, states.ASSIGNED) and not _interpreter_ok(record):
+            if record.state == states.POOLED:
+                log.warning("pooled env %s is damaged (no interpreter); removing it", record.id)
                 await self.delete_files_and_row(record)
-            elif record.state == states.DELETING:
-                await self.delete_files_and_row(record)
-            elif record.state == states.POOLED and record.spec != self.spec:
-                log.info("removing pooled env %s built from an older configuration", record.id)
-                await self.delete_files_and_row(record)
-            elif record.state == states.INSTALLING:
-                log.warning("env %s was interrupted during a package install; it will be rebuilt "
-                            "from its recorded requirements at the next kernel start", record.id)
-                self.store.transition(record.id, states.BROKEN, "a package install was interrupted")
-            elif record.state in (states.POOLED, states.ASSIGNED) and not _interpreter_ok(record):
-                if record.state == states.POOLED:
-                    log.warning("pooled env %s is damaged (no interpreter); removing it", record.id)
-                    await self.delete_files_and_row(record)
-                else:
-                    self.store.transition(record.id, states.BROKEN, "interpreter missing at start-up")
-        for entry in self.venvs_dir.iterdir():
-            # Only our own naming pattern: a misconfigured venvs_dir must never lose user files.
-            if entry.name.startswith(ENV_DIR_PREFIX) and entry.name not in known:
-                log.info("removing unregistered venv directory %s", entry)
-                await asyncio.to_thread(shutil.rmtree, entry, True)
+            else:
+                self.store.transition(record.id, states.BROKEN, "interpreter missing at start-up")
+        elif record.state == states.BROKEN and record.owner_uid is None:
+            await self.delete_files_and_row(record)  # a damaged pool venv found at claim time
+
+    async def _adopt(self) -> None:
+        """Rebuild lost rows from each venv's own record file. A venv without one stays where it
+        is and is then quarantined by ``recover``: nothing is deleted."""
+        adopted = 0
+        for entry in venvsdir.env_dirs(self.venvs_dir):
+            fields = await asyncio.to_thread(venvsdir.read_env_record, entry)
+            if fields is None:
+                continue
+            owned = fields.get("owner_uid") is not None and fields.get("key")
+            state = states.ASSIGNED if owned else states.POOLED
+            # An assigned env we cannot vouch for (an install may have been under way when the
+            # store was lost) is rebuilt from its requirements at its next kernel start.
+            error = None
+            if not os.access(entry / "bin" / "python", os.X_OK):
+                state, error = states.BROKEN, "interpreter missing when the store was rebuilt"
+            try:
+                self.store.insert_adopted(fields, entry, state, error)
+            except (sqlite3.IntegrityError, ValueError, TypeError) as exc:
+                log.warning("the record in %s cannot be adopted (%s); the directory is moved aside", entry, exc)
+                continue
+            adopted += 1
+        self.record_error(
+            "the store %s had no records of the venvs in %s: rebuilt %d env record(s) from the venvs' own "
+            "record files" % (self.store.path, self.venvs_dir, adopted)
+        )
 
     # --- acquire (the hot path) -----------------------------------------------------------------
 
@@ -139,11 +196,17 @@ class EnvManager:
             record = self._follow_rename_locked(uid, key, notebook_file)
             source = "renamed"
         if record is not None:
+            if record.state in (states.ASSIGNED, states.INSTALLING) and _interpreter_ok(record):
+                try:
+                    if notebook_file is not None and record.notebook_file != notebook_file:
+                        self.store.set_notebook_file(record.id, notebook_file)
+                    self.store.touch(record.id)
+                except StoreFull as exc:
+                    # Bookkeeping only: a full state folder must not keep a known notebook's kernel from starting.
+                    self.record_error(str(exc))
+                return record, source
             if notebook_file is not None and record.notebook_file != notebook_file:
                 self.store.set_notebook_file(record.id, notebook_file)
-            if record.state in (states.ASSIGNED, states.INSTALLING) and _interpreter_ok(record):
-                self.store.touch(record.id)
-                return record, source
             return await self._rebuild(uid, key, record), "rebuilt"
         record, source = await self._new_env(uid, key)
         if notebook_file is not None:
@@ -185,8 +248,20 @@ class EnvManager:
                 return moved
         return None
 
+    def _claim_pooled(self, uid: int, key: EnvKey) -> EnvRecord | None:
+        """Claim the oldest pooled venv whose interpreter is there; remove damaged ones found."""
+        claimed, damaged = self.store.claim_pooled(self.spec, uid, key, usable=_interpreter_usable)
+        for env_id in damaged:
+            self.record_error("pooled env %s had lost its interpreter; removing it, not handing it out" % env_id)
+            task = asyncio.create_task(self.delete_files_and_row(self.store.get(env_id)), name="remove-damaged")
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+        if damaged:
+            self.on_pool_claimed()  # refill
+        return claimed
+
     async def _new_env(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
-        claimed = self.store.claim_pooled(self.spec, uid, key)
+        claimed = self._claim_pooled(uid, key)
         if claimed is not None:
             self.on_pool_claimed()
             return claimed, "pool"
@@ -221,7 +296,7 @@ class EnvManager:
 
     async def _new_env_holding_slot(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
         # The build we waited for may have been a pool venv (a daemon's first minutes): take it.
-        claimed = self.store.claim_pooled(self.spec, uid, key)
+        claimed = self._claim_pooled(uid, key)
         if claimed is not None:
             log.info("a pool venv finished while uid %d %r waited; using it", uid, key)
             self.on_pool_claimed()
@@ -302,9 +377,12 @@ class EnvManager:
             )
             if self.bytecode is not None:
                 await self.bytecode.share(path, install_started)
-        except UvFailed as exc:
-            self.store.transition(record.id, states.BROKEN, str(exc))
-            await self.delete_files_and_row(self.store.get(record.id))
+        except (UvFailed, OSError) as exc:
+            half_made = await self._discard_failed_build(record)
+            if _is_disk_full(exc):
+                raise self._disk_full(path, half_made, exc) from None
+            if isinstance(exc, OSError):
+                raise
             self.record_error("creating a venv failed: %s" % exc)
             raise EnvUnavailable(
                 "could not build a Python environment: %s\nCheck that the package index is "
@@ -312,11 +390,14 @@ class EnvManager:
             ) from None
         except BaseException:
             # Cancelled (shutdown) or an unexpected error: never leave a half-made venv behind.
-            self.store.transition(record.id, states.DELETING)
-            await asyncio.shield(self.delete_files_and_row(self.store.get(record.id)))
+            await asyncio.shield(self._discard_failed_build(record))
             raise
         finally:
             self.creating -= 1
+        try:
+            self.venv_bytes = max(await asyncio.to_thread(lambda: scan_tree(path).unshared), 1 << 20)
+        except OSError:
+            pass
         target = states.ASSIGNED if owner_uid is not None else states.POOLED
         record = self.store.transition(env_id, target)
         log.info(
@@ -324,6 +405,44 @@ class EnvManager:
             " for %r" % (key,) if key else "",
         )
         return record
+
+    async def _discard_failed_build(self, record: EnvRecord) -> int:
+        """Remove what a failed build made; returns its size. The files go first: if the store
+        cannot be written (its disk is full too) the row stays ``creating`` and the next start's
+        recovery removes it."""
+        size = await asyncio.to_thread(_tree_size, record.path)
+        await asyncio.to_thread(shutil.rmtree, record.path, True)
+        try:
+            current = self.store.get(record.id)
+            if current is not None:
+                await self.delete_files_and_row(current)
+        except StoreFull as exc:
+            self.record_error("env %s stays 'creating' in the store until the next start: %s" % (record.id, exc))
+        return size
+
+    def _disk_full(self, path: Path, half_made: int, exc: BaseException) -> EnvUnavailable:
+        """The clear error for a build that ran out of space: which folder, how much it needs."""
+        folders = [self.venvs_dir, self.config.cache_dir]
+        free = {folder: _free_bytes(folder) for folder in folders}
+        fullest = min(folders, key=lambda folder: free[folder])
+        needed = max(self.venv_bytes, half_made)
+        message = (
+            "no space left on the disk of %s (%s free; a new venv needs about %s): free some space there, "
+            "or remove unused envs with `uvkernelctl gc`" % (fullest, _mib(free[fullest]), _mib(needed))
+        )
+        self.record_error("creating a venv failed: %s" % message)
+        log.debug("the build's failure: %s", exc)
+        return EnvUnavailable(message)
+
+    def disk_full(self, state_dir: Path) -> list[dict[str, object]]:
+        """Folders with less free space than one venv build needs (shown by ``status``)."""
+        report = []
+        for folder in (state_dir, self.venvs_dir, self.config.cache_dir):
+            free = _free_bytes(folder)
+            needed = 4 << 20 if folder == state_dir else self.venv_bytes
+            if free < needed:
+                report.append({"folder": str(folder), "free_bytes": free, "needed_bytes": needed})
+        return report
 
     def _background(self, low_priority: bool) -> bool:
         return low_priority and not self.starts_waiting_for_a_build
@@ -349,6 +468,33 @@ class EnvManager:
         log.error("%s", message)
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, UvFailed):
+        return any(marker in exc.output for marker in _ENOSPC_MARKERS)
+    return False
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
+
+
+def _tree_size(path: Path) -> int:
+    try:
+        return scan_tree(path).unshared
+    except OSError:
+        return 0
+
+
+def _mib(count: int) -> str:
+    return "%.0f MB" % (count / 1e6) if count >= 1e6 else "%.1f MB" % (count / 1e6)
+
+
 def _requirement_key(requirement: str) -> str:
     return requirement_name(requirement) or requirement
 
@@ -364,4 +510,9 @@ def _same_file_still_at(path: str, notebook_file: str) -> bool:
 
 
 def _interpreter_ok(record: EnvRecord) -> bool:
-    return os.access(record.interpreter, os.X_OK)
+    return _interpreter_usable(record.path)
+
+
+def _interpreter_usable(venv: Path) -> bool:
+    # os.access follows the bin/python symlink: a removed base interpreter fails here too.
+    return os.access(venv / "bin" / "python", os.X_OK)

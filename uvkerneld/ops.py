@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import __version__, protocol, states
 from .diskusage import unshared_bytes
 from .store import EnvRecord
+from .venvsdir import quarantined
 
 if TYPE_CHECKING:
     from .server import Daemon, PeerCredentials
@@ -332,6 +333,8 @@ class Operations:
             "link_fallback_seen": daemon.uv.link_fallback_seen,
             "paths": daemon.config.public_summary(),
             "errors": list(daemon.envs.last_errors),
+            "disk_full": daemon.envs.disk_full(daemon.config.state_dir),
+            "quarantine": quarantined(daemon.config.venvs_dir),
         }
 
 

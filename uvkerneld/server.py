@@ -32,13 +32,15 @@ from . import __version__, cachedir, connlimits, fsafety, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .bytecode import SharedBytecode
+from .children import ChildRegistry
 from .diskusage import DiskUsage
 from .installs import InstallManager
 from .notify import Notifier, inherited_listener
 from .ops import Operations
 from .pool import WarmPool
 from .protocol import UvkError
-from .store import NewerSchema, Store
+from .store import Store
+from .storeopen import StoreRefused, open_store, private_state_files
 from .tasks import cancel_and_wait
 from .uv import Uv, find_uv
 from .watch import NotebookWatcher
@@ -85,6 +87,7 @@ class Daemon:
         self.installs: InstallManager | None = None
         self._server: connlimits.Listener | None = None
         self._lock_file: Any = None
+        self._venvs_claim: Any = None
         self._bound_socket = False
         self._stop = asyncio.Event()
         self._connections: set[asyncio.Task[None]] = set()
@@ -183,18 +186,20 @@ class Daemon:
                 cachedir.make_private(config.cache_dir, config.link_mode)
             except cachedir.CacheDirError as exc:
                 raise StartupError(str(exc)) from None
+        private_state_files(config.state_dir)
         await self._take_instance_lock(inherited)
         uv_binary = find_uv(config.uv)
         try:
-            self.store = Store(config.store_path)
-        except NewerSchema as exc:
+            # Also stops uv runs a killed predecessor left, and claims the venvs dir for this store.
+            self.store, self._venvs_claim, adopt = open_store(config)
+        except StoreRefused as exc:
             raise StartupError(str(exc)) from None
-        os.chmod(config.store_path, 0o600)  # notebook paths of every user: the daemon's only
         uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
                           shared_host=config.mode == "system")
+        uv.children = ChildRegistry(config.state_dir)
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
         self.envs = EnvManager(config, self.store, uv, bytecode)
-        await self.envs.recover()
+        await self.envs.recover(adopt=adopt)
         for env_id, pid in self.store.kernels():
             if not _pid_exists(pid):
                 self.store.remove_kernel(env_id, pid)
@@ -363,6 +368,8 @@ class Daemon:
                 pass
         if self.store is not None:
             self.store.close()
+        if self._venvs_claim is not None:
+            self._venvs_claim.close()  # before the state-dir lock: a successor takes both
         if self._lock_file is not None:
             self._lock_file.close()
         log.info("stopped")

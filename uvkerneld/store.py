@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import secrets
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import states
-from .protocol import EnvKey
+from .protocol import EnvKey, EnvUnavailable
+from .venvsdir import write_env_record
+
+log = logging.getLogger("uvkerneld.store")
 
 SCHEMA_VERSION = 2
 
@@ -101,20 +107,92 @@ class NewerSchema(RuntimeError):
     """The state db was written by a newer uvkerneld."""
 
 
+class StoreDamaged(RuntimeError):
+    """The state db cannot be opened or read; the message says what to do."""
+
+
+class StoreFull(EnvUnavailable):
+    """A write to the state db failed because its filesystem is full."""
+
+
+_SQLITE_FULL = 13
+_DB_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def make_private(db_path: Path) -> None:
+    """The db and its WAL/shared-memory files hold every user's notebook paths: 0600. SQLite
+    gives new -wal/-shm files the db file's mode, so the db is created 0600 before sqlite opens
+    it; files left by an older uvkerneld are fixed here."""
+    fd = os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in _DB_FILES[1:]:
+        try:
+            fd = os.open(str(db_path) + suffix, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
+class _Connection(sqlite3.Connection):
+    """Turns "database or disk is full" into StoreFull, which names the folder and reaches the
+    client as a clear error instead of "internal error"."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(exc):
+                raise StoreFull(
+                    "the state folder %s is full (%s): free some space there (a few MB are enough)"
+                    % (os.path.dirname(self.db_path), exc)
+                ) from None
+            raise
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves so transactions are explicit.
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
-        self._db.row_factory = sqlite3.Row
+        # Called with an env's id after a change its own record file mirrors (see venvsdir.py).
+        self.on_env_changed: Callable[[str], None] = self._write_env_record
         try:
-            self._refuse_newer_schema()
+            make_private(path)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves so transactions are explicit.
+            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0, factory=_Connection)
+            self._db.db_path = str(path)  # type: ignore[attr-defined]
+            self._db.row_factory = sqlite3.Row
+            try:
+                self._open()
+            except BaseException:
+                self._db.close()
+                raise
         except NewerSchema:
-            self._db.close()
             raise
+        except StoreFull as exc:
+            raise StoreDamaged("cannot open the state db %s: %s" % (path, exc)) from None
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise StoreDamaged(
+                "the state db %s cannot be used (%s): move it aside (mv %s %s.damaged) and start again; "
+                "uvkerneld then rebuilds its records from the venvs' own record files"
+                % (path, exc, path, path)
+            ) from None
+        make_private(path)  # the -wal and -shm files sqlite just created
+
+    def _open(self) -> None:
+        self._refuse_newer_schema()
+        self._db.execute("PRAGMA quick_check(1)").fetchone()  # a damaged file fails here, not mid-request
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        if self._meta("schema_version") == str(SCHEMA_VERSION) and self._meta("store_id"):
+            return  # nothing to write: a restart on a full disk still opens the store
         with self._transaction():
             for statement in _SCHEMA.strip().split(";\n"):
                 if statement.strip():
@@ -124,7 +202,24 @@ class Store:
                 "INSERT INTO meta (name, value) VALUES ('schema_version', ?)"
                 " ON CONFLICT (name) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
             )
+            # Names this store in the venvs dir it owns (venvsdir.OWNER_FILE).
+            self._db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('store_id', ?)", (secrets.token_hex(8),))
             self._db.execute("CREATE INDEX IF NOT EXISTS envs_by_notebook_file ON envs (owner_uid, notebook_file)")
+
+    def _meta(self, name: str) -> str | None:
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return row["value"] if row else None
+
+    @property
+    def store_id(self) -> str:
+        value = self._meta("store_id")
+        assert value is not None
+        return value
+
+    def has_envs(self) -> bool:
+        return self._db.execute("SELECT 1 FROM envs LIMIT 1").fetchone() is not None
 
     def _refuse_newer_schema(self) -> None:
         """Before changing anything (even the journal mode): a newer uvkerneld's db stays as it is,
@@ -156,7 +251,19 @@ class Store:
             return self.db
 
         def __exit__(self, exc_type: Any, *rest: Any) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except BaseException:
+                    self._rollback()  # a COMMIT that failed (disk full) must not leave it open
+                    raise
+            self._rollback()
+
+        def _rollback(self) -> None:
+            # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
 
     def _transaction(self) -> "Store._Transaction":
         return Store._Transaction(self._db)
@@ -242,27 +349,45 @@ class Store:
                 raise KeyError(env_id)
             states.check_transition(row["state"], new_state)
             db.execute("UPDATE envs SET state=?, error=? WHERE id=?", (new_state, error, env_id))
+        if new_state in (states.POOLED, states.ASSIGNED) and row["state"] == states.CREATING:
+            self.on_env_changed(env_id)  # built: from now on the venv carries its own record
         record = self.get(env_id)
         assert record is not None
         return record
 
-    def claim_pooled(self, spec: str, owner_uid: int, key: EnvKey) -> EnvRecord | None:
-        """Hand the oldest ready pooled venv to (uid, key), atomically. No uv runs here."""
+    def claim_pooled(
+        self, spec: str, owner_uid: int, key: EnvKey, usable: Callable[[Path], bool] = lambda path: True,
+    ) -> tuple[EnvRecord | None, list[str]]:
+        """Hand the oldest usable pooled venv to (uid, key), atomically. No uv runs here.
+
+        Returns (the claimed env or None, ids of pooled envs found unusable on the way: they are
+        now ``broken`` and the caller removes them)."""
         now = time.time()
+        damaged: list[str] = []
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT id, state FROM envs WHERE state=? AND spec=? ORDER BY created_at LIMIT 1",
+            rows = db.execute(
+                "SELECT id, state, path FROM envs WHERE state=? AND spec=? ORDER BY created_at",
                 (states.POOLED, spec),
-            ).fetchone()
-            if row is None:
-                return None
-            states.check_transition(row["state"], states.ASSIGNED)
+            ).fetchall()
+            claimed = None
+            for row in rows:
+                if usable(Path(row["path"])):
+                    claimed = row
+                    break
+                states.check_transition(row["state"], states.BROKEN)
+                db.execute("UPDATE envs SET state=?, error=? WHERE id=?",
+                           (states.BROKEN, "its interpreter was missing when it was to be handed out", row["id"]))
+                damaged.append(row["id"])
+            if claimed is None:
+                return None, damaged
+            states.check_transition(claimed["state"], states.ASSIGNED)
             db.execute(
                 "UPDATE envs SET state=?, owner_uid=?, key_kind=?, key_value=?, from_pool=1,"
                 " assigned_at=?, last_used_at=? WHERE id=?",
-                (states.ASSIGNED, owner_uid, key.kind, key.value, now, now, row["id"]),
+                (states.ASSIGNED, owner_uid, key.kind, key.value, now, now, claimed["id"]),
             )
-        return self.get(row["id"])
+        self.on_env_changed(claimed["id"])
+        return self.get(claimed["id"]), damaged
 
     def find_by_notebook_file(self, owner_uid: int, notebook_file: str) -> list[EnvRecord]:
         """The uid's notebook envs last seen with this file identity (normally none or one)."""
@@ -283,11 +408,53 @@ class Store:
                 db.execute("UPDATE envs SET key_kind=?, key_value=? WHERE id=?", (key.kind, key.value, env_id))
         except sqlite3.IntegrityError:
             return None
+        self.on_env_changed(env_id)
         return self.get(env_id)
 
     def find_by_path(self, path: str) -> EnvRecord | None:
         row = self._db.execute("SELECT * FROM envs WHERE path=?", (path,)).fetchone()
         return EnvRecord(row) if row else None
+
+    def insert_adopted(self, fields: dict[str, Any], path: Path, state: str, error: str | None) -> None:
+        """Re-create a lost row from the env's own record file (see venvsdir.py)."""
+        key = fields.get("key") or None
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO envs (id, path, state, owner_uid, key_kind, key_value, spec, python, from_pool,"
+                " created_at, assigned_at, last_used_at, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    fields["id"], str(path), state, fields.get("owner_uid"),
+                    key[0] if key else None, key[1] if key else None, str(fields.get("spec") or "adopted"),
+                    str(fields.get("python") or ""), int(bool(fields.get("from_pool"))),
+                    float(fields.get("created_at") or time.time()), fields.get("assigned_at"), time.time(), error,
+                ),
+            )
+            for requirement_name, requirement in (fields.get("requirements") or {}).items():
+                db.execute(
+                    "INSERT OR REPLACE INTO requirements (env_id, name, requirement, added_at) VALUES (?,?,?,?)",
+                    (fields["id"], str(requirement_name), str(requirement), time.time()),
+                )
+
+    def env_record_fields(self, env_id: str) -> dict[str, Any] | None:
+        """What a venv's own record file holds: enough to rebuild its row if the store is lost."""
+        record = self.get(env_id)
+        if record is None:
+            return None
+        rows = self._db.execute("SELECT name, requirement FROM requirements WHERE env_id=?", (env_id,)).fetchall()
+        return {
+            "id": record.id, "owner_uid": record.owner_uid,
+            "key": [record.key.kind, record.key.value] if record.key else None,
+            "spec": record.spec, "python": record.python, "from_pool": record.from_pool,
+            "created_at": record.created_at, "assigned_at": record.assigned_at,
+            "requirements": {row["name"]: row["requirement"] for row in rows},
+        }
+
+    def _write_env_record(self, env_id: str) -> None:
+        fields = self.env_record_fields(env_id)
+        if fields is not None:
+            record = self.get(env_id)
+            assert record is not None
+            write_env_record(record.path, fields)
 
     # --- installs and requirements ----------------------------------------------------------
 
@@ -328,6 +495,7 @@ class Store:
                     " added_at=excluded.added_at",
                     (env_id, name, requirement, now),
                 )
+        self.on_env_changed(env_id)
 
     def requirements(self, env_id: str) -> list[str]:
         rows = self._db.execute(
@@ -336,12 +504,18 @@ class Store:
         return [row["requirement"] for row in rows]
 
     def add_kernel(self, env_id: str, pid: int) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO kernels (env_id, pid, started_at) VALUES (?,?,?)", (env_id, pid, time.time())
-        )
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO kernels (env_id, pid, started_at) VALUES (?,?,?)", (env_id, pid, time.time())
+            )
+        except StoreFull as exc:  # bookkeeping: the kernel runs anyway, its lifeline still counts
+            log.warning("kernel %d of env %s not recorded: %s", pid, env_id, exc)
 
     def remove_kernel(self, env_id: str, pid: int) -> None:
-        self._db.execute("DELETE FROM kernels WHERE env_id=? AND pid=?", (env_id, pid))
+        try:
+            self._db.execute("DELETE FROM kernels WHERE env_id=? AND pid=?", (env_id, pid))
+        except StoreFull as exc:  # a stale row only means its pid is checked again later
+            log.warning("ended kernel %d of env %s not recorded: %s", pid, env_id, exc)
 
     def kernels(self) -> list[tuple[str, int]]:
         return [(row["env_id"], row["pid"]) for row in self._db.execute("SELECT env_id, pid FROM kernels")]

@@ -7,12 +7,14 @@ Every run logs its argv, never its environment (it may carry index credentials o
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
 from typing import Callable, Sequence
 
 from . import startuphooks
+from .children import ChildRegistry, die_with_parent
 
 log = logging.getLogger("uvkerneld.uv")
 
@@ -59,6 +61,8 @@ class Uv:
         # sdist) and never runs an env's Python with a user's startup hooks in it.
         self.shared_host = shared_host
         self._low_priority_pids: set[int] = set()
+        # Set by the daemon: the uv process groups running now, so a successor can stop them.
+        self.children: ChildRegistry | None = None
 
     def raise_priority(self) -> tuple[int, int]:
         """Put the low-priority uv runs under way back at normal priority: (raised, refused).
@@ -154,10 +158,13 @@ class Uv:
             stderr=asyncio.subprocess.STDOUT,
             env=self._env(),
             cwd="/",
-            # Pool refills must not steal CPU from a kernel that is starting right now.
-            preexec_fn=_lowest_cpu_priority if low_priority else None,
+            # Dies with the daemon (PDEATHSIG); pool refills must not steal CPU from a kernel
+            # that is starting right now.
+            preexec_fn=functools.partial(_in_child, os.getpid(), low_priority),
             start_new_session=True,
         )
+        if self.children is not None:
+            self.children.add(process.pid)
         if low_priority:
             self._low_priority_pids.add(process.pid)
         lines: list[str] = []
@@ -181,7 +188,15 @@ class Uv:
             raise
         finally:
             self._low_priority_pids.discard(process.pid)
+            if self.children is not None:
+                self.children.discard(process.pid)
         return returncode, "\n".join(lines)
+
+
+def _in_child(parent_pid: int, low_priority: bool) -> None:
+    die_with_parent(parent_pid)
+    if low_priority:
+        _lowest_cpu_priority()
 
 
 def _lowest_cpu_priority() -> None:

@@ -1,0 +1,133 @@
+"""No child of the daemon outlives it.
+
+Two halves:
+- every uv the daemon starts gets PR_SET_PDEATHSIG=SIGKILL (``die_with_parent``, in the forked
+  child before exec), so the kernel kills it when the daemon dies, even by kill -9;
+- uv runs in its own session (so its process group can be signalled as a whole) and may have
+  started children of its own (an interpreter query, a build backend) that PDEATHSIG does not
+  reach. Each group is recorded in ``children`` in the state dir (pgid and the leader's start
+  time from /proc, mode 0600); the next daemon kills groups an earlier one left behind
+  (``stop_leftovers``). The start time makes sure a reused pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from .venvsdir import write_private
+
+log = logging.getLogger("uvkerneld.children")
+
+CHILDREN_FILE = "children"
+_PR_SET_PDEATHSIG = 1
+
+
+# Looked up once in the daemon: the forked child only calls it.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In the forked child, before exec: be killed when the daemon dies."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The daemon may have died between fork and prctl: then nobody would kill us.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/pid/stat)."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])
+
+
+def _group_members(pgid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of live processes in process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            members.append((int(entry), int(fields[19])))
+    return members
+
+
+class ChildRegistry:
+    """The uv process groups running now, mirrored to a private file in the state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / CHILDREN_FILE
+        self._groups: dict[int, int] = {}
+        self._write_failed = False
+
+    def add(self, pid: int) -> None:
+        started = start_time(pid)
+        if started is not None:
+            self._groups[pid] = started
+            self._write()
+
+    def discard(self, pid: int) -> None:
+        if self._groups.pop(pid, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            write_private(self.path, json.dumps({str(pid): started for pid, started in self._groups.items()}))
+            self._write_failed = False
+        except OSError as exc:
+            # A full state folder must not stop uv from running; PDEATHSIG still kills uv itself.
+            if not self._write_failed:
+                log.warning("could not record uv's process groups in %s: %s", self.path, exc)
+            self._write_failed = True
+
+
+def stop_leftovers(state_dir: Path, timeout: float = 10.0) -> int:
+    """Kill the uv process groups an earlier daemon of this state dir left running; returns how
+    many groups were signalled. Runs at start-up, before recovery looks at the venvs."""
+    path = state_dir / CHILDREN_FILE
+    try:
+        recorded = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return 0
+    signalled = []
+    for pgid_text, leader_started in recorded.items():
+        pgid = int(pgid_text)
+        members = _group_members(pgid)
+        leader_alive = start_time(pgid)
+        # The group is ours if its leader is the process we started (same start time), or if the
+        # leader is gone and members remain: the kernel never reuses a pid that is still a
+        # process group's id, and members started no earlier than the leader did.
+        ours = leader_alive == leader_started or (
+            leader_alive is None and members and all(started >= leader_started for _, started in members))
+        if not ours or not members:
+            continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            signalled.append(pgid)
+            log.warning("killed uv process group %d left running by an earlier uvkerneld", pgid)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            log.warning("could not stop uv process group %d left by an earlier uvkerneld: %s", pgid, exc)
+    deadline = time.monotonic() + timeout
+    while signalled and time.monotonic() < deadline and any(_group_members(pgid) for pgid in signalled):
+        time.sleep(0.02)
+    try:
+        path.unlink()
+    except OSError:
+        pass
+    return len(signalled)
