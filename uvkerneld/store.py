@@ -130,15 +130,20 @@ def make_private(db_path: Path) -> None:
     finally:
         os.close(fd)
     for suffix in _DB_FILES[1:]:
-        try:
-            fd = os.open(str(db_path) + suffix, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if os.fstat(fd).st_uid == os.geteuid():
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
+        make_own_file_private(str(db_path) + suffix)
+
+
+def make_own_file_private(path: str | Path) -> None:
+    """chmod 0600 a file we own, never through a symlink; a missing file is left missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class _Connection(sqlite3.Connection):

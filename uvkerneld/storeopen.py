@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .children import CHILDREN_FILE, stop_leftovers
 from .config import Config
-from .store import NewerSchema, Store, StoreDamaged
+from .store import NewerSchema, Store, StoreDamaged, make_own_file_private
 from .venvsdir import VenvsDirClaim, VenvsDirRefused
 
 log = logging.getLogger("uvkerneld.storeopen")
@@ -34,15 +34,7 @@ def private_state_files(state_dir: Path) -> None:
     except OSError as exc:
         log.warning("could not create %s private: %s", state_dir / PID_FILE, exc)
     for name in (PID_FILE, CHILDREN_FILE):  # the db's own files: store.make_private
-        try:
-            fd = os.open(state_dir / name, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if os.fstat(fd).st_uid == os.geteuid():
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
+        make_own_file_private(state_dir / name)
 
 
 def open_store(config: Config) -> tuple[Store, VenvsDirClaim, bool]:
