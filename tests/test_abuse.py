@@ -381,3 +381,13 @@ def test_client_text_cannot_forge_log_lines_and_bad_strings_are_bad_requests(lay
         assert "internal error" not in daemon.log and "Traceback" not in daemon.log
     finally:
         daemon.stop()
+
+
+def test_one_uids_kernels_cannot_fill_every_slot_under_a_low_fd_limit() -> None:
+    """Lifelines are never evicted, so under ``ulimit -n 256`` (144 connection slots) the kernels
+    of one uid may take at most half of them; other users keep room for status and kernels."""
+    from uvkerneld.connlimits import Limits
+
+    low = Limits(256, {})
+    assert low.max_kernels_per_uid <= low.max_connections // 2 < low.max_connections
+    assert Limits(20000, {}).max_kernels_per_uid == 128

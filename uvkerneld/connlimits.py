@@ -78,7 +78,9 @@ class Limits:
         # keep a quarter of the room (up to 64) for them, so the cap is reached first.
         self.max_connections = min(MAX_CONNECTIONS, self.fd_ceiling - min(64, max(1, self.fd_ceiling // 4)))
         self.max_connections_per_uid = min(MAX_CONNECTIONS_PER_UID, max(1, self.max_connections // 2))
-        self.max_kernels_per_uid = MAX_KERNELS_PER_UID
+        # Lifelines are never evicted: with a low fd limit, one uid's kernels alone must not be
+        # able to fill every connection slot on the host.
+        self.max_kernels_per_uid = min(MAX_KERNELS_PER_UID, max(1, self.max_connections // 2))
         self.idle_timeout = IDLE_TIMEOUT
         self.frame_timeout = FRAME_TIMEOUT
         self.frame_buffer_budget = FRAME_BUFFER_BUDGET
