@@ -438,3 +438,16 @@ def test_a_removed_env_takes_its_record_along_and_a_quarantined_one_moves_it_asi
         assert sorted(path.name for path in (layout.venvs_dir / ".records").iterdir()) == [kept["env_id"] + ".json"]
     finally:
         daemon.stop()
+
+
+def test_a_record_that_cannot_be_written_is_logged_as_an_error(layout: Layout) -> None:
+    layout.venvs_dir.mkdir(parents=True, exist_ok=True)
+    (layout.venvs_dir / ".records").write_text("not a folder")  # where the records folder should be
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        acquired = layout.request("acquire", {"key": KEY_A})  # the request itself still succeeds
+        assert os.path.isfile(acquired["python"])
+        daemon.wait_for_log("could not write the record of env %s" % acquired["env_id"], 10)
+        assert "ERROR" in next(line for line in daemon.log.splitlines() if "could not write the record" in line)
+    finally:
+        daemon.stop()
