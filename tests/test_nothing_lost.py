@@ -30,6 +30,10 @@ def env_dirs(layout: Layout) -> list[str]:
     return sorted(entry.name for entry in layout.venvs_dir.glob("e-*"))
 
 
+def env_record(layout: Layout, env_id: str) -> Path:
+    return layout.venvs_dir / ".records" / (env_id + ".json")
+
+
 def daemon_argv(layout: Layout, *extra: str) -> list[str]:
     return [sys.executable, "-m", "uvkerneld", "--pool-size", "0", *extra]
 
@@ -60,9 +64,10 @@ def test_a_zero_byte_store_next_to_venvs_deletes_nothing_and_the_records_are_reb
         assert any("rebuilt 2 env record(s)" in error["message"] for error in status["errors"])
         # What the user asked for came back with the env: a damaged env is still rebuilt with it.
         assert layout.request("installs", {"env_id": first["env_id"]})["requirements"] == ["six==1.16.0"]
-        record = json.loads((Path(first["path"]) / ".uvkerneld-env.json").read_text())
+        record = json.loads(env_record(layout, first["env_id"]).read_text())
         assert record["id"] == first["env_id"] and record["key"] == ["env", "a"]
-        assert (Path(first["path"]) / ".uvkerneld-env.json").stat().st_mode & 0o777 == 0o600
+        assert env_record(layout, first["env_id"]).stat().st_mode & 0o777 == 0o600
+        assert (layout.venvs_dir / ".records").stat().st_mode & 0o777 == 0o700
     finally:
         daemon.stop()
 
@@ -209,7 +214,7 @@ def test_no_file_in_the_state_dir_or_an_env_record_is_readable_by_another_user(l
             folder.chmod(0o755)
         files = sorted(str(path) for path in layout.state_dir.iterdir())
         assert {"state.db", "state.db-wal", "state.db-shm", "uvkerneld.pid"} <= {Path(f).name for f in files}
-        files += [acquired["path"] + "/.uvkerneld-env.json", str(layout.venvs_dir / ".uvkerneld-owner")]
+        files += [str(env_record(layout, acquired["env_id"])), str(layout.venvs_dir / ".uvkerneld-owner")]
         probe = (
             "import sys\n"
             "opened, missing = [], []\n"
@@ -355,7 +360,7 @@ def test_envs_from_before_records_existed_get_one_at_start_and_survive_a_lost_st
     names = register_envs(layout, 2)  # as an older uvkerneld left them: rows, no record files
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
-        wait_until(lambda: all((layout.venvs_dir / name / ".uvkerneld-env.json").exists() for name in env_dirs(layout)),
+        wait_until(lambda: all(env_record(layout, name).exists() for name in env_dirs(layout)),
                    10, "record files for the existing envs")
     finally:
         daemon.stop()
@@ -367,5 +372,82 @@ def test_envs_from_before_records_existed_get_one_at_start_and_survive_a_lost_st
         for name in names:
             assert layout.request("acquire", {"key": {"kind": "env", "value": name}})["source"] == "known"
         assert layout.status()["quarantine"] == []
+    finally:
+        daemon.stop()
+
+
+def test_a_record_forged_by_an_installed_wheel_is_never_trusted_when_the_store_is_rebuilt(
+        layout: Layout, tmp_path: Path) -> None:
+    # A wheel's .data/data/ files land in the venv root: where older versions kept the env's record.
+    # One entry forges it (another owner, another key), the other blocks the daemon's rewrite of it.
+    from test_system_mode import make_wheel
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        mine = layout.request("acquire", {"key": KEY_A})
+        forged = json.dumps({"id": mine["env_id"], "owner_uid": OTHER_UID, "key": ["env", "forged"],
+                             "spec": "x", "python": "3", "requirements": {}})
+        wheel = make_wheel(tmp_path, "forger", "1.0", "", extra={
+            "forger-1.0.data/data/.uvkerneld-env.json": forged,
+            "forger-1.0.data/data/.uvkerneld-env.json.tmp/keep": "",
+        })
+        installed = layout.request("pip", {"env": mine["path"], "argv": ["install", str(wheel)]}, timeout=300)
+        assert installed["exit_status"] == 0, installed
+        assert (Path(mine["path"]) / ".uvkerneld-env.json").read_text() == forged  # the wheel did write it
+    finally:
+        daemon.stop()
+    for name in ("state.db-wal", "state.db-shm"):
+        (layout.state_dir / name).unlink(missing_ok=True)
+    (layout.state_dir / "state.db").write_bytes(b"")
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        db = sqlite3.connect(str(layout.state_dir / "state.db"))
+        try:
+            rows = db.execute("SELECT owner_uid, key_kind, key_value FROM envs WHERE id=?", (mine["env_id"],)).fetchall()
+        finally:
+            db.close()
+        assert rows == [(os.getuid(), "env", "a")]
+        again = layout.request("acquire", {"key": KEY_A})
+        assert (again["env_id"], again["source"]) == (mine["env_id"], "known")
+        assert layout.status()["quarantine"] == []
+    finally:
+        daemon.stop()
+
+
+def test_a_removed_env_takes_its_record_along_and_a_quarantined_one_moves_it_aside(layout: Layout) -> None:
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        kept, removed, lost = (layout.request("acquire", {"key": {"kind": "env", "value": name}})
+                               for name in ("kept", "removed", "lost"))
+        assert all(env_record(layout, env["env_id"]).exists() for env in (kept, removed, lost))
+        layout.request("remove", {"env_id": removed["env_id"]})
+        assert not Path(removed["path"]).exists() and not env_record(layout, removed["env_id"]).exists()
+    finally:
+        daemon.stop()
+    db = sqlite3.connect(str(layout.state_dir / "state.db"))
+    try:
+        with db:
+            db.execute("DELETE FROM envs WHERE id=?", (lost["env_id"],))  # a row lost, the store not empty
+    finally:
+        db.close()
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        [moved] = layout.status()["quarantine"]
+        assert Path(moved).name.startswith(lost["env_id"] + "-")
+        assert not env_record(layout, lost["env_id"]).exists()
+        assert json.loads(Path(moved + ".record.json").read_text())["id"] == lost["env_id"]
+        assert sorted(path.name for path in (layout.venvs_dir / ".records").iterdir()) == [kept["env_id"] + ".json"]
+    finally:
+        daemon.stop()
+
+
+def test_a_record_that_cannot_be_written_is_logged_as_an_error(layout: Layout) -> None:
+    layout.venvs_dir.mkdir(parents=True, exist_ok=True)
+    (layout.venvs_dir / ".records").write_text("not a folder")  # where the records folder should be
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        acquired = layout.request("acquire", {"key": KEY_A})  # the request itself still succeeds
+        assert os.path.isfile(acquired["python"])
+        daemon.wait_for_log("could not write the record of env %s" % acquired["env_id"], 10)
+        assert "ERROR" in next(line for line in daemon.log.splitlines() if "could not write the record" in line)
     finally:
         daemon.stop()

@@ -460,6 +460,7 @@ class EnvManager:
         if record.state != states.DELETING:
             self.store.transition(record.id, states.DELETING)
         await asyncio.to_thread(shutil.rmtree, record.path, True)
+        await asyncio.to_thread(venvsdir.remove_env_record, record.path)
         self.store.delete(record.id)
 
     def record_error(self, message: str) -> None:

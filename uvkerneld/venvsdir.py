@@ -4,10 +4,14 @@
   meta table, and its state dir). The daemon holds an flock on it while running: a second daemon
   with another state dir but the same venvs dir is refused, running or not, instead of deleting
   the first one's envs as "unregistered".
-- ``.uvkerneld-env.json`` in each venv is the env's own record (id, key, owner, spec, python,
-  requested requirements), written by the daemon whenever the store changes them. Mode 0600: in
-  system mode the venv is world-readable, but notebook paths and requirements are private. If
-  the store is lost (0-byte, deleted), the records are rebuilt from these files.
+- ``.records/<env id>.json`` is each env's own record (id, key, owner, spec, python, requested
+  requirements), written by the daemon whenever the store changes them. Never inside the venv:
+  installs write there (a wheel's ``.data/data/`` files land in the venv root), and a record a
+  user can forge would hand their env to someone else when the store is rebuilt. Folder 0700,
+  files 0600: notebook paths and requirements are private. If the store is lost (0-byte,
+  deleted), its rows are rebuilt from these files. A ``.uvkerneld-env.json`` inside a venv (what
+  older versions wrote) is never read: with an intact store, the start-up writes the new record
+  from the store; with a lost one, such a venv is quarantined like any it cannot account for.
 - ``.quarantine/`` holds what the store cannot account for: moved aside, logged and shown by
   ``status``, never deleted.
 """
@@ -19,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,8 @@ from typing import Any
 log = logging.getLogger("uvkerneld.venvsdir")
 
 OWNER_FILE = ".uvkerneld-owner"
-ENV_RECORD_FILE = ".uvkerneld-env.json"
+RECORDS_DIR = ".records"
+QUARANTINED_RECORD_SUFFIX = ".record.json"
 QUARANTINE_DIR = ".quarantine"
 ENV_DIR_PREFIX = "e-"
 
@@ -119,25 +125,60 @@ def env_dirs(venvs_dir: Path) -> list[Path]:
         return []
 
 
-def write_env_record(venv: Path, fields: dict[str, Any]) -> None:
+def env_record_path(venv: Path) -> Path:
+    """Where the record of the venv ``<venvs_dir>/<id>`` lives: outside every venv."""
+    return venv.parent / RECORDS_DIR / (venv.name + ".json")
+
+
+def _records_folder(venvs_dir: Path) -> Path:
+    """The records folder, made 0700 by us; refused if it is anything but our own directory."""
+    folder = venvs_dir / RECORDS_DIR
     try:
-        write_private(venv / ENV_RECORD_FILE, json.dumps(fields, sort_keys=True))
-    except FileNotFoundError:
-        pass  # the venv is being built or was just removed: nothing to describe
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, "not a directory of this daemon's own", str(folder))
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def write_env_record(venv: Path, fields: dict[str, Any]) -> None:
+    if not venv.is_dir():
+        return  # not built yet, or just removed: nothing to describe
+    path = env_record_path(venv)
+    try:
+        _records_folder(venv.parent)
+        write_private(path, json.dumps(fields, sort_keys=True))
     except OSError as exc:
-        # A full disk must not fail the request; the store still has the fact.
-        log.warning("could not write %s: %s", venv / ENV_RECORD_FILE, exc)
+        # A full disk must not fail the request (the store still has the fact), but a missing
+        # record means this env cannot be rebuilt if the store is lost: say so loudly.
+        log.error("could not write the record of env %s to %s (%s): if the store is lost, this env "
+                  "will be moved aside instead of rebuilt", venv.name, path, exc)
+
+
+def remove_env_record(venv: Path) -> None:
+    try:
+        os.unlink(env_record_path(venv))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("could not remove the record of deleted env %s (%s)", venv.name, exc)
 
 
 def write_missing_env_records(described: list[tuple[Path, dict[str, Any] | None]]) -> None:
     for venv, fields in described:
-        if fields is not None and venv.is_dir() and not (venv / ENV_RECORD_FILE).exists():
+        if fields is not None and venv.is_dir() and not env_record_path(venv).exists():
             write_env_record(venv, fields)
 
 
 def read_env_record(venv: Path) -> dict[str, Any] | None:
     try:
-        value = json.loads((venv / ENV_RECORD_FILE).read_text())
+        fd = os.open(env_record_path(venv), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            value = json.loads(handle.read())
     except (OSError, ValueError):
         return None
     if not isinstance(value, dict) or value.get("id") != venv.name:
@@ -157,6 +198,12 @@ def quarantine(venvs_dir: Path, entry: Path, reason: str) -> Path:
     folder.mkdir(mode=0o700, exist_ok=True)
     target = folder / ("%s-%d" % (entry.name, int(time.time())))
     os.rename(entry, target)
+    try:  # its record goes with it: inspected together, and never adopted on its own
+        os.rename(env_record_path(entry), folder / (target.name + QUARANTINED_RECORD_SUFFIX))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("could not move the record of %s aside (%s)", entry.name, exc)
     log.warning("moved %s aside to %s (%s); it is not deleted: inspect it, then remove it or move it back",
                 entry, target, reason)
     return target
@@ -164,6 +211,7 @@ def quarantine(venvs_dir: Path, entry: Path, reason: str) -> Path:
 
 def quarantined(venvs_dir: Path) -> list[str]:
     try:
-        return sorted(str(entry) for entry in (venvs_dir / QUARANTINE_DIR).iterdir())
+        return sorted(str(entry) for entry in (venvs_dir / QUARANTINE_DIR).iterdir()
+                      if not entry.name.endswith(QUARANTINED_RECORD_SUFFIX))  # shown with its dir
     except FileNotFoundError:
         return []
