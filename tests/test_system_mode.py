@@ -716,3 +716,48 @@ def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(host: Host, atta
         assert not marker.exists(), "a startup hook ran as the daemon: " + marker.read_text()
     finally:
         server.stop()
+
+
+def test_a_wheels_pyvenv_cfg_or_pth_folder_with_a_sitecustomize_never_runs_as_the_daemon(
+        host: Host, attack_files: dict[str, Any]) -> None:
+    """Two bypasses of the startup-hook removal: a wheel's data scheme (the env root) replaced
+    pyvenv.cfg with a ``home`` holding the attacker's stdlib and sitecustomize; a .pth that only
+    names a folder inside the env put that folder's sitecustomize first on sys.path (this host's
+    Debian Python has its own sitecustomize, which masks the second; test_startuphooks covers it)."""
+    drop = attack_files["marker"].parent
+    marker = drop / "hook-ran"
+    run_hook = "import os; open(%r, 'a').write('%%s:%%d ' %% (__name__, os.getuid()))\n" % str(marker)
+    fake = drop / "fake"  # a Python home: the real stdlib, entry by entry, plus a sitecustomize
+    stdlib = Path(subprocess.run([SYSTEM_PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
+                                 capture_output=True, text=True, check=True, timeout=60).stdout.strip())
+    (fake / "bin").mkdir(parents=True)
+    (fake / "lib" / stdlib.name).mkdir(parents=True)
+    for entry in stdlib.iterdir():
+        if entry.name.startswith("sitecustomize"):  # Debian's own: ours replaces it
+            continue
+        (fake / "lib" / stdlib.name / entry.name).symlink_to(entry)
+    (fake / "lib" / stdlib.name / "sitecustomize.py").write_text(run_hook)
+    subprocess.run(["chmod", "-R", "a+rX", str(fake)], check=True)
+    base = host.root / "hooks2"
+    (base / "build").mkdir(parents=True)
+    cfg_wheel = make_wheel(base / "build", "cfgpkg", "1.0", "X = 1\n", extra={
+        "cfgpkg-1.0.data/data/pyvenv.cfg": "home = %s\ninclude-system-site-packages = false\n" % (fake / "bin"),
+    })
+    pth_wheel = make_wheel(base / "build", "evilpth", "1.0", "X = 1\n", extra={
+        "evilpth.pth": "evilpth\n", "evilpth/sitecustomize.py": run_hook,
+    })
+    write_simple_index(base / "index", [cfg_wheel, pth_wheel])
+    server = IndexServer(base / "index")
+    try:
+        env_b = env_of(host, UID_B, "hooks2.ipynb")
+        result = host.run_as(UID_B, [env_b + "/bin/pip", "install", "-i", server.url, "cfgpkg", "evilpth"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "removed evilpth.pth, pyvenv.cfg from this env" in result.stdout, result.stdout
+        assert str(fake) not in (Path(env_b) / "pyvenv.cfg").read_text()
+        for bucket in host.cache_dir.glob("interpreter-v*"):
+            shutil.rmtree(bucket)
+        result = host.run_as(UID_B, [env_b + "/bin/pip", "list"])
+        assert result.returncode == 0 and "evilpth" in result.stdout, result.stdout + result.stderr
+        assert not marker.exists(), "a startup hook ran as the daemon: " + marker.read_text()
+    finally:
+        server.stop()

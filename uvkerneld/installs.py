@@ -17,6 +17,7 @@ rebuilding the env from its recorded requirements.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import pipargs, protocol, startuphooks, states
+from .children import ChildRegistry, die_with_parent
 from .bytecode import SharedBytecode, sweep_orphaned_bytecode
 from .config import Config
 from .store import EnvRecord, Store
@@ -52,21 +54,31 @@ def changed_distributions(output: str) -> dict[str, list[str]]:
     return {"added": sorted(set(added)), "removed": sorted(set(removed))}
 
 
-async def _compile_without_site(python: str, venv: Path) -> None:
+async def _compile_without_site(python: str, venv: Path, children: ChildRegistry | None = None) -> None:
     """Per-env bytecode for a shared host: the daemon's Python with -S compiles (never runs) the
-    env's files, so no startup hook of a user's package runs as the daemon."""
+    env's files, so no startup hook of a user's package runs as the daemon. Like uv, it dies with
+    the daemon (PDEATHSIG) and its process group (compileall's -j 0 workers) is recorded in
+    ``children`` for the next daemon to stop."""
     sites = [str(site) for site in venv.glob("lib/python*/site-packages")]
     process = await asyncio.create_subprocess_exec(
         python, "-I", "-S", "-m", "compileall", "-q", "-j", "0", *sites,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        cwd="/", start_new_session=True,
+        cwd="/", start_new_session=True, preexec_fn=functools.partial(die_with_parent, os.getpid()),
     )
+    if children is not None:
+        children.add(process.pid)
     try:
         await process.wait()  # files that are not valid Python compile at import, as always
     except asyncio.CancelledError:
-        process.kill()
+        try:
+            os.killpg(process.pid, 9)  # the workers too
+        except ProcessLookupError:
+            pass
         await process.wait()
         raise
+    finally:
+        if children is not None:
+            children.discard(process.pid)
 
 
 class Validated:
@@ -194,7 +206,7 @@ class InstallManager:
                                   "start is not allowed on a shared host (the daemon runs this env's "
                                   "Python too)" % ", ".join(removed))
                 if returncode == 0 and command.subcommand == "install" and per_env_bytecode and self.uv.shared_host:
-                    await _compile_without_site(self.config.python, record.path)
+                    await _compile_without_site(self.config.python, record.path, self.uv.children)
                 if returncode == 0 and mutating:
                     if self.bytecode is not None and command.subcommand == "install":
                         await self.bytecode.share(record.path, install_started, send_line)
