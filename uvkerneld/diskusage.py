@@ -165,7 +165,12 @@ class DiskUsage:
         try:
             output, errors = await process.communicate()
         except asyncio.CancelledError:
-            process.kill()
+            # The scanner may have ended already: kill() would then raise ProcessLookupError in
+            # place of the cancellation, and a shutdown waiting for this task would wait forever.
+            try:
+                process.kill()
+            except ProcessLookupError:
+                pass
             await process.wait()
             raise
         if process.returncode != 0:
