@@ -14,31 +14,28 @@ a second (measured: 0.5-1.2 s at SCHED_IDLE or nice 19, under 60 ms at normal pr
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import functools
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .children import die_with_parent
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("uvkerneld.diskusage")
 
 
-def _idle_child() -> None:
+def _idle_child(parent_pid: int) -> None:
     """In the forked scanner before exec: idle CPU time only, and killed with the daemon."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         pass
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass
+    die_with_parent(parent_pid)
 
 
 class TreeUsage:
@@ -157,7 +154,7 @@ class DiskUsage:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "uvkerneld.diskusage", str(self.cache_dir), str(self.venvs_dir),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_idle_child,
+            preexec_fn=functools.partial(_idle_child, os.getpid()),
             # `-m` imports from the working folder first: run from the folder this uvkerneld is
             # in, so the scanner is this very code and never a `uvkerneld/` beside the daemon's cwd.
             cwd=str(Path(__file__).resolve().parent.parent),
