@@ -27,7 +27,7 @@ def test_make_test_runs_the_readme_test_command() -> None:
     assert recipe is not None, "Makefile has no test target"
     assert recipe.group(1).strip() == TEST_COMMAND
     for target in ("install", "lint", "bench"):
-        assert re.search(r"^%s:" % target, makefile, re.MULTILINE), "Makefile has no %s target" % target
+        assert re.search(rf"^{target}:", makefile, re.MULTILINE), f"Makefile has no {target} target"
 
 
 def _anchors(markdown: str) -> set[str]:
@@ -54,7 +54,7 @@ def test_readme_and_docs_links_stay_inside_the_repository() -> None:
             path_part, _, anchor = target.partition("#")
             linked = (page.parent / path_part).resolve() if path_part else page
             if ROOT not in linked.parents or not linked.exists():
-                broken.append("%s: %s (no such file in the repository)" % (page.name, target))
+                broken.append(f"{page.name}: {target} (no such file in the repository)")
             elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text()):
-                broken.append("%s: %s (no such heading)" % (page.name, target))
+                broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
