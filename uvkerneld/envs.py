@@ -6,7 +6,8 @@ How acquire works
 (so two kernels of one notebook never get two envs) it:
 1. returns the env already assigned to (uid, key) if its interpreter is there (no uv, one read);
 2. else claims the oldest pooled venv in one store transaction (no uv) and wakes the pool filler;
-3. else (pool empty) builds a venv on demand, saying so in the log.
+3. else (pool empty) builds a venv on demand, saying so in the log; it takes a build slot first
+   (buildslots.py: a pool build holding it is hurried or stopped).
 A notebook key comes with the notebook file's identity (dev, inode, size, mtime) as the client
 saw it. It is stored with the env, so a renamed or moved notebook, unknown under its new path, is
 recognised by that identity and its env follows it (``follow_rename``; see watch.py).
