@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import Daemon, Layout
 
 from uvkerneld import states
 from uvkerneld.protocol import EnvKey
@@ -379,3 +380,64 @@ def test_scan_keeps_one_connection_per_worker_thread_and_close_closes_them(tmp_p
             await store.scan()
 
     asyncio.run(main())
+
+
+def rewrite_as_release_619b985(path: Path) -> None:
+    """Turn a current state db back into the shape the last release before user_version wrote,
+    rows and store id kept (the columns that release had and this one dropped get defaults)."""
+    db = sqlite3.connect(str(path), isolation_level=None)
+    db.row_factory = sqlite3.Row
+    try:
+        tables = ("meta", "envs", "installs", "kernels", "requirements")
+        rows = {table: [dict(row) for row in db.execute("SELECT * FROM %s" % table)] for table in tables}
+        db.execute("BEGIN")
+        for table in reversed(tables):
+            db.execute("DROP TABLE %s" % table)
+        for statement in LEGACY_SHAPES["619b985-store-id"][1]:
+            db.execute(statement)
+        added = {"envs": {"from_pool": 0}, "kernels": {"started_at": 1.0}, "requirements": {"added_at": 1.0}}
+        for table in tables:
+            for row in rows[table]:
+                row.update(added.get(table, {}))
+                columns, marks = ", ".join(row), ", ".join("?" * len(row))
+                db.execute("INSERT INTO %s (%s) VALUES (%s)" % (table, columns, marks), list(row.values()))
+        db.execute("UPDATE meta SET value='2' WHERE name='schema_version'")
+        db.execute("PRAGMA user_version=0")
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def test_a_daemon_upgrades_the_store_of_an_older_release_and_keeps_every_env(layout: Layout) -> None:
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        kept = layout.request("acquire", {"key": {"kind": "env", "value": "kept"}})
+        other = layout.request("acquire", {"key": {"kind": "env", "value": "other"}})
+        for env in (kept, other):
+            install = {"env": env["path"], "argv": ["install", "six==1.16.0"]}
+            assert layout.request("pip", install, timeout=300)["exit_status"] == 0
+    finally:
+        daemon.stop()
+    rewrite_as_release_619b985(layout.state_dir / "state.db")
+    daemon = Daemon(layout, "--pool-size", "0").start()  # the venvs dir still knows its store (its id)
+    try:
+        again = layout.request("acquire", {"key": {"kind": "env", "value": "kept"}})
+        assert (again["env_id"], again["path"]) == (kept["env_id"], kept["path"])
+        history = layout.request("installs", {"env": kept["path"]})
+        assert history["requirements"] == ["six==1.16.0"]
+        assert [item["argv"] for item in history["installs"]] == [["install", "six==1.16.0"]]
+        listed = {row["env_id"] for row in layout.request("list", {"all": False})["envs"]}
+        assert listed == {kept["env_id"], other["env_id"]}
+        assert layout.status()["quarantine"] == []
+        layout.request("remove", {"env_id": other["env_id"]})
+    finally:
+        daemon.stop()
+    db = sqlite3.connect(str(layout.state_dir / "state.db"))
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        # The removed env's rows went with it, by the schema's cascade.
+        for table in ("requirements", "installs"):
+            counts = db.execute("SELECT env_id, COUNT(*) FROM %s GROUP BY env_id" % table).fetchall()
+            assert counts == [(kept["env_id"], 1)], table
+    finally:
+        db.close()

@@ -100,6 +100,8 @@ class _Connection(sqlite3.Connection):
     """Turns "database or disk is full" into StoreFull, which names the folder and reaches the
     client as a clear error instead of "internal error"."""
 
+    db_path = ""  # set right after connecting
+
     def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
         try:
             return super().execute(*args, **kwargs)
@@ -124,7 +126,7 @@ class Store:
             make_private(path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves so transactions are explicit.
             self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0, factory=_Connection)
-            self._db.db_path = str(path)  # type: ignore[attr-defined]
+            self._db.db_path = str(path)
             self._db.row_factory = sqlite3.Row
             try:
                 self._open()
