@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from uvkerneld import fastjson, protocol
+from uvkerneld.ops import parse_request
 from uvkerneld.protocol import (
     BadRequest, FrameDecoder, FrameTooLarge, NotJson, TruncatedFrame, UnknownOp, UnsupportedVersion,
 )
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse(data: dict) -> protocol.Request:
-    return protocol.parse_request(decode_one(protocol.encode_frame(data)))
+    return parse_request(decode_one(protocol.encode_frame(data)))
 
 
 def test_request_round_trip() -> None:
@@ -319,16 +320,16 @@ def test_fastjson_nan_and_errors_behave_like_json() -> None:
 )
 def test_lone_surrogates_in_paths_are_bad_requests(args: dict) -> None:
     with pytest.raises(BadRequest, match="not valid Unicode"):
-        protocol.parse_request(protocol.request(1, "acquire", args))
+        parse_request(protocol.request(1, "acquire", args))
 
 
 def test_lone_surrogates_and_nul_in_pip_requests_are_bad_requests() -> None:
     with pytest.raises(BadRequest, match="valid Unicode text without NUL"):
-        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "six\x00"]}))
+        parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "six\x00"]}))
     with pytest.raises(BadRequest, match="valid Unicode text without NUL"):
-        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "\ud800"]}))
+        parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "\ud800"]}))
     with pytest.raises(BadRequest, match='"env" must be the absolute path'):
-        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/\udce9", "argv": []}))
+        parse_request(protocol.request(1, "pip", {"env": "/v/\udce9", "argv": []}))
 
 
 def test_deep_json_is_not_json_and_surrogates_are_sent_as_escapes() -> None:
