@@ -4,6 +4,7 @@ The step that removes (``gc.collect``) runs against a real daemon in test_ctl.py
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import sys
@@ -43,8 +44,10 @@ class Envs:
         }[state]:
             self.store.transition(env_id, step)
         if days_unused:
-            with sqlite3.connect(self.root / "state.db") as db:
-                db.execute("UPDATE envs SET last_used_at=? WHERE id=?", (time.time() - days_unused * DAY, env_id))
+            # As if last used that long ago (test_ctl.py ages envs of a running daemon the same way).
+            with contextlib.closing(sqlite3.connect(self.root / "state.db")) as db, db:
+                db.execute("UPDATE envs SET last_used_at=? WHERE id=?",
+                           (time.time() - days_unused * DAY, env_id))
         record = self.store.get(env_id)
         assert record is not None
         return record
@@ -77,7 +80,8 @@ def test_old_and_orphaned_envs_are_planned_with_their_reason_and_nothing_else(en
         broken.id: ("unused for 31d", False),
     }
     assert recent.id not in reasons(planned) and pooled.id not in reasons(planned)
-    assert [entry.record.id for entry in planned] == [old.id, orphan.id, old_orphan.id, broken.id]  # store order
+    # In the store's order, as collect goes through them.
+    assert [entry.record.id for entry in planned] == [old.id, orphan.id, old_orphan.id, broken.id]
 
 
 def test_age_is_measured_from_the_last_use_and_the_unit_is_the_largest_that_fits(envs: Envs) -> None:

@@ -61,7 +61,9 @@ def judge(
     record: EnvRecord | None, now: float, policy: Policy, live_ids: set[str], orphan_ids: set[str]
 ) -> Planned | None:
     """Why ``record`` is garbage under ``policy`` at time ``now``, or None when it is not."""
-    if record is None or record.owner_uid is None or (policy.uid is not None and record.owner_uid != policy.uid):
+    if record is None or record.owner_uid is None:
+        return None
+    if policy.uid is not None and record.owner_uid != policy.uid:
         return None
     if record.state in BUSY_STATES:
         return None
@@ -164,7 +166,8 @@ async def prune_cache(services: Services, progress: Callable[[str], None]) -> di
         return {"ran": False, "reason": "installs or venv builds were running"}
     uv = services.uv
     returncode, output = await uv.run_unchecked([uv.binary, "cache", "prune"])
-    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("Pruning cache at")]
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and not line.startswith("Pruning cache at")]
     summary = "; ".join(lines) or "done"
     progress("uv cache prune: %s" % summary)
     return {"ran": True, "exit_status": returncode, "summary": summary}
@@ -183,7 +186,8 @@ async def run_on_schedule(services: Services) -> None:
                 services, Policy(config.gc_older_than, uid=None), await orphaned_env_ids(services),
                 dry_run=False, progress=lambda line: log.info("gc: %s", line),
             )
-            log.info("scheduled gc removed %d env(s), freed %d bytes", len(result["removed"]), result["freed_bytes"])
+            log.info("scheduled gc removed %d env(s), freed %d bytes",
+                     len(result["removed"]), result["freed_bytes"])
         except Exception:  # noqa: BLE001 - the schedule must survive a failed run
             log.exception("scheduled gc failed")
 

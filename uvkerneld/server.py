@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import __version__, cachedir, connlimits, fsafety, gc, handstart, protocol
+from . import __version__, cachedir, connlimits, framing, fsafety, gc, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .bytecode import SharedBytecode
@@ -445,49 +445,19 @@ class Daemon:
         assert admission is not None
         limits = admission.limits
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), admission.idle_timeout_of(connection))
-        except asyncio.IncompleteReadError:
-            return None  # closed between requests: the normal end
-        except asyncio.TimeoutError:
+            return await framing.read_frame(
+                reader, admission.idle_timeout_of(connection), limits.frame_timeout, admission,
+                started=lambda: admission.set_busy(connection, True),
+            )
+        except framing.IdleTimeout:
             admission.refused["idle_closed"] += 1
             admission.close(connection, protocol.OverLimit(
                 "no request within %.0f s of connecting or of the last answer (idle_timeout); closing: "
                 "connect when you have a request to send" % limits.idle_timeout))
             return None
-        admission.set_busy(connection, True)
-        deadline = time.monotonic() + limits.frame_timeout
-        try:
-            header = first + await asyncio.wait_for(
-                reader.readexactly(protocol.HEADER_SIZE - 1), deadline - time.monotonic())
-        except asyncio.IncompleteReadError as exc:
-            await self._send_error(writer, None, protocol.TruncatedFrame(
-                "connection closed inside a frame header (%d of %d bytes)" % (1 + len(exc.partial), protocol.HEADER_SIZE)))
-            return None
-        except asyncio.TimeoutError:
-            await self._send_error(writer, None, protocol.TruncatedFrame(
-                "frame header not completed within %.0f s; closing" % limits.frame_timeout))
-            return None
-        reserved = 0
-        try:
-            length = protocol.frame_length(header)
-            reserved = admission.reserve(length)
-            return await asyncio.wait_for(reader.readexactly(length), max(0.0, deadline - time.monotonic()))
-        except (protocol.FrameTooLarge, protocol.OverLimit) as exc:
-            # The stream cannot be resynchronised without reading the body: close.
-            if isinstance(exc, protocol.OverLimit):
-                log.warning("refused a %d-byte request from a connection: %s", length, exc.message)
+        except UvkError as exc:
             await self._send_error(writer, None, exc)
             return None
-        except asyncio.IncompleteReadError as exc:
-            await self._send_error(writer, None, protocol.TruncatedFrame(
-                "connection closed after %d of %d body bytes" % (len(exc.partial), length)))
-            return None
-        except asyncio.TimeoutError:
-            await self._send_error(writer, None, protocol.BadRequest(
-                "frame not received in full within %.0f s; closing" % limits.frame_timeout))
-            return None
-        finally:
-            admission.release(reserved)
 
     async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         writer.write(protocol.encode_frame(message))
