@@ -1,6 +1,5 @@
-"""The garbage-collection rules (uvkerneld/gc.py) on real store records and real files, no daemon.
-
-The step that removes (``gc.collect``) runs against a real daemon in test_ctl.py."""
+"""Garbage collection (uvkerneld/gc.py): its rules on real store records and real files, with no
+daemon; then scheduled gc in a real daemon. ``uvkernelctl gc`` runs against one in test_ctl.py."""
 
 from __future__ import annotations
 
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from helpers import Daemon, Layout, wait_until
 
 from uvkerneld import gc, protocol, states
 from uvkerneld.protocol import EnvKey
@@ -185,3 +186,28 @@ def test_a_notebook_is_recognised_only_in_its_own_folder_and_only_as_a_notebook(
     assert gc.renamed_notebook(str(original), identity) == str(tmp_path / "b.ipynb")
     assert gc.renamed_notebook(str(tmp_path / "missing-folder" / "a.ipynb"), identity) is None
     assert os.path.exists(tmp_path / "b.ipynb")
+
+
+def test_scheduled_gc_keeps_a_notebook_renamed_while_no_daemon_watched(layout: Layout) -> None:
+    kept, gone = layout.notebook("kept.ipynb"), layout.notebook("gone.ipynb")
+    first = Daemon(layout, "--pool-size", "0").start()
+    try:
+        envs = {notebook: layout.request("acquire", {
+            "key": {"kind": "notebook", "value": str(notebook)}, "file": protocol.file_identity(notebook.stat()),
+        }, timeout=300)["path"] for notebook in (kept, gone)}
+        # Each acquire's connection counted as a kernel until the daemon saw it close; one still
+        # open at shutdown would be recorded as a kernel that outlives the daemon.
+        wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquire connections to close")
+    finally:
+        assert first.stop() == 0
+    kept.rename(layout.notebooks / "renamed.ipynb")  # no daemon saw this: only the file's inode tells
+    gone.unlink()
+    second = Daemon(layout, "--pool-size", "0", env=dict(layout.env, UVKERNELD_GC_INTERVAL="1s")).start()
+    try:
+        wait_until(lambda: not os.path.exists(envs[gone]), 120, "scheduled gc to remove the orphan's env")
+        second.wait_for_log("scheduled gc removed")  # the run that removed it has judged every env
+        rows = {row["path"]: row for row in layout.request("list", {"all": False})["envs"]}
+        assert set(rows) == {envs[kept]} and os.path.isdir(envs[kept])
+        assert rows[envs[kept]]["key"] == {"kind": "notebook", "value": str(kept)}  # moves at its next start
+    finally:
+        assert second.stop() == 0
