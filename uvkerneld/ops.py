@@ -1,4 +1,7 @@
-"""What each request does. The server turns frames into ``Request`` objects and calls ``dispatch``.
+"""What each request does. Every op is in one registry, ``OPS`` (at the end): its name, its
+argument check (in protocol.py) and its handler. The server turns frames into ``Request``
+objects with ``parse_request`` and calls ``Operations.dispatch``; handlers use the ``Services``
+start-up built, never the server.
 
 Authorization lives here, in one place: every op names the envs it touches through
 ``_resolve``, which checks that the peer (uid from SO_PEERCRED) owns the env, or for read-only

@@ -77,7 +77,7 @@ class Daemon:
         # Everything start-up builds; None until it has (or when it failed).
         self.services: Services | None = None
         self.ops: Operations | None = None
-        self._running: list[_Stoppable] = []  # pool, disk scanner, notebook watcher: stopped in this order
+        self._running: list[_Stoppable] = []  # pool, disk scanner, notebook watcher, stopped in order
         self._closing = contextlib.ExitStack()  # the store, closed last
         self._server: connlimits.Listener | None = None
         self._lock_file: Any = None
@@ -184,7 +184,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
         self._closing.callback(store.close)
         uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
-                          shared_host=config.mode == "system")
+                shared_host=config.mode == "system")
         uv.children = ChildRegistry(config.state_dir)
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
         envs = EnvManager(config, store, uv, bytecode)
@@ -427,7 +427,8 @@ class Daemon:
                 admission.close(connection)
             if lifeline_env is not None:
                 # On shutdown the kernel lives on: its record stays so the next daemon knows.
-                services.lifelines.remove(lifeline_env, connection_id, peer.pid, kernel_ended=not self._stop.is_set())
+                services.lifelines.remove(lifeline_env, connection_id, peer.pid,
+                                          kernel_ended=not self._stop.is_set())
             self._connections.discard(task)
             self.last_activity = time.monotonic()
             writer.close()
