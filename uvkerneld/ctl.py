@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import __version__, client, locations, protocol
+from . import __version__, client, envid, locations, protocol
 from .config import LINK_MODES
 
 EXIT_OK = 0
@@ -257,9 +257,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 def target_args(text: str) -> dict[str, Any]:
     """What NOTEBOOK|KEY names: an env id, a notebook path, a folder, or an env name."""
-    import re
-
-    if re.fullmatch(r"e-[0-9a-f]{12}", text):
+    if envid.is_env_id(text):
         return {"env_id": text}
     path = os.path.expanduser(text)
     if text.endswith(".ipynb") or os.path.isfile(path):

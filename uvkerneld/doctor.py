@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .venvsdir import env_dirs
+
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 LOW_DISK_WARN = 5 << 30
 LOW_DISK_FAIL = 500 << 20
@@ -30,7 +32,7 @@ def _sample_venv(venvs_dir: Path) -> Path | None:
     """A complete venv to inspect (one with an interpreter), newest first."""
     try:
         candidates = sorted(
-            (p for p in venvs_dir.iterdir() if p.name.startswith("e-") and (p / "bin" / "python").exists()),
+            (p for p in env_dirs(venvs_dir) if (p / "bin" / "python").exists()),
             key=lambda p: p.stat().st_mtime, reverse=True,
         )
     except OSError:
