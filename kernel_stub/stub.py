@@ -202,7 +202,7 @@ def _connect_or_start(socket_path, environ):
 def _start_daemon_and_connect(socket_path, environ):
     import fcntl
 
-    from uvkerneld import fsafety
+    from uvkerneld import fsafety, procs
 
     # The same rules as the daemon's own start: never a folder, lock or log another user controls.
     try:
@@ -233,7 +233,7 @@ def _start_daemon_and_connect(socket_path, environ):
                 return client.connect(socket_path)
             except client.DaemonNotRunning:
                 pass
-            if not _alive(pid):
+            if not procs.pid_alive(pid):
                 raise StubError(
                     "uvkerneld exited while starting; its log %s ends with:\n%s"
                     % (log_path, _tail(log_path))
@@ -286,20 +286,6 @@ def _distribution_dir():
     run from here, the daemon and the fallback kernel are the same code as this stub (not another
     copy in site-packages, nor a same-named file in the notebook's folder)."""
     return os.path.dirname(os.path.dirname(os.path.abspath(client.__file__)))
-
-
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def _tail(path, lines=10):

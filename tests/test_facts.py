@@ -4,10 +4,22 @@ and checks that no other module writes the fact again."""
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
 import pytest
 
-from uvkerneld import envid, protocol
+from helpers import Daemon, Layout, wait_until
+from uvkerneld import envid, procs, protocol
 from uvkerneld.ctl import target_args
+
+REPO = Path(__file__).resolve().parent.parent
+OTHER_UID = 61001  # a uid of nobody in particular (see test_system_mode.py's Host)
 
 
 # --- env id (envid.py) -------------------------------------------------------------------------
@@ -50,3 +62,88 @@ def test_env_id_users_agree_with_the_owner() -> None:
         except protocol.BadRequest:
             wire_ok = False
         assert wire_ok == envid.is_env_id(text) == ("env_id" in target_args(text)), text
+
+
+# --- is this pid alive (procs.py) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def zombie() -> Iterator[int]:
+    """A child of this test that has exited and that nobody has reaped yet."""
+    child = subprocess.Popen(["true"])
+    try:
+        wait_until(lambda: (procs.stat_fields(child.pid) or ["?"])[0] == "Z", 10, "the child to become a zombie")
+        yield child.pid
+    finally:
+        child.wait(timeout=10)
+
+
+def test_a_zombie_is_dead_a_running_process_alive(zombie: int) -> None:
+    os.kill(zombie, 0)  # what the server's old check relied on: it succeeds on a zombie
+    assert not procs.pid_alive(zombie)
+    with subprocess.Popen(["sleep", "30"]) as running:
+        try:
+            assert procs.pid_alive(running.pid)
+        finally:
+            running.kill()
+    assert procs.pid_alive(os.getpid()) and procs.pid_alive(1)
+
+
+def test_a_reaped_pid_and_impossible_pids_are_dead() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait(timeout=10)
+    assert not procs.pid_alive(child.pid)
+    # os.kill(0 or -1, 0) would signal a process group or everything: never "alive".
+    assert not procs.pid_alive(0) and not procs.pid_alive(-1)
+
+
+_AS_OTHER_USER = """
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+zombie, hide = int(sys.argv[2]), sys.argv[3] == "hidepid"
+if hide:
+    # A private mount namespace with a /proc that shows each user only their own processes.
+    libc = ctypes.CDLL(None, use_errno=True)
+    CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x20000, 0x4000, 1 << 18
+    assert libc.unshare(CLONE_NEWNS) == 0, os.strerror(ctypes.get_errno())
+    assert libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0, os.strerror(ctypes.get_errno())
+    assert libc.mount(b"proc", b"/proc", b"proc", 0, b"hidepid=2") == 0, os.strerror(ctypes.get_errno())
+os.setgroups([])
+os.setgid(%(uid)d)
+os.setuid(%(uid)d)
+from uvkerneld import procs
+print(json.dumps({"pid1_visible": os.path.exists("/proc/1/stat"), "pid1": procs.pid_alive(1),
+                  "self": procs.pid_alive(os.getpid()), "zombie": procs.pid_alive(zombie)}))
+""" % {"uid": OTHER_UID}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+@pytest.mark.parametrize("proc_mount", ["plain", "hidepid"])
+def test_another_users_process_is_alive(zombie: int, proc_mount: str) -> None:
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", _AS_OTHER_USER, str(REPO), str(zombie), proc_mount],
+                            capture_output=True, text=True, timeout=30, cwd="/")
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["pid1"] and seen["self"], seen  # root's pid 1: signalling it is refused, it exists
+    if proc_mount == "plain":
+        assert not seen["zombie"], seen  # root's zombie, read from /proc: dead
+    else:
+        # /proc hides other users' processes: the kill(pid, 0) fallback still finds pid 1.
+        assert not seen["pid1_visible"], seen
+
+
+def test_a_zombie_kernel_from_an_earlier_daemon_does_not_keep_its_env(layout: Layout, zombie: int) -> None:
+    """A kernel an earlier daemon recorded, now a zombie (its parent has not reaped it): it runs
+    nothing, so the daemon drops it at start-up and gc may remove its env."""
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        env = layout.request("acquire", {"key": {"kind": "env", "value": "haunted"}}, timeout=300)
+        assert daemon.stop() == 0
+        with sqlite3.connect(layout.state_dir / "state.db") as db:
+            db.execute("INSERT INTO kernels (env_id, pid, started_at) VALUES (?, ?, 0)", (env["env_id"], zombie))
+        daemon = Daemon(layout, "--pool-size", "0").start()
+        assert layout.status()["envs"]["live"] == 0
+        removed = layout.request("gc", {"older_than_s": 0}, timeout=120)["removed"]
+        assert [entry["env_id"] for entry in removed] == [env["env_id"]]
+    finally:
+        daemon.stop()

@@ -38,6 +38,7 @@ from .installs import InstallManager
 from .notify import Notifier, inherited_listener
 from .ops import Operations
 from .pool import WarmPool
+from .procs import pid_alive
 from .protocol import UvkError
 from .store import Store
 from .storeopen import StoreRefused, open_store, private_state_files
@@ -201,7 +202,7 @@ class Daemon:
         self.envs = EnvManager(config, self.store, uv, bytecode)
         await self.envs.recover(adopt=adopt)
         for env_id, pid in self.store.kernels():
-            if not _pid_exists(pid):
+            if not pid_alive(pid):
                 self.store.remove_kernel(env_id, pid)
         self.pool = WarmPool(self.envs, config.pool_size)
         self.installs = InstallManager(config, self.store, uv, bytecode)
@@ -527,7 +528,7 @@ class Daemon:
         live = set(self.live)
         if self.store is not None:
             for env_id, pid in self.store.kernels():
-                if env_id not in live and _pid_exists(pid):
+                if env_id not in live and pid_alive(pid):
                     live.add(env_id)
         return live
 
@@ -634,13 +635,3 @@ def _try_flock(handle: Any) -> bool:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
         return False
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process: it exists
-    return True
