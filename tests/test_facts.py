@@ -147,3 +147,22 @@ def test_a_zombie_kernel_from_an_earlier_daemon_does_not_keep_its_env(layout: La
         assert [entry["env_id"] for entry in removed] == [env["env_id"]]
     finally:
         daemon.stop()
+
+
+# --- where a venv keeps its packages (venvfiles.py) ---------------------------------------------
+
+
+def test_site_packages_is_found_in_one_place(tmp_path: Path) -> None:
+    from uvkerneld.venvfiles import site_packages, site_packages_dirs, write_kernel_files
+
+    venv = tmp_path / "v[1]*"  # glob characters in the venv's own path are not a pattern
+    (venv / "bin").mkdir(parents=True)
+    assert site_packages(venv) is None and site_packages_dirs(venv) == []
+    with pytest.raises(FileNotFoundError, match="no lib/python"):
+        write_kernel_files(venv)
+    (venv / "lib" / "python3.12" / "site-packages").mkdir(parents=True)
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (venv / "lib" / "python3.11" / "dist-packages").mkdir()
+    assert site_packages_dirs(venv) == [venv / "lib" / "python3.11" / "site-packages",
+                                        venv / "lib" / "python3.12" / "site-packages"]
+    assert site_packages(venv) == venv / "lib" / "python3.11" / "site-packages"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .venvfiles import site_packages_dirs
 from .venvsdir import env_dirs
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -127,7 +128,7 @@ def _check_same_filesystem(cache_dir: Path, venvs_dir: Path, link_mode: str) -> 
 def _check_link_mode(sample: Path | None, link_mode: str) -> Check:
     if sample is None:
         return Check("link mode", WARN, "no venv exists yet to inspect", "open a notebook, then run doctor again")
-    files = list(sample.glob("lib/python*/site-packages/ipykernel/*.py"))[:20]
+    files = [path for site in site_packages_dirs(sample) for path in site.glob("ipykernel/*.py")][:20]
     if not files:
         return Check("link mode", WARN, "%s has no ipykernel files to inspect" % sample)
     if link_mode == "symlink":
@@ -155,7 +156,7 @@ def _check_free_disk(venvs_dir: Path) -> Check:
 def _check_bytecode(sample: Path | None) -> Check:
     if sample is None:
         return Check("bytecode", WARN, "no venv exists yet to inspect")
-    packages = list(sample.glob("lib/python*/site-packages/ipykernel"))
+    packages = [site / "ipykernel" for site in site_packages_dirs(sample) if (site / "ipykernel").exists()]
     if not packages:
         return Check("bytecode", WARN, "%s has no ipykernel" % sample)
     compiled = list((packages[0] / "__pycache__").glob("kernelapp.*.pyc"))
