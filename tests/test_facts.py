@@ -166,3 +166,29 @@ def test_site_packages_is_found_in_one_place(tmp_path: Path) -> None:
     assert site_packages_dirs(venv) == [venv / "lib" / "python3.11" / "site-packages",
                                         venv / "lib" / "python3.12" / "site-packages"]
     assert site_packages(venv) == venv / "lib" / "python3.11" / "site-packages"
+
+
+# --- sizes and durations for people (units.py) --------------------------------------------------
+
+
+@pytest.mark.parametrize("count, shown", [
+    (None, "?"), (0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (5 * 1024 ** 2 + 200 * 1024, "5.2 MiB"), (3 * 1024 ** 3, "3.0 GiB"), (2 * 1024 ** 4, "2.0 TiB"),
+    (5000 * 1024 ** 4, "5000.0 TiB"), (-2048, "-2.0 KiB"),
+])
+def test_format_bytes(count: float | None, shown: str) -> None:
+    from uvkerneld.units import format_bytes
+
+    assert format_bytes(count) == shown
+
+
+@pytest.mark.parametrize("seconds, full, rough", [
+    (0, "0s", "0s"), (0.9, "0s", "0s"), (59.9, "59s", "59s"), (60, "1m", "1m"), (90, "1m 30s", "1m"),
+    (3600, "1h", "1h"), (3661, "1h 1m 1s", "1h"), (86400 * 40 + 5, "40d 5s", "40d"),
+    (86400 * 3 + 3600 * 4 + 60 * 5 + 6, "3d 4h 5m 6s", "3d"), (-90, "-1m 30s", "-1m"),
+])
+def test_format_duration(seconds: float, full: str, rough: str) -> None:
+    from uvkerneld.units import format_duration
+
+    assert format_duration(seconds) == full
+    assert format_duration(seconds, largest_unit_only=True) == rough

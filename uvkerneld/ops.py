@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import __version__, protocol, states
 from .diskusage import unshared_bytes
 from .store import EnvRecord
+from .units import format_bytes, format_duration
 from .venvsdir import quarantined
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ class Operations:
             if record.id in orphan_ids:
                 return "its notebook no longer exists"
             if older_than_s is not None and last_used <= now - older_than_s:
-                return "unused for %s" % _duration(now - last_used)
+                return "unused for %s" % format_duration(now - last_used, largest_unit_only=True)
             return None
 
         removed, kept_live = [], []
@@ -265,7 +266,7 @@ class Operations:
             entry = {"env_id": record.id, "key": record.key.to_wire() if record.key else None,
                      "reason": reason, "freed_bytes": freed}
             progress("%s %s (%s): %s, %s" % (
-                "would remove" if dry_run else "removing", record.id, record.key, reason, _bytes(freed)))
+                "would remove" if dry_run else "removing", record.id, record.key, reason, format_bytes(freed)))
             if not dry_run:
                 await self.daemon.envs.remove(record)
             removed.append(entry)
@@ -336,18 +337,3 @@ class Operations:
             "disk_full": daemon.envs.disk_full(daemon.config.state_dir),
             "quarantine": quarantined(daemon.config.venvs_dir),
         }
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s" % (seconds // size, unit)
-    return "%ds" % seconds
-
-
-def _bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
-        count /= 1024
-    return "%d B" % count  # pragma: no cover
