@@ -4,8 +4,10 @@ and checks that no other module writes the fact again."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from helpers import Daemon, Layout, wait_until
-from uvkerneld import envid, procs, protocol
+from uvkerneld import config, envid, envvars, procs, protocol
 from uvkerneld.ctl import target_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +140,8 @@ def test_a_zombie_kernel_from_an_earlier_daemon_does_not_keep_its_env(layout: La
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
         env = layout.request("acquire", {"key": {"kind": "env", "value": "haunted"}}, timeout=300)
+        # The acquiring connection counts as the env's kernel until the daemon sees it close.
+        wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquiring connection to be seen gone")
         assert daemon.stop() == 0
         with sqlite3.connect(layout.state_dir / "state.db") as db:
             db.execute("INSERT INTO kernels (env_id, pid, started_at) VALUES (?, ?, 0)", (env["env_id"], zombie))
@@ -192,3 +196,66 @@ def test_format_duration(seconds: float, full: str, rough: str) -> None:
 
     assert format_duration(seconds) == full
     assert format_duration(seconds, largest_unit_only=True) == rough
+
+
+# --- nobody else writes these facts -----------------------------------------------------------
+
+OUR_CODE = sorted((REPO / "uvkerneld").glob("*.py")) + sorted((REPO / "kernel_stub").glob("*.py"))
+# Runs inside a venv that cannot import uvkerneld: keeps its own copies, checked below.
+IN_VENV = REPO / "uvkerneld" / "kernel_extension.py"
+VARIABLE = re.compile(r"UVKERNELD?_[A-Z][A-Z_]*[A-Z]")
+# fact -> (its owner, how a copy of it looks in a string literal)
+OWNED = {
+    "environment variable names": ("envvars.py", re.compile(r"UVKERNELD?_")),
+    "env id format": ("envid.py", re.compile(r"^e-|\be-[0-9a-f%]")),
+    "site-packages location": ("venvfiles.py", re.compile(r"(?<!system-)site-packages")),
+    "/proc/<pid>/stat": ("procs.py", re.compile(r"/proc/.*/stat$")),
+}
+
+
+def string_literals(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string constant in ``path`` except docstrings (prose may name things)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_each_fact_is_written_only_by_its_owner() -> None:
+    copies = []
+    for path in OUR_CODE:
+        if path == IN_VENV:
+            continue
+        for line, text in string_literals(path):
+            for fact, (owner, pattern) in OWNED.items():
+                if path.name != owner and pattern.search(text):
+                    copies.append("%s:%d writes the %s (%r): use %s" % (path.relative_to(REPO), line, fact, text, owner))
+    assert copies == []
+
+
+def known_variables() -> set[str]:
+    constants = {value for name, value in vars(envvars).items() if name.isupper() and isinstance(value, str)}
+    return (constants - {envvars.SETTING_PREFIX}) | {envvars.setting_var(key) for key in config._KEYS}
+
+
+def test_the_in_venv_copies_of_variable_names_match_the_owner() -> None:
+    copied = {name for _, text in string_literals(IN_VENV) for name in VARIABLE.findall(text)}
+    assert copied and copied <= known_variables(), copied - known_variables()
+
+
+def test_every_variable_that_tests_docs_and_units_name_is_one_the_code_knows() -> None:
+    """A variable renamed in envvars.py but not in the README or a test would silently do nothing."""
+    places = [REPO / "README.md", *REPO.glob("docs/**/*.md"), *REPO.glob("systemd/**/*"),
+              *REPO.glob("tests/*.py"), *REPO.glob("bench/*.py")]
+    named = {name for path in places if path.is_file() for name in VARIABLE.findall(path.read_text())}
+    test_only = {"UVKERNELD_TEST_CACHE"}  # the tests' shared uv cache (conftest.py), not uvkerneld's
+    assert named - test_only <= known_variables(), (named - test_only) - known_variables()
+    # The settings' variables are the settings' names, as config.py reads them.
+    assert envvars.SOCKET == envvars.setting_var("socket") and envvars.MODE == envvars.setting_var("mode")
+    assert {envvars.CACHE_DIR, envvars.VENVS_DIR, envvars.LINK_MODE} == {
+        envvars.setting_var(key) for key in ("cache_dir", "venvs_dir", "link_mode")}

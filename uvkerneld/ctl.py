@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import __version__, client, envid, locations, protocol
+from . import __version__, client, envid, envvars, locations, protocol
 from .config import LINK_MODES
 from .units import format_bytes, format_duration
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="uvkernelctl " + __version__)
     parser.add_argument(
         "--socket", metavar="PATH",
-        help="daemon socket (default: $UVKERNELD_SOCKET, else the user-mode default)",
+        help="daemon socket (default: $%s, else the user-mode default)" % envvars.SOCKET,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -443,7 +443,8 @@ def cmd_install_kernelspec(args: argparse.Namespace) -> int:
     from .kernelspec import KernelspecError, install
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
-    if args.daemon_user is not None and client.daemon_user({client.DAEMON_USER_ENV: args.daemon_user})[0] is None:
+    daemon_user = args.daemon_user
+    if daemon_user is not None and client.daemon_user({envvars.DAEMON_USER: daemon_user})[0] is None:
         raise CtlError("--daemon-user %r is neither a uid nor a user on this host; give the name or "
                        "uid the system daemon runs as" % args.daemon_user, EXIT_USAGE)
     try:
@@ -491,9 +492,9 @@ def cmd_try(args: argparse.Namespace) -> int:
 
     env = dict(os.environ)
     if args.socket:
-        env[locations.SOCKET_ENV] = args.socket
+        env[envvars.SOCKET] = args.socket
     if args.notebook:
-        env["UVKERNEL_NOTEBOOK"] = os.path.abspath(args.notebook)
+        env[envvars.NOTEBOOK] = os.path.abspath(args.notebook)
     manager = KernelManager(kernel_name=args.kernel)
     try:
         manager.kernel_spec  # noqa: B018 - resolves the spec so a missing one fails here

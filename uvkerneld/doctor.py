@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import envvars
 from .venvfiles import site_packages_dirs
 from .venvsdir import env_dirs
 
@@ -122,7 +123,8 @@ def _check_same_filesystem(cache_dir: Path, venvs_dir: Path, link_mode: str) -> 
     return Check("same filesystem", verdict,
                  "cache %s and venvs %s are on different filesystems: uv cannot %s and silently copies every "
                  "file into every venv" % (cache_dir, venvs_dir, link_mode),
-                 "set cache_dir and venvs_dir (config file or UVKERNELD_CACHE_DIR/UVKERNELD_VENVS_DIR) to one filesystem")
+                 "set cache_dir and venvs_dir (config file or %s/%s) to one filesystem"
+                 % (envvars.CACHE_DIR, envvars.VENVS_DIR))
 
 
 def _check_link_mode(sample: Path | None, link_mode: str) -> Check:
