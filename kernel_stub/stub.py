@@ -37,7 +37,7 @@ DEFAULT_ACQUIRE_TIMEOUT = 600.0
 MAX_ACQUIRE_TIMEOUT = 86400.0
 # Variables that describe one kernel; a daemon started by this stub must not inherit them.
 _KERNEL_ONLY_VARS = IDENTITY_VARS + (
-    IDENTITY_MARKER, "JPY_PARENT_PID", envvars.ENV_ID, envvars.LIFELINE_FD, envvars.NOTEBOOK_FILE,
+    IDENTITY_MARKER, "JPY_PARENT_PID", envvars.NOTEBOOK_FILE,
 )
 
 
@@ -352,15 +352,13 @@ def connect_and_acquire(socket_path, environ, kind, value, timeout):
 # --- exec -----------------------------------------------------------------------------------------
 
 
-def kernel_environment(environ, result, socket_path, lifeline_fd):
+def kernel_environment(environ, result, socket_path):
     env = dict(environ)
     venv = result["path"]
     env["VIRTUAL_ENV"] = venv
     env["PATH"] = os.path.join(venv, "bin") + os.pathsep + environ.get("PATH", os.defpath)
     env.pop("PYTHONHOME", None)
     env[IDENTITY_MARKER] = identity_fingerprint(environ)
-    env[envvars.ENV_ID] = result["env_id"]
-    env[envvars.LIFELINE_FD] = str(lifeline_fd)
     env[envvars.SOCKET] = socket_path
     # The kernel extension reports this notebook's saves when the daemon cannot watch for them.
     env.pop(envvars.NOTEBOOK_FILE, None)
@@ -405,5 +403,5 @@ def main(argv=None):
     sock.setblocking(True)
     os.set_inheritable(sock.fileno(), True)
     python = result["python"]
-    env = kernel_environment(environ, result, socket_path, sock.fileno())
+    env = kernel_environment(environ, result, socket_path)
     os.execve(python, [python, "-m", "ipykernel_launcher", "-f", connection_file] + passthrough, env)

@@ -144,7 +144,7 @@ def test_a_zombie_kernel_from_an_earlier_daemon_does_not_keep_its_env(layout: La
         wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquiring connection to be seen gone")
         assert daemon.stop() == 0
         with sqlite3.connect(layout.state_dir / "state.db") as db:
-            db.execute("INSERT INTO kernels (env_id, pid, started_at) VALUES (?, ?, 0)", (env["env_id"], zombie))
+            db.execute("INSERT INTO kernels (env_id, pid) VALUES (?, ?)", (env["env_id"], zombie))
         daemon = Daemon(layout, "--pool-size", "0").start()
         assert layout.status()["envs"]["live"] == 0
         removed = layout.request("gc", {"older_than_s": 0}, timeout=120)["removed"]

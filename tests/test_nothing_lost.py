@@ -141,6 +141,13 @@ exec "$UVK_TEST_REAL_UV" "$@"
 """
 
 
+def _group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
 @pytest.mark.parametrize("held", ["venv", "pip install"])
 def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(layout: Layout, held: str) -> None:
     fake_uv = layout.root / "held-uv"
@@ -152,7 +159,10 @@ def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(la
     daemon = Daemon(layout, "--pool-size", "1", env=env).start()
     grandchild: list[int] = []
     try:
-        (uv_pid,) = wait_until(lambda: processes_matching(str(fake_uv), held), 60, "uv %s in flight" % held)
+        # The daemon starts each uv as the leader of its own process group; the script's forks
+        # (for `sleep`) briefly share its command line, so match the leader only.
+        (uv_pid,) = wait_until(lambda: [pid for pid in processes_matching(str(fake_uv), held)
+                                        if _group_leader(pid)], 60, "uv %s in flight" % held)
         grandchild = wait_until(lambda: [pid for pid in processes_matching("sleep 3600")
                                          if os.getpgid(pid) == uv_pid], 30, "uv's own child")
         assert daemon.process is not None

@@ -6,7 +6,8 @@ How acquire works
 (so two kernels of one notebook never get two envs) it:
 1. returns the env already assigned to (uid, key) if its interpreter is there (no uv, one read);
 2. else claims the oldest pooled venv in one store transaction (no uv) and wakes the pool filler;
-3. else (pool empty) builds a venv on demand, saying so in the log.
+3. else (pool empty) builds a venv on demand, saying so in the log; it takes a build slot first
+   (buildslots.py: a pool build holding it is hurried or stopped).
 A notebook key comes with the notebook file's identity (dev, inode, size, mtime) as the client
 saw it. It is stored with the env, so a renamed or moved notebook, unknown under its new path, is
 recognised by that identity and its env follows it (``follow_rename``; see watch.py).
@@ -40,6 +41,7 @@ from .config import Config
 from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
 from .store import EnvRecord, Store, StoreFull
 from .bytecode import SharedBytecode
+from .buildslots import BuildSlot, BuildSlots
 from .diskusage import scan_tree
 from . import envid, venvsdir
 from .pipargs import requirement_name
@@ -65,7 +67,12 @@ def env_spec(config: Config) -> str:
 
 
 class EnvManager:
-    def __init__(self, config: Config, store: Store, uv: Uv, bytecode: SharedBytecode | None = None) -> None:
+    def __init__(
+        self, config: Config, store: Store, uv: Uv, slots: BuildSlots, bytecode: SharedBytecode | None = None,
+        *, refill_pool: Callable[[], None], watch_notebook: Callable[[str], None] | None = None,
+    ) -> None:
+        """``refill_pool`` is called when a pooled venv was taken (the pool filler's wake-up);
+        ``watch_notebook`` with a notebook's path at each kernel start for it (the watcher's)."""
         self.config = config
         self.store = store
         self.uv = uv
@@ -73,21 +80,10 @@ class EnvManager:
         self.spec = env_spec(config)
         self.venvs_dir = config.venvs_dir
         self._key_locks: dict[tuple[int, EnvKey], asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._create_slots = asyncio.Semaphore(config.max_parallel_creates)
-        # Acquires in flight and when the last one finished: the pool filler starts no uv run
-        # while a kernel start may still be importing ipykernel (see WarmPool.quiet_period).
-        self.acquires_in_flight = 0
-        self.last_acquire_at = 0.0
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.on_pool_claimed: Callable[[], None] = lambda: None
-        self.on_notebook_seen: Callable[[str], None] = lambda path: None
+        self._slots = slots
+        self._refill_pool = refill_pool
+        self._watch_notebook = watch_notebook
         self.creating = 0  # uv venv builds running now (gc must not prune the cache under them)
-        # Kernel starts waiting for a venv to be built: a pool build then stops being background
-        # work, and its remaining uv runs go at normal priority.
-        self.starts_waiting_for_a_build = 0
-        self._background_builds: set[asyncio.Task[EnvRecord]] = set()
-        self.preempted_builds: set[asyncio.Task[EnvRecord]] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
         self.last_errors: list[dict[str, object]] = []
         self.venv_bytes = DEFAULT_VENV_BYTES  # the last build's own disk use: what a build needs
@@ -174,18 +170,14 @@ class EnvManager:
     async def acquire(self, uid: int, key: EnvKey, notebook_file: str | None = None) -> tuple[EnvRecord, str]:
         """The env for (uid, key) and where it came from: 'known', 'renamed', 'pool', 'created'
         or 'rebuilt'. ``notebook_file`` is the notebook's file identity as the client saw it."""
-        self.acquires_in_flight += 1
-        self.idle.clear()
+        self._slots.start_began()  # the pool filler starts no build while a kernel start is under way
         try:
-            if key.kind == "notebook":
-                self.on_notebook_seen(key.value)
+            if key.kind == "notebook" and self._watch_notebook is not None:
+                self._watch_notebook(key.value)
             async with self._key_locks[(uid, key)]:
                 return await self._acquire_locked(uid, key, notebook_file)
         finally:
-            self.acquires_in_flight -= 1
-            self.last_acquire_at = time.monotonic()
-            if self.acquires_in_flight == 0:
-                self.idle.set()
+            self._slots.start_ended()
 
     async def _acquire_locked(self, uid: int, key: EnvKey, notebook_file: str | None) -> tuple[EnvRecord, str]:
         record = self.store.find(uid, key)
@@ -255,52 +247,27 @@ class EnvManager:
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
         if damaged:
-            self.on_pool_claimed()  # refill
+            self._refill_pool()
         return claimed
 
     async def _new_env(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
         claimed = self._claim_pooled(uid, key)
         if claimed is not None:
-            self.on_pool_claimed()
+            self._refill_pool()
             return claimed, "pool"
         log.warning("pool empty: creating env for uid %d %r on demand", uid, key)
-        self.starts_waiting_for_a_build += 1
-        try:
-            if self._create_slots.locked():
-                self._hurry_background_builds()
-            await self._create_slots.acquire()
-        finally:
-            self.starts_waiting_for_a_build -= 1
-        try:
-            return await self._new_env_holding_slot(uid, key)
-        finally:
-            self._create_slots.release()
+        async with self._slots.for_start() as slot:
+            return await self._new_env_holding_slot(uid, key, slot)
 
-    def _hurry_background_builds(self) -> None:
-        """A kernel start waits for a build slot held by pool builds: raise their priority, or,
-        where we may not, stop them (the start then builds its own venv at normal priority; the
-        pool refills later)."""
-        raised, refused = self.uv.raise_priority()
-        if raised:
-            log.info("a kernel start waits for a build slot: %d pool build(s) raised to normal priority", raised)
-        if refused:
-            for task in list(self._background_builds):
-                self.preempted_builds.add(task)
-                task.cancel()
-            log.info(
-                "a kernel start waits for a build slot and pool builds may not leave SCHED_IDLE here "
-                "(no CAP_SYS_NICE, RLIMIT_NICE < 20): stopped %d pool build(s)", refused,
-            )
-
-    async def _new_env_holding_slot(self, uid: int, key: EnvKey) -> tuple[EnvRecord, str]:
+    async def _new_env_holding_slot(self, uid: int, key: EnvKey, slot: BuildSlot) -> tuple[EnvRecord, str]:
         # The build we waited for may have been a pool venv (a daemon's first minutes): take it.
         claimed = self._claim_pooled(uid, key)
         if claimed is not None:
             log.info("a pool venv finished while uid %d %r waited; using it", uid, key)
-            self.on_pool_claimed()
+            self._refill_pool()
             return claimed, "pool"
-        self.on_pool_claimed()
-        return await self._create_holding_slot(owner_uid=uid, key=key), "created"
+        self._refill_pool()
+        return await self._create_holding_slot(slot, owner_uid=uid, key=key), "created"
 
     async def _rebuild(self, uid: int, key: EnvKey, record: EnvRecord) -> EnvRecord:
         """Replace an unusable env by a fresh one holding the same recorded requirements."""
@@ -337,26 +304,14 @@ class EnvManager:
 
     # --- create / remove ------------------------------------------------------------------------
 
-    async def create(
-        self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
-    ) -> EnvRecord:
-        """Build one venv with uv: pooled when no owner is given, else assigned to (uid, key).
-
-        A ``low_priority`` build must run in a task of its own: a kernel start may cancel it
-        (see ``_hurry_background_builds``) and marks it in ``preempted_builds`` when it does.
-        """
-        async with self._create_slots:
-            task = asyncio.current_task()
-            if not low_priority or task is None:
-                return await self._create_holding_slot(owner_uid, key)
-            self._background_builds.add(task)
-            try:
-                return await self._create_holding_slot(owner_uid, key, low_priority=True)
-            finally:
-                self._background_builds.discard(task)
+    async def create_pooled(self) -> EnvRecord:
+        """Build one pool venv with uv, as background work. Run it in a task of its own: a kernel
+        start that needs its build slot may stop it, and it then raises ``BuildPreempted``."""
+        async with self._slots.for_pool() as slot:
+            return await self._create_holding_slot(slot)
 
     async def _create_holding_slot(
-        self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
+        self, slot: BuildSlot, owner_uid: int | None = None, key: EnvKey | None = None
     ) -> EnvRecord:
         env_id = envid.new_env_id()
         path = self.venvs_dir / env_id
@@ -367,11 +322,11 @@ class EnvManager:
         self.creating += 1
         try:
             install_started = time.monotonic()
-            await self.uv.run(self.uv.venv_argv(str(path)), low_priority=self._background(low_priority))
+            await self.uv.run(self.uv.venv_argv(str(path)), low_priority=slot.low_priority)
             write_kernel_files(path)
             await self.uv.run(
                 self.uv.pip_argv(str(path), "install", [], self.config.kernel_packages, self.config.bytecode == "per-env"),
-                low_priority=self._background(low_priority),
+                low_priority=slot.low_priority,
             )
             if self.bytecode is not None:
                 await self.bytecode.share(path, install_started)
@@ -441,9 +396,6 @@ class EnvManager:
             if free < needed:
                 report.append({"folder": str(folder), "free_bytes": free, "needed_bytes": needed})
         return report
-
-    def _background(self, low_priority: bool) -> bool:
-        return low_priority and not self.starts_waiting_for_a_build
 
     async def remove(self, record: EnvRecord) -> None:
         """Delete an env on request. Callers check ownership and that no kernel uses it."""

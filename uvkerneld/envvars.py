@@ -43,8 +43,6 @@ ACQUIRE_TIMEOUT = "UVKERNEL_ACQUIRE_TIMEOUT"  # seconds the stub waits for its e
 # --- set by the stub for the kernel and what runs inside it ---------------------------------------
 KERNEL_IDENTITY = "UVKERNEL_KERNEL_IDENTITY"  # fingerprint of the identity variables it was given
 NOTEBOOK_FILE = "UVKERNEL_NOTEBOOK_FILE"  # the kernel extension reports this notebook's saves
-ENV_ID = "UVKERNEL_ENV_ID"
-LIFELINE_FD = "UVKERNEL_LIFELINE_FD"
 ERROR = "UVKERNEL_ERROR"  # the message the fallback kernel shows
 
 # --- set by the kernel extension for the pip/uv shim it runs ---------------------------------------

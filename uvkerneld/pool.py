@@ -1,9 +1,8 @@
 """The warm pool: keep ``pool_size`` ready venvs so a new notebook never waits for uv.
 
-The filler is one background task. It builds one venv at a time under SCHED_IDLE, and before
-each build waits until no acquire is in flight and none finished within ``quiet_period``
-seconds: the kernel that just got its env is still importing ipykernel then, and on a 2-core
-host a concurrent uv build measurably slowed it (1.30x instead of ~1.0x plain in bench/). Failures back off exponentially (an unreachable index must not spin the CPU) and are
+The filler is one background task. It builds one venv at a time as background work: it waits
+for a quiet moment, builds under SCHED_IDLE and gives way to kernel starts (buildslots.py says
+how). Failures back off exponentially (an unreachable index must not spin the CPU) and are
 reported in status.
 """
 
@@ -11,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from . import states
+from .buildslots import BuildPreempted, BuildSlots
 from .envs import EnvManager
+from .store import Store
 from .tasks import cancel_and_wait
 from .protocol import EnvUnavailable
 
@@ -22,25 +22,27 @@ log = logging.getLogger("uvkerneld.pool")
 
 _MAX_BACKOFF = 300.0
 
-QUIET_PERIOD = 2.0
-
 
 class WarmPool:
-    def __init__(self, envs: EnvManager, target: int, quiet_period: float = QUIET_PERIOD) -> None:
+    def __init__(
+        self, envs: EnvManager, store: Store, slots: BuildSlots, target: int, wake: asyncio.Event
+    ) -> None:
+        """``wake`` is set whenever the pool may be short: by ``wake()``, and by ``envs`` when a
+        pooled venv was taken (its ``refill_pool``)."""
         self.envs = envs
+        self.store = store
+        self.slots = slots
         self.target = target
-        self.quiet_period = quiet_period
         self.filling = 0
         self.last_error: str | None = None
-        self._wake = asyncio.Event()
+        self._wake = wake
         self._wake.set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        envs.on_pool_claimed = self.wake
 
     @property
     def ready(self) -> int:
-        return self.envs.store.count_pooled(self.envs.spec)
+        return self.store.count_pooled(self.envs.spec)
 
     def status(self) -> dict[str, object]:
         return {"ready": self.ready, "target": self.target, "filling": self.filling, "last_error": self.last_error}
@@ -55,23 +57,15 @@ class WarmPool:
         self._stopping = True
         await cancel_and_wait(self._task)
 
-    async def _wait_for_quiet(self) -> None:
-        while True:
-            await self.envs.idle.wait()
-            remaining = self.envs.last_acquire_at + self.quiet_period - time.monotonic()
-            if remaining <= 0 and self.envs.idle.is_set():
-                return
-            await asyncio.sleep(max(remaining, 0.01))
-
     async def _trim(self) -> None:
         """Give back pooled venvs beyond the target (after `pool --size` or a config reload)."""
         while self.ready > self.target:
-            record = self.envs.store.oldest_pooled(self.envs.spec)
+            record = self.store.oldest_pooled(self.envs.spec)
             if record is None:
                 return
             # Read and state change with no await in between: an acquire (which claims pooled
             # venvs synchronously too) can never be handed this venv once it is 'deleting'.
-            record = self.envs.store.transition(record.id, states.DELETING)
+            record = self.store.transition(record.id, states.DELETING)
             log.info("pool: removing %s (%d ready, target %d)", record.id, self.ready, self.target)
             await self.envs.delete_files_and_row(record)
 
@@ -82,14 +76,17 @@ class WarmPool:
             self._wake.clear()
             await self._trim()
             while self.ready < self.target:
-                await self._wait_for_quiet()
+                await self.slots.wait_for_quiet()
                 self.filling = 1
-                build = asyncio.create_task(self.envs.create(low_priority=True), name="pool-build")
+                # A task of its own: a kernel start may stop the build, never the filler.
+                build = asyncio.create_task(self.envs.create_pooled(), name="pool-build")
                 try:
                     record = await build
-                except asyncio.CancelledError:
-                    if self._stopping or build not in self.envs.preempted_builds:
-                        raise  # we are being stopped (the build was cancelled with us)
+                except BuildPreempted:
+                    if self._stopping:
+                        # Stopped at the same moment: our cancel reached the build, which
+                        # reported the preemption instead.
+                        raise asyncio.CancelledError() from None
                     # A kernel start needed the build slot and we could not raise our priority:
                     # it builds its own venv; refill once it is done.
                     continue
@@ -103,7 +100,6 @@ class WarmPool:
                     continue
                 finally:
                     self.filling = 0
-                    self.envs.preempted_builds.discard(build)
                 backoff = 1.0
                 self.last_error = None
                 log.info("pool: %s ready (%d/%d)", record.id, self.ready, self.target)

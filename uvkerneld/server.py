@@ -31,6 +31,7 @@ from typing import Any
 from . import __version__, cachedir, connlimits, fsafety, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
+from .buildslots import BuildSlots
 from .bytecode import SharedBytecode
 from .children import ChildRegistry
 from .diskusage import DiskUsage
@@ -44,7 +45,7 @@ from .store import Store
 from .storeopen import StoreRefused, open_store, private_state_files
 from .tasks import cancel_and_wait
 from .uv import Uv, find_uv
-from .watch import NotebookWatcher
+from .watch import NotebookFolders, NotebookWatcher
 
 log = logging.getLogger("uvkerneld.server")
 
@@ -199,17 +200,21 @@ class Daemon:
                           shared_host=config.mode == "system")
         uv.children = ChildRegistry(config.state_dir)
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
-        self.envs = EnvManager(config, self.store, uv, bytecode)
+        slots = BuildSlots(config.max_parallel_creates, uv.raise_priority)
+        pool_wake = asyncio.Event()
+        # A system daemon may not read users' folders; it follows renames at kernel start only.
+        folders = NotebookFolders() if config.mode == "user" else None
+        self.envs = EnvManager(config, self.store, uv, slots, bytecode, refill_pool=pool_wake.set,
+                               watch_notebook=folders.notebook_seen if folders is not None else None)
         await self.envs.recover(adopt=adopt)
         for env_id, pid in self.store.kernels():
             if not pid_alive(pid):
                 self.store.remove_kernel(env_id, pid)
-        self.pool = WarmPool(self.envs, config.pool_size)
+        self.pool = WarmPool(self.envs, self.store, slots, config.pool_size, pool_wake)
         self.installs = InstallManager(config, self.store, uv, bytecode)
         self.disk = DiskUsage(config.cache_dir, config.venvs_dir)
-        if config.mode == "user":
-            # A system daemon may not read users' folders; it follows renames at kernel start only.
-            self.watcher = NotebookWatcher(self.envs, os.getuid())
+        if folders is not None:
+            self.watcher = NotebookWatcher(self.envs, self.store, folders, os.getuid())
         self.ops = Operations(self)
         if inherited is not None:
             sock = inherited

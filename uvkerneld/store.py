@@ -1,9 +1,10 @@
 """SQLite state: which envs exist, whose they are, what state they are in.
 
-One connection, used from the daemon's event loop thread only. WAL mode so readers (a future
-``uvkernelctl`` reading the db directly, backups) never block the daemon. Every query here is a
-few index lookups, cheap enough to run inline on the event loop: the hot path (acquire of a known
-notebook or a pool claim) is one small transaction.
+One connection, used from the daemon's event loop thread only (plus one read-only connection per
+worker thread for ``scan``). WAL mode so readers (``scan``, backups) never block the daemon. Every
+query here but ``scan`` is a few index lookups, cheap enough to run inline on the event loop: the
+hot path (acquire of a known notebook or a pool claim) is one small transaction. The schema and
+its upgrades: storeschema.py.
 """
 
 from __future__ import annotations
@@ -12,72 +13,23 @@ import asyncio
 import json
 import logging
 import os
-import secrets
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import states
 from .protocol import EnvKey, EnvUnavailable
+from .storeschema import SCHEMA_VERSION, migrate, version_of
 from .venvsdir import write_env_record
 
 log = logging.getLogger("uvkerneld.store")
 
-SCHEMA_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS envs (
-    id            TEXT PRIMARY KEY,          -- also the venv's directory name
-    path          TEXT NOT NULL UNIQUE,
-    state         TEXT NOT NULL,
-    owner_uid     INTEGER,                   -- NULL while pooled
-    key_kind      TEXT,
-    key_value     TEXT,
-    spec          TEXT NOT NULL,             -- hash of what the venv was built from
-    python        TEXT NOT NULL,
-    from_pool     INTEGER NOT NULL DEFAULT 0,
-    created_at    REAL NOT NULL,
-    assigned_at   REAL,
-    last_used_at  REAL,
-    error         TEXT,
-    notebook_file TEXT,                      -- "dev:ino:size:mtime_ns" of the notebook, last seen
-    UNIQUE (owner_uid, key_kind, key_value)
-);
-CREATE INDEX IF NOT EXISTS envs_by_state ON envs (state, spec);
-CREATE TABLE IF NOT EXISTS installs (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    env_id        TEXT NOT NULL,
-    uid           INTEGER NOT NULL,
-    subcommand    TEXT NOT NULL,
-    argv          TEXT NOT NULL,             -- JSON list, as the user typed it
-    queued_at     REAL NOT NULL,
-    started_at    REAL,
-    finished_at   REAL,
-    exit_status   INTEGER
-);
-CREATE INDEX IF NOT EXISTS installs_by_env ON installs (env_id, id);
-CREATE TABLE IF NOT EXISTS kernels (         -- running kernels, so a restarted daemon knows them
-    env_id        TEXT NOT NULL,
-    pid           INTEGER NOT NULL,
-    started_at    REAL NOT NULL,
-    PRIMARY KEY (env_id, pid)
-);
-CREATE TABLE IF NOT EXISTS requirements (
-    env_id        TEXT NOT NULL,
-    name          TEXT NOT NULL,             -- normalized project name, or the path/URL itself
-    requirement   TEXT NOT NULL,             -- as the user asked for it
-    added_at      REAL NOT NULL,
-    PRIMARY KEY (env_id, name)
-);
-"""
-
-
 class EnvRecord:
     __slots__ = (
-        "id", "path", "state", "owner_uid", "key", "spec", "python", "from_pool", "created_at",
-        "assigned_at", "last_used_at", "error", "notebook_file",
+        "id", "path", "state", "owner_uid", "key", "spec", "python", "created_at", "last_used_at", "error",
+        "notebook_file",
     )
 
     def __init__(self, row: sqlite3.Row) -> None:
@@ -88,9 +40,7 @@ class EnvRecord:
         self.key = EnvKey(row["key_kind"], row["key_value"]) if row["key_kind"] else None
         self.spec = row["spec"]
         self.python = row["python"]
-        self.from_pool = bool(row["from_pool"])
         self.created_at = row["created_at"]
-        self.assigned_at = row["assigned_at"]
         self.last_used_at = row["last_used_at"]
         self.error = row["error"]
         self.notebook_file = row["notebook_file"]
@@ -150,6 +100,8 @@ class _Connection(sqlite3.Connection):
     """Turns "database or disk is full" into StoreFull, which names the folder and reaches the
     client as a clear error instead of "internal error"."""
 
+    db_path = ""  # set right after connecting
+
     def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
         try:
             return super().execute(*args, **kwargs)
@@ -167,11 +119,14 @@ class Store:
         self.path = path
         # Called with an env's id after a change its own record file mirrors (see venvsdir.py).
         self.on_env_changed: Callable[[str], None] = self._write_env_record
+        # The schema steps this open applied (storeschema.py); empty when the db was current.
+        self.migrated: list[int] = []
+        self._readers = _ReadConnections(path)
         try:
             make_private(path)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves so transactions are explicit.
             self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0, factory=_Connection)
-            self._db.db_path = str(path)  # type: ignore[attr-defined]
+            self._db.db_path = str(path)
             self._db.row_factory = sqlite3.Row
             try:
                 self._open()
@@ -191,29 +146,25 @@ class Store:
         make_private(path)  # the -wal and -shm files sqlite just created
 
     def _open(self) -> None:
-        self._refuse_newer_schema()
+        version = version_of(self._db)
+        self._refuse_newer_schema(version)
         self._db.execute("PRAGMA quick_check(1)").fetchone()  # a damaged file fails here, not mid-request
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Off while migrating: a table rebuild drops tables other rows refer to. Only settable
+        # outside a transaction, hence here.
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        # Nothing to write when the schema is current: a restart on a full disk still opens the store.
+        if version != SCHEMA_VERSION:
+            with self._transaction():
+                version = version_of(self._db)  # again, under the write lock
+                self._refuse_newer_schema(version)
+                self.migrated = migrate(self._db, version)
+            if self.migrated:
+                log.info("state db %s upgraded from schema %d to %d", self.path, version, SCHEMA_VERSION)
         self._db.execute("PRAGMA foreign_keys=ON")
-        if self._meta("schema_version") == str(SCHEMA_VERSION) and self._meta("store_id"):
-            return  # nothing to write: a restart on a full disk still opens the store
-        with self._transaction():
-            for statement in _SCHEMA.strip().split(";\n"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._migrate()
-            self._db.execute(
-                "INSERT INTO meta (name, value) VALUES ('schema_version', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
-            )
-            # Names this store in the venvs dir it owns (venvsdir.OWNER_FILE).
-            self._db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('store_id', ?)", (secrets.token_hex(8),))
-            self._db.execute("CREATE INDEX IF NOT EXISTS envs_by_notebook_file ON envs (owner_uid, notebook_file)")
 
     def _meta(self, name: str) -> str | None:
-        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
-            return None
         row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
         return row["value"] if row else None
 
@@ -226,24 +177,18 @@ class Store:
     def has_envs(self) -> bool:
         return self._db.execute("SELECT 1 FROM envs LIMIT 1").fetchone() is not None
 
-    def _refuse_newer_schema(self) -> None:
+    def _refuse_newer_schema(self, version: int) -> None:
         """Before changing anything (even the journal mode): a newer uvkerneld's db stays as it is,
         so downgrading and upgrading again loses nothing."""
-        has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-        row = has_meta and self._db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-        if row and int(row["value"]) > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise NewerSchema(
-                "state db %s has schema %s, newer than this uvkerneld understands (%d): "
-                "upgrade uvkerneld" % (self.path, row["value"], SCHEMA_VERSION)
+                "state db %s has schema %d, newer than this uvkerneld understands (%d): upgrade uvkerneld "
+                "to the release that wrote it or a later one (the db was left as it is)"
+                % (self.path, version, SCHEMA_VERSION)
             )
 
-    def _migrate(self) -> None:
-        """Bring an older store up to this schema, in the opening transaction (all or nothing)."""
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(envs)")}
-        if "notebook_file" not in columns:  # schema 1 -> 2: follow notebooks across renames
-            self._db.execute("ALTER TABLE envs ADD COLUMN notebook_file TEXT")
-
     def close(self) -> None:
+        self._readers.close()
         self._db.close()
 
     class _Transaction:
@@ -294,7 +239,7 @@ class Store:
         """What ``all()`` returns, read in a worker thread on a connection of its own: building a
         record per env holds the event loop ~10 ms per 1,000 envs. A snapshot: callers that act
         on an env after an await look at it again with ``get``."""
-        return await asyncio.to_thread(_read_all_envs, self.path)
+        return await asyncio.to_thread(self._readers.read_all_envs)
 
     def requirement_counts(self) -> dict[str, int]:
         """Recorded requirements per env id, in one query (``len(requirements(id))`` for all)."""
@@ -335,11 +280,11 @@ class Store:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO envs (id, path, state, owner_uid, key_kind, key_value, spec, python,"
-                " created_at, assigned_at, last_used_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " created_at, last_used_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     env_id, str(path), states.CREATING, owner_uid,
                     key.kind if key else None, key.value if key else None, spec, python, now,
-                    now if key else None, now if key else None,
+                    now if key else None,
                 ),
             )
         record = self.get(env_id)
@@ -387,9 +332,8 @@ class Store:
                 return None, damaged
             states.check_transition(claimed["state"], states.ASSIGNED)
             db.execute(
-                "UPDATE envs SET state=?, owner_uid=?, key_kind=?, key_value=?, from_pool=1,"
-                " assigned_at=?, last_used_at=? WHERE id=?",
-                (states.ASSIGNED, owner_uid, key.kind, key.value, now, now, claimed["id"]),
+                "UPDATE envs SET state=?, owner_uid=?, key_kind=?, key_value=?, last_used_at=? WHERE id=?",
+                (states.ASSIGNED, owner_uid, key.kind, key.value, now, claimed["id"]),
             )
         self.on_env_changed(claimed["id"])
         return self.get(claimed["id"]), damaged
@@ -425,19 +369,19 @@ class Store:
         key = fields.get("key") or None
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO envs (id, path, state, owner_uid, key_kind, key_value, spec, python, from_pool,"
-                " created_at, assigned_at, last_used_at, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO envs (id, path, state, owner_uid, key_kind, key_value, spec, python,"
+                " created_at, last_used_at, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     fields["id"], str(path), state, fields.get("owner_uid"),
                     key[0] if key else None, key[1] if key else None, str(fields.get("spec") or "adopted"),
-                    str(fields.get("python") or ""), int(bool(fields.get("from_pool"))),
-                    float(fields.get("created_at") or time.time()), fields.get("assigned_at"), time.time(), error,
+                    str(fields.get("python") or ""), float(fields.get("created_at") or time.time()),
+                    time.time(), error,
                 ),
             )
             for requirement_name, requirement in (fields.get("requirements") or {}).items():
                 db.execute(
-                    "INSERT OR REPLACE INTO requirements (env_id, name, requirement, added_at) VALUES (?,?,?,?)",
-                    (fields["id"], str(requirement_name), str(requirement), time.time()),
+                    "INSERT OR REPLACE INTO requirements (env_id, name, requirement) VALUES (?,?,?)",
+                    (fields["id"], str(requirement_name), str(requirement)),
                 )
 
     def env_record_fields(self, env_id: str) -> dict[str, Any] | None:
@@ -449,8 +393,7 @@ class Store:
         return {
             "id": record.id, "owner_uid": record.owner_uid,
             "key": [record.key.kind, record.key.value] if record.key else None,
-            "spec": record.spec, "python": record.python, "from_pool": record.from_pool,
-            "created_at": record.created_at, "assigned_at": record.assigned_at,
+            "spec": record.spec, "python": record.python, "created_at": record.created_at,
             "requirements": {row["name"]: row["requirement"] for row in rows},
         }
 
@@ -489,16 +432,14 @@ class Store:
 
     def record_requirements(self, env_id: str, added: dict[str, str], removed: list[str]) -> None:
         """Keep what the user asked for: ``added`` name -> requirement, ``removed`` names."""
-        now = time.time()
         with self._transaction() as db:
             for name in removed:
                 db.execute("DELETE FROM requirements WHERE env_id=? AND name=?", (env_id, name))
             for name, requirement in added.items():
                 db.execute(
-                    "INSERT INTO requirements (env_id, name, requirement, added_at) VALUES (?,?,?,?)"
-                    " ON CONFLICT (env_id, name) DO UPDATE SET requirement=excluded.requirement,"
-                    " added_at=excluded.added_at",
-                    (env_id, name, requirement, now),
+                    "INSERT INTO requirements (env_id, name, requirement) VALUES (?,?,?)"
+                    " ON CONFLICT (env_id, name) DO UPDATE SET requirement=excluded.requirement",
+                    (env_id, name, requirement),
                 )
         self.on_env_changed(env_id)
 
@@ -510,11 +451,11 @@ class Store:
 
     def add_kernel(self, env_id: str, pid: int) -> None:
         try:
-            self._db.execute(
-                "INSERT OR REPLACE INTO kernels (env_id, pid, started_at) VALUES (?,?,?)", (env_id, pid, time.time())
-            )
+            self._db.execute("INSERT OR REPLACE INTO kernels (env_id, pid) VALUES (?,?)", (env_id, pid))
         except StoreFull as exc:  # bookkeeping: the kernel runs anyway, its lifeline still counts
             log.warning("kernel %d of env %s not recorded: %s", pid, env_id, exc)
+        except sqlite3.IntegrityError:  # the env's row is gone already: nothing left to protect
+            log.warning("kernel %d of env %s not recorded: the env was removed", pid, env_id)
 
     def remove_kernel(self, env_id: str, pid: int) -> None:
         try:
@@ -538,16 +479,50 @@ class Store:
                 raise states.IllegalTransition(
                     "env %s must be in 'deleting' before its row is removed (is %r)" % (env_id, row["state"])
                 )
-            db.execute("DELETE FROM envs WHERE id=?", (env_id,))
-            db.execute("DELETE FROM requirements WHERE env_id=?", (env_id,))
-            db.execute("DELETE FROM kernels WHERE env_id=?", (env_id,))
+            db.execute("DELETE FROM envs WHERE id=?", (env_id,))  # its other rows go with it (CASCADE)
 
 
-def _read_all_envs(path: Path) -> list[EnvRecord]:
-    db = sqlite3.connect(str(path), timeout=10.0)
-    try:
-        db.execute("PRAGMA query_only=ON")
-        db.row_factory = sqlite3.Row
-        return [EnvRecord(row) for row in db.execute("SELECT * FROM envs ORDER BY created_at")]
-    finally:
-        db.close()
+class _ReadConnections:
+    """One read-only connection per worker thread for ``Store.scan`` (opening one costs more than
+    the scan of a few envs). Closed by ``Store.close`` from the loop's thread: the executor's
+    threads outlive the store, so their end is no time to close them. Each connection has a lock,
+    held by a scan and by close, so close never pulls a connection from under a running scan."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._mine = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[tuple[sqlite3.Connection, threading.Lock]] = []
+        self._closed = False
+
+    def read_all_envs(self) -> list[EnvRecord]:
+        entry: tuple[sqlite3.Connection, threading.Lock] | None = getattr(self._mine, "entry", None)
+        if entry is None:
+            entry = self._mine.entry = self._connect()
+        db, in_use = entry
+        with in_use:
+            return [EnvRecord(row) for row in db.execute("SELECT * FROM envs ORDER BY created_at")]
+
+    def _connect(self) -> tuple[sqlite3.Connection, threading.Lock]:
+        with self._lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the store %s is closed" % self._path)
+            # check_same_thread=False: only so that close() may run on the loop's thread.
+            db = sqlite3.connect(str(self._path), timeout=10.0, check_same_thread=False)
+            try:
+                db.execute("PRAGMA query_only=ON")
+            except BaseException:
+                db.close()
+                raise
+            db.row_factory = sqlite3.Row
+            entry = (db, threading.Lock())
+            self._open.append(entry)
+            return entry
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            entries, self._open = self._open, []
+        for db, in_use in entries:
+            with in_use:
+                db.close()

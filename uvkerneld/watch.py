@@ -31,6 +31,7 @@ from watchfiles import Change, awatch
 from . import states
 from .envs import EnvManager
 from .protocol import EnvKey, identity_of
+from .store import Store
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("uvkerneld.watch")
@@ -47,52 +48,62 @@ def _is_notebook(change: Change, path: str) -> bool:
     return name.endswith(".ipynb") and not name.startswith(".~")
 
 
+class NotebookFolders:
+    """The folders to watch. Made before EnvManager and the watcher, and given to both: EnvManager
+    reports each kernel start's notebook (``notebook_seen``), the watcher watches the folders."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+        self.changed = asyncio.Event()  # set when a folder was added (or the watcher stops)
+
+    def notebook_seen(self, path: str) -> None:
+        """A kernel starts for this notebook: watch its folder from now on."""
+        folder = os.path.dirname(path)
+        if folder not in self.paths:
+            self.paths.add(folder)
+            self.changed.set()
+
+
 class NotebookWatcher:
-    def __init__(self, envs: EnvManager, uid: int) -> None:
+    def __init__(self, envs: EnvManager, store: Store, folders: NotebookFolders, uid: int) -> None:
         self.envs = envs
-        self.store = envs.store
+        self.store = store
         self.uid = uid
-        self.folders: set[str] = set()
+        self._folders = folders
         self.renames_followed = 0
-        self._restart = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        envs.on_notebook_seen = self.notebook_seen
+
+    @property
+    def folders(self) -> set[str]:
+        return self._folders.paths
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="notebook-watcher")
 
     async def stop(self) -> None:
-        self._restart.set()
+        self._folders.changed.set()
         await cancel_and_wait(self._task)
 
-    def notebook_seen(self, path: str) -> None:
-        """A kernel starts for this notebook: watch its folder from now on."""
-        folder = os.path.dirname(path)
-        if folder not in self.folders:
-            self.folders.add(folder)
-            self._restart.set()
-
-    def _tracked_folders(self) -> set[str]:
-        folders = set(self.folders)
+    def _add_tracked_folders(self) -> None:
         for record in self.store.all():
             if record.key and record.key.kind == "notebook" and record.state in states.SETTLED_NOTEBOOK_STATES:
-                folders.add(os.path.dirname(record.key.value))
-        return folders
+                self._folders.paths.add(os.path.dirname(record.key.value))
 
     async def _run(self) -> None:
         delay = RETRY_DELAY
+        restart = self._folders.changed
         while True:
-            self.folders = self._tracked_folders()
+            self._add_tracked_folders()
             existing = sorted(folder for folder in self.folders if os.path.isdir(folder))
-            self._restart.clear()
+            restart.clear()
             if not existing:
-                await self._restart.wait()
+                await restart.wait()
                 continue
             log.debug("watching %d notebook folder(s)", len(existing))
             try:
                 # rust_timeout: return to check the stop event at least every second.
                 async for changes in awatch(
-                    *existing, watch_filter=_is_notebook, stop_event=self._restart, recursive=False,
+                    *existing, watch_filter=_is_notebook, stop_event=restart, recursive=False,
                     debounce=200, step=50, rust_timeout=1000, ignore_permission_denied=True,
                 ):
                     await self.handle(changes)
@@ -102,7 +113,7 @@ class NotebookWatcher:
             except Exception as exc:  # noqa: BLE001 - a failed watch must not take the daemon down
                 log.warning("notebook watch failed (%s); retrying in %.0f s", exc, delay)
                 try:
-                    await asyncio.wait_for(self._restart.wait(), delay)
+                    await asyncio.wait_for(restart.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
                 delay = min(delay * 2, MAX_RETRY_DELAY)
@@ -126,4 +137,4 @@ class NotebookWatcher:
             moved = await self.envs.follow_rename(self.uid, key, identity, deleted)
             if moved is not None:
                 self.renames_followed += 1
-                self.notebook_seen(key.value)
+                self._folders.notebook_seen(key.value)

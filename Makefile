@@ -1,0 +1,17 @@
+# Developer shortcuts for the commands the README documents (its "Development" section).
+.PHONY: install lint test bench
+
+install:
+	python -m pip install '.[test]'
+
+# ruff and mypy are not test dependencies: python -m pip install ruff mypy
+lint:
+	ruff check uvkerneld kernel_stub tests bench
+	mypy uvkerneld kernel_stub
+
+# The README's test command, exactly as CI (.ci/run) runs it.
+test:
+	python -m pip install '.[test]' && python -m pytest
+
+bench:
+	python -m bench
