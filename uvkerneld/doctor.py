@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import envvars
+from .units import format_bytes
 from .venvfiles import site_packages_dirs
 from .venvsdir import env_dirs
 
@@ -147,7 +148,7 @@ def _check_link_mode(sample: Path | None, link_mode: str) -> Check:
 
 def _check_free_disk(venvs_dir: Path) -> Check:
     free = shutil.disk_usage(_existing_parent(venvs_dir)).free
-    text = "%.1f GiB free under %s" % (free / (1 << 30), venvs_dir)
+    text = "%s free under %s" % (format_bytes(free), venvs_dir)
     if free < LOW_DISK_FAIL:
         return Check("free disk", FAIL, text, "free space, or run `uvkernelctl gc`")
     if free < LOW_DISK_WARN:
