@@ -60,7 +60,7 @@ def test_env_id_users_agree_with_the_owner() -> None:
     for text in ("e-0123456789ab", "e-0123456789AB", "e-0123456789a"):
         wire_ok = True
         try:
-            protocol.parse_request(protocol.request(1, "remove", {"env_id": text}))
+            protocol.validate_target({"env_id": text})
         except protocol.BadRequest:
             wire_ok = False
         assert wire_ok == envid.is_env_id(text) == ("env_id" in target_args(text)), text

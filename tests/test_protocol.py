@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from uvkerneld import fastjson, protocol
+from uvkerneld import connlimits, fastjson, framing, kernel_extension, protocol
+from uvkerneld.ops import parse_request
 from uvkerneld.protocol import (
     BadRequest, FrameDecoder, FrameTooLarge, NotJson, TruncatedFrame, UnknownOp, UnsupportedVersion,
 )
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse(data: dict) -> protocol.Request:
-    return protocol.parse_request(decode_one(protocol.encode_frame(data)))
+    return parse_request(decode_one(protocol.encode_frame(data)))
 
 
 def test_request_round_trip() -> None:
@@ -320,16 +322,16 @@ def test_fastjson_nan_and_errors_behave_like_json() -> None:
 )
 def test_lone_surrogates_in_paths_are_bad_requests(args: dict) -> None:
     with pytest.raises(BadRequest, match="not valid Unicode"):
-        protocol.parse_request(protocol.request(1, "acquire", args))
+        parse_request(protocol.request(1, "acquire", args))
 
 
 def test_lone_surrogates_and_nul_in_pip_requests_are_bad_requests() -> None:
     with pytest.raises(BadRequest, match="valid Unicode text without NUL"):
-        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "six\x00"]}))
+        parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "six\x00"]}))
     with pytest.raises(BadRequest, match="valid Unicode text without NUL"):
-        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "\ud800"]}))
+        parse_request(protocol.request(1, "pip", {"env": "/v/e", "argv": ["install", "\ud800"]}))
     with pytest.raises(BadRequest, match='"env" must be the absolute path'):
-        protocol.parse_request(protocol.request(1, "pip", {"env": "/v/\udce9", "argv": []}))
+        parse_request(protocol.request(1, "pip", {"env": "/v/\udce9", "argv": []}))
 
 
 def test_deep_json_is_not_json_and_surrogates_are_sent_as_escapes() -> None:
@@ -337,3 +339,77 @@ def test_deep_json_is_not_json_and_surrogates_are_sent_as_escapes() -> None:
         protocol.decode_body(b"[" * 100_000)
     frame = protocol.encode_frame(protocol.error_response(None, UnknownOp("unknown op 'st\ud800tus'")))
     assert decode_one(frame)["error"]["message"] == "unknown op 'st\ud800tus'"  # the escape round-trips
+
+
+# --- the daemon's frame reader (framing.py) and the kernel extension's copy of the format -------
+
+
+def read_frames(data: bytes, idle_timeout: float | None = 5.0, budget_bytes: int = 1 << 22,
+                eof: bool = True) -> tuple[list[bytes | BaseException], connlimits.Admission]:
+    """What ``framing.read_frame`` makes of ``data`` (then end of stream): bodies until the end,
+    or the error it raised; and the real admission whose byte budget it used."""
+    limits = connlimits.Limits(1024, {"UVKERNELD_FRAME_BUFFER_BUDGET": str(budget_bytes)})
+    admission = connlimits.Admission(limits)
+
+    async def run() -> list[bytes | BaseException]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        if eof:
+            reader.feed_eof()
+        results: list[bytes | BaseException] = []
+        while True:
+            try:
+                body = await framing.read_frame(reader, idle_timeout, 5.0, admission)
+            except (framing.IdleTimeout, protocol.UvkError) as exc:
+                return results + [exc]
+            if body is None:
+                return results
+            results.append(body)
+
+    return asyncio.run(run()), admission
+
+
+def test_the_frame_reader_reads_protocol_frames_and_stops_at_the_end() -> None:
+    messages = [protocol.request(1, "status"), {"path": "/home/\u00fc/\u00e4.ipynb"},
+                {"blob": "x" * (100 << 10)}]
+    results, admission = read_frames(b"".join(protocol.encode_frame(message) for message in messages))
+    assert [protocol.decode_body(body) for body in results] == messages  # type: ignore[arg-type]
+    assert admission.buffered == 0  # the large body's reservation was given back
+
+
+@pytest.mark.parametrize("data, error, fragment", [
+    (struct.pack(">I", protocol.MAX_FRAME_SIZE + 1), FrameTooLarge, "exceeds the 1048576-byte limit"),
+    (b"\x00\x00", TruncatedFrame, "connection closed inside a frame header (2 of 4 bytes)"),
+    (frame_of(b'{"v": 1}')[:-2], TruncatedFrame, "connection closed after 6 of 8 body bytes"),
+    (frame_of(b"x" * (200 << 10)), protocol.OverLimit, "frame_buffer_budget 102400"),
+])
+def test_the_frame_reader_refuses_what_cannot_be_read(data: bytes, error: type, fragment: str) -> None:
+    results, admission = read_frames(data, budget_bytes=100 << 10)
+    assert isinstance(results[-1], error) and fragment in results[-1].message, results
+    assert admission.buffered == 0
+
+
+def test_the_frame_reader_gives_up_on_a_connection_that_sends_nothing() -> None:
+    results, _ = read_frames(b"", idle_timeout=0.05, eof=False)
+    assert len(results) == 1 and isinstance(results[0], framing.IdleTimeout)
+
+
+def test_the_kernel_extensions_copy_of_the_frame_format_matches_protocol() -> None:
+    # kernel_extension.py runs in the notebook's venv, which cannot import uvkerneld: it keeps a copy.
+    args = {"env": "/var/lib/uvkerneld/venvs/e-0123456789ab",
+            "file": {"dev": 2049, "ino": (1 << 64) - 1, "size": 0, "mtime_ns": 1_700_000_000_123_456_789}}
+    request = parse_request(decode_one(kernel_extension._request_frame("notebook_saved", args)))
+    assert request.op == "notebook_saved" and request.args["env"] == args["env"]
+    assert request.args["file"] == protocol.parse_file_identity(args["file"])
+    for message in ({"path": "/home/\u00fc/\u00e4 b.ipynb"}, {"lone": "\udce9"}, {"n": [1, 2.5, None, True]}):
+        assert decode_one(kernel_extension._encode_frame(message)) == message
+    # The same size limit: the largest frame one sends, the other reads; one byte more neither does.
+    assert kernel_extension._MAX_FRAME_SIZE == protocol.MAX_FRAME_SIZE
+    padding = len(json.dumps({"blob": ""}))
+    largest = {"blob": "x" * (protocol.MAX_FRAME_SIZE - padding)}
+    frame = kernel_extension._encode_frame(largest)
+    assert len(frame) == protocol.HEADER_SIZE + protocol.MAX_FRAME_SIZE and decode_one(frame) == largest
+    with pytest.raises(ValueError, match="exceeds uvkerneld's 1048576-byte frame limit"):
+        kernel_extension._encode_frame({"blob": "x" * (protocol.MAX_FRAME_SIZE - padding + 1)})
+    results, _ = read_frames(frame[:protocol.HEADER_SIZE - 1] + b"\x01" + frame[protocol.HEADER_SIZE:])
+    assert isinstance(results[0], FrameTooLarge)  # what the daemon makes of a frame one byte longer

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import __version__, client, envid, envvars, locations, protocol
+from . import __version__, client, envid, envvars, gc, locations, protocol
 from .config import LINK_MODES
 from .units import format_bytes, format_duration
 
@@ -331,14 +331,12 @@ def cmd_gc(socket_path: str, args: argparse.Namespace) -> int:
     renamed: list[dict[str, Any]] = []
     if args.orphans:
         # We check paths here, as the user: a system daemon never reads users' files.
-        for env in _request(socket_path, "list", {"all": args.all})["envs"]:
-            key = env["key"]
-            if key and key["kind"] in ("notebook", "dir") and not os.path.exists(key["value"]):
-                now_at = _renamed_notebook(key["value"], env.get("notebook_file")) if key["kind"] == "notebook" else None
-                if now_at:
-                    renamed.append({"env_id": env["env_id"], "key": key, "now_at": now_at})
-                else:
-                    orphans.append(env["env_id"])
+        envs = [env for env in _request(socket_path, "list", {"all": args.all})["envs"] if env["key"]]
+        orphans, renamed_to = gc.find_orphans(
+            (env["env_id"], env["key"]["kind"], env["key"]["value"], env.get("notebook_file")) for env in envs
+        )
+        renamed = [{"env_id": env["env_id"], "key": env["key"], "now_at": renamed_to[env["env_id"]]}
+                   for env in envs if env["env_id"] in renamed_to]
     request = {"older_than_s": older_than, "env_ids": orphans, "all": args.all}
     preview = _request(socket_path, "gc", dict(request, dry_run=True), timeout=600)
     preview["kept_renamed"] = renamed
@@ -358,22 +356,6 @@ def cmd_gc(socket_path: str, args: argparse.Namespace) -> int:
     result["kept_renamed"] = renamed
     _print_gc(result, args.json, already_streamed=not args.json)
     return EXIT_OK
-
-
-def _renamed_notebook(old_path: str, notebook_file: str | None) -> str | None:
-    """Where a missing notebook went, if it was renamed within its folder: the file there with
-    the same device and inode (a daemon that could not watch the folder has not seen it yet)."""
-    if not notebook_file:
-        return None
-    try:
-        with os.scandir(os.path.dirname(old_path)) as entries:
-            for entry in entries:
-                if entry.name.endswith(".ipynb") and entry.is_file():
-                    if protocol.same_inode(protocol.identity_of(entry.stat()), notebook_file):
-                        return entry.path
-    except OSError:
-        pass
-    return None
 
 
 def _print_gc(result: dict[str, Any], as_json: bool, already_streamed: bool = False) -> None:

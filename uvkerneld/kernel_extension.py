@@ -110,12 +110,33 @@ def _trusted_daemon_uids():
     return uids
 
 
+# uvkerneld's frame format, a copy of uvkerneld/protocol.py's: this module runs in the notebook's
+# venv, whose Python (perhaps another version) cannot import uvkerneld. Sending is all it needs.
+# tests/test_protocol.py checks these frames against protocol.py's decoder and limit.
+_MAX_FRAME_SIZE = 1 << 20
+
+
+def _encode_frame(message):
+    """One message as a frame: a 4-byte big-endian length, then that many bytes of JSON."""
+    import struct
+
+    body = json.dumps(message).encode()
+    if len(body) > _MAX_FRAME_SIZE:
+        raise ValueError("message of %d bytes exceeds uvkerneld's %d-byte frame limit"
+                         % (len(body), _MAX_FRAME_SIZE))
+    return struct.pack(">I", len(body)) + body
+
+
+def _request_frame(op, args):
+    return _encode_frame({"v": 1, "id": 1, "op": op, "args": args})
+
+
 def _tell_daemon(socket_path, op, args):
-    """One request in uvkerneld's framing (4-byte big-endian length, JSON), its reply ignored."""
+    """One request to uvkerneld, its reply ignored."""
     import socket
     import struct
 
-    body = json.dumps({"v": 1, "id": 1, "op": op, "args": args}).encode()
+    frame = _request_frame(op, args)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(socket_path)
@@ -126,7 +147,7 @@ def _tell_daemon(socket_path, op, args):
                 "refusing to use %s: the process answering there runs as uid %d, not uvkerneld's "
                 "user (set UVKERNELD_DAEMON_USER if the system daemon runs as that uid)" % (socket_path, uid)
             )
-        sock.sendall(struct.pack(">I", len(body)) + body)
+        sock.sendall(frame)
         sock.recv(65536)
 
 

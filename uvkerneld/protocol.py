@@ -35,7 +35,6 @@ MAX_ID_LENGTH = 128
 MAX_PATH_LENGTH = 4096
 MAX_AGE_S = 100 * 365 * 86400
 
-OPS = ("acquire", "status", "pip", "installs", "remove", "list", "show", "gc", "pool", "notebook_saved")
 MAX_PIP_ARGS = 256
 KEY_KINDS = ("notebook", "env", "dir")
 ENV_NAME_MAX = 64
@@ -266,8 +265,9 @@ def request_id_of(message):
     return request_id
 
 
-def parse_request(message):
-    """Validate a decoded message as a request."""
+def parse_request(message, validators):
+    """Validate a decoded message as a request for one of the ops in ``validators`` (op name ->
+    its argument check; the daemon's registry is ``uvkerneld.ops.OPS``)."""
     version = message.get("v")
     if isinstance(version, bool) or not isinstance(version, int):
         raise BadRequest('"v" must be an integer protocol version, got %r' % (version,))
@@ -287,15 +287,19 @@ def parse_request(message):
     op = message.get("op")
     if not isinstance(op, str):
         raise BadRequest('"op" must be a string, got %r' % (_short(op),))
-    if op not in OPS:
-        raise UnknownOp("unknown op %r; this daemon knows: %s" % (_short(op), ", ".join(OPS)))
+    if op not in validators:
+        raise UnknownOp("unknown op %r; this daemon knows: %s" % (_short(op), ", ".join(validators)))
     args = message.get("args", {})
     if not isinstance(args, dict):
         raise BadRequest('"args" must be an object, got %s' % type(args).__name__)
-    return Request(request_id, op, _ARG_VALIDATORS[op](args))
+    return Request(request_id, op, validators[op](args))
 
 
-def _validate_acquire(args):
+# Each op's argument check: wire args in, checked args out, BadRequest for anything else. The
+# daemon's registry (``uvkerneld.ops.OPS``) pairs each with its op's name and handler.
+
+
+def validate_acquire(args):
     key = args.get("key")
     if not isinstance(key, dict):
         raise BadRequest('acquire needs "key": {"kind": ..., "value": ...}')
@@ -344,7 +348,7 @@ def parse_file_identity(value):
     return ":".join(fields)
 
 
-def _validate_status(args):
+def validate_status(args):
     return {}
 
 
@@ -356,7 +360,7 @@ def _validate_env_path(args):
     return env
 
 
-def _validate_pip(args):
+def validate_pip(args):
     argv = args.get("argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or len(argv) > MAX_PIP_ARGS:
         raise BadRequest('"argv" must be a list of at most %d strings' % MAX_PIP_ARGS)
@@ -368,7 +372,7 @@ def _validate_pip(args):
     return {"env": _validate_env_path(args), "argv": argv, "files": files}
 
 
-def _validate_target(args):
+def validate_target(args):
     """Which env an op is about: exactly one of "env" (path), "env_id" or "key"."""
     given = [name for name in ("env", "env_id", "key") if name in args]
     if len(given) != 1:
@@ -393,11 +397,11 @@ def _flag(args, name):
     return value
 
 
-def _validate_list(args):
+def validate_list(args):
     return {"all": _flag(args, "all")}
 
 
-def _validate_gc(args):
+def validate_gc(args):
     older_than = args.get("older_than_s")
     if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float))
                                    or not 0 <= older_than <= MAX_AGE_S):
@@ -409,29 +413,15 @@ def _validate_gc(args):
     return {"older_than_s": older_than, "env_ids": env_ids, "dry_run": _flag(args, "dry_run"), "all": _flag(args, "all")}
 
 
-def _validate_pool(args):
+def validate_pool(args):
     size = args.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 64):
         raise BadRequest('"size" must be an integer from 0 to 64')
     return {"size": size}
 
 
-def _validate_notebook_saved(args):
+def validate_notebook_saved(args):
     return {"env": _validate_env_path(args), "file": parse_file_identity(args.get("file"))}
-
-
-_ARG_VALIDATORS = {
-    "acquire": _validate_acquire,
-    "status": _validate_status,
-    "pip": _validate_pip,
-    "installs": _validate_target,
-    "remove": _validate_target,
-    "show": _validate_target,
-    "list": _validate_list,
-    "gc": _validate_gc,
-    "pool": _validate_pool,
-    "notebook_saved": _validate_notebook_saved,
-}
 
 
 def parse_env_key(kind, value):

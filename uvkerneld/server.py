@@ -15,6 +15,7 @@ make the daemon hold (descriptors, idle time, buffered bytes, log lines) is boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -22,13 +23,11 @@ import logging
 import os
 import signal
 import socket
-import struct
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
-from . import __version__, cachedir, connlimits, fsafety, handstart, protocol
+from . import __version__, cachedir, connlimits, framing, fsafety, gc, handstart, protocol
 from .config import Config, ConfigError, load_config
 from .envs import EnvManager
 from .buildslots import BuildSlots
@@ -36,12 +35,13 @@ from .bytecode import SharedBytecode
 from .children import ChildRegistry
 from .diskusage import DiskUsage
 from .installs import InstallManager
+from .lifelines import Lifelines
 from .notify import Notifier, inherited_listener
-from .ops import Operations
+from .ops import Operations, parse_request
+from .peers import PeerCredentials, peer_credentials
 from .pool import WarmPool
-from .procs import pid_alive
 from .protocol import UvkError
-from .store import Store
+from .services import Services
 from .storeopen import StoreRefused, open_store, private_state_files
 from .tasks import cancel_and_wait
 from .uv import Uv, find_uv
@@ -61,16 +61,8 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
-class PeerCredentials:
-    __slots__ = ("pid", "uid", "gid")
-
-    def __init__(self, pid: int, uid: int, gid: int) -> None:
-        self.pid, self.uid, self.gid = pid, uid, gid
-
-
-def peer_credentials(sock: Any) -> PeerCredentials:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return PeerCredentials(*struct.unpack("3i", raw))
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
 
 
 class Daemon:
@@ -83,23 +75,18 @@ class Daemon:
         self.shutdown_grace = SHUTDOWN_GRACE
         self._busy: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self.store: Store | None = None
-        self.envs: EnvManager | None = None
-        self.pool: WarmPool | None = None
-        self.installs: InstallManager | None = None
+        # Everything start-up builds; None until it has (or when it failed).
+        self.services: Services | None = None
+        self.ops: Operations | None = None
+        self._running: list[_Stoppable] = []  # pool, disk scanner, notebook watcher, stopped in order
+        self._closing = contextlib.ExitStack()  # the store, closed last
         self._server: connlimits.Listener | None = None
         self._lock_file: Any = None
         self._venvs_claim: Any = None
         self._bound_socket = False
         self._stop = asyncio.Event()
         self._connections: set[asyncio.Task[None]] = set()
-        # env id -> ids of connections that are live kernels' lifelines
-        self.live: dict[str, set[int]] = defaultdict(set)
         self.last_activity = time.monotonic()  # a connection opened or closed
-        self.uv: Uv | None = None
-        self.disk: DiskUsage | None = None
-        self.ops: Operations | None = None
-        self.watcher: NotebookWatcher | None = None
         self.admission: connlimits.Admission | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -146,9 +133,9 @@ class Daemon:
         if new.log_level != self.config.log_level:
             logging.getLogger().setLevel(new.log_level.upper())
             applied.append("log_level")
-        if new.pool_size != self.config.pool_size and self.pool is not None:
-            self.pool.target = new.pool_size
-            self.pool.wake()
+        if new.pool_size != self.config.pool_size and self.services is not None:
+            self.services.pool.target = new.pool_size
+            self.services.pool.wake()
             applied.append("pool_size")
         needs_restart = [name for name in changed if name not in applied]
         self.config = dataclasses.replace(self.config, log_level=new.log_level, pool_size=new.pool_size)
@@ -193,29 +180,29 @@ class Daemon:
         uv_binary = find_uv(config.uv)
         try:
             # Also stops uv runs a killed predecessor left, and claims the venvs dir for this store.
-            self.store, self._venvs_claim, adopt = open_store(config)
+            store, self._venvs_claim, adopt = open_store(config)
         except StoreRefused as exc:
             raise StartupError(str(exc)) from None
-        uv = self.uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
-                          shared_host=config.mode == "system")
+        self._closing.callback(store.close)
+        uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
+                shared_host=config.mode == "system")
         uv.children = ChildRegistry(config.state_dir)
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
         slots = BuildSlots(config.max_parallel_creates, uv.raise_priority)
         pool_wake = asyncio.Event()
         # A system daemon may not read users' folders; it follows renames at kernel start only.
         folders = NotebookFolders() if config.mode == "user" else None
-        self.envs = EnvManager(config, self.store, uv, slots, bytecode, refill_pool=pool_wake.set,
-                               watch_notebook=folders.notebook_seen if folders is not None else None)
-        await self.envs.recover(adopt=adopt)
-        for env_id, pid in self.store.kernels():
-            if not pid_alive(pid):
-                self.store.remove_kernel(env_id, pid)
-        self.pool = WarmPool(self.envs, self.store, slots, config.pool_size, pool_wake)
-        self.installs = InstallManager(config, self.store, uv, bytecode)
-        self.disk = DiskUsage(config.cache_dir, config.venvs_dir)
+        envs = EnvManager(config, store, uv, slots, bytecode, refill_pool=pool_wake.set,
+                          watch_notebook=folders.notebook_seen if folders is not None else None)
+        await envs.recover(adopt=adopt)
+        lifelines = Lifelines(store)
+        lifelines.forget_dead_kernels()
+        pool = WarmPool(envs, store, slots, config.pool_size, pool_wake)
+        installs = InstallManager(config, store, uv, bytecode)
+        disk = DiskUsage(config.cache_dir, config.venvs_dir)
+        watcher = None
         if folders is not None:
-            self.watcher = NotebookWatcher(self.envs, self.store, folders, os.getuid())
-        self.ops = Operations(self)
+            watcher = NotebookWatcher(envs, store, folders, os.getuid())
         if inherited is not None:
             sock = inherited
             self.socket_activated = True
@@ -226,6 +213,12 @@ class Daemon:
         else:
             sock = self._bind_socket()
             handstart.write_record(config, started_by_kernel=bool(self.flags.get("started_by_kernel")))
+        services = self.services = Services(
+            config=lambda: self.config, store=store, envs=envs, pool=pool, installs=installs, uv=uv,
+            disk=disk, lifelines=lifelines, notebook_watch=_watch_figures(watcher),
+            socket_activated=self.socket_activated, started_at=self.started_at, stopping=self._stop.is_set,
+        )
+        self.ops = Operations(services)
         assert self.admission is not None
         self._server = connlimits.Listener(sock, self._on_connection, self.admission.limits)
         log.info(
@@ -233,12 +226,14 @@ class Daemon:
             __version__, config.mode, self.config.socket, " (socket-activated)" if self.socket_activated else "",
             config.venvs_dir, config.cache_dir, config.pool_size, uv_binary,
         )
-        self.pool.start()
-        self.disk.start()
-        if self.watcher is not None:
-            self.watcher.start()
+        pool.start()
+        disk.start()
+        self._running += [pool, disk]
+        if watcher is not None:
+            watcher.start()
+            self._running.append(watcher)
         if config.gc_interval:
-            self._background.append(asyncio.create_task(self._scheduled_gc(), name="scheduled-gc"))
+            self._background.append(asyncio.create_task(gc.run_on_schedule(services), name="scheduled-gc"))
         if config.idle_exit:
             self._background.append(asyncio.create_task(self._exit_when_idle(), name="idle-exit"))
         self.notifier.ready(self._status_line())
@@ -247,11 +242,11 @@ class Daemon:
             self._background.append(asyncio.create_task(self._watchdog(), name="sd-watchdog"))
 
     def _status_line(self) -> str:
-        if self.pool is None or self.store is None:
+        if self.services is None:
             return "starting"
-        pool = self.pool.status()
+        pool = self.services.pool.status()
         counts = self.status()["envs"]  # cheap: counts only
-        installs = self.installs.status() if self.installs else {"running": 0, "queued": 0}
+        installs = self.services.installs.status()
         return "pool %d/%d ready, %d envs, %d live kernels, %d installs running, %d queued" % (
             pool["ready"], pool["target"], counts["total"], counts["live"], installs["running"], installs["queued"],
         )
@@ -347,12 +342,8 @@ class Daemon:
             self._server.close()
         for task in self._background:
             await cancel_and_wait(task)
-        if self.pool is not None:
-            await self.pool.stop()  # a half-built pool venv is removed, never handed out
-        if self.disk is not None:
-            await self.disk.stop()
-        if self.watcher is not None:
-            await self.watcher.stop()
+        for part in self._running:
+            await part.stop()  # the pool removes a half-built venv: it is never handed out
         # Requests in flight (installs, on-demand builds) get a grace period to finish; idle
         # connections (kernel lifelines) and whatever is still running then are cancelled.
         busy = [task for task in self._busy if not task.done()]
@@ -372,8 +363,7 @@ class Daemon:
                 os.unlink(self.config.socket)
             except FileNotFoundError:
                 pass
-        if self.store is not None:
-            self.store.close()
+        self._closing.close()
         if self._venvs_claim is not None:
             self._venvs_claim.close()  # before the state-dir lock: a successor takes both
         if self._lock_file is not None:
@@ -392,6 +382,8 @@ class Daemon:
         admission = self.admission
         assert admission is not None
         connection: connlimits.Connection | None = None
+        services = self.services
+        assert services is not None  # the listener exists only once start-up built everything
         try:
             peer = peer_credentials(writer.get_extra_info("socket"))
             try:
@@ -409,7 +401,7 @@ class Daemon:
                 try:
                     message = protocol.decode_body(body)
                     request_id = protocol.request_id_of(message)
-                    request = protocol.parse_request(message)
+                    request = parse_request(message)
                     if request.op == "acquire":
                         admission.check_kernel_slot(connection)
                     result = await self._dispatch(request, peer, writer)
@@ -430,9 +422,7 @@ class Daemon:
                 if request.op == "acquire" and lifeline_env is None:
                     admission.make_lifeline(connection)
                     lifeline_env = result["env_id"]
-                    self.live[lifeline_env].add(connection_id)
-                    if self.store is not None:
-                        self.store.add_kernel(lifeline_env, peer.pid)
+                    services.lifelines.add(lifeline_env, connection_id, peer.pid)
                 await self._send(writer, protocol.ok_response(request.id, result))
                 admission.set_busy(connection, False)
         except (ConnectionError, asyncio.TimeoutError):
@@ -441,13 +431,9 @@ class Daemon:
             if connection is not None:
                 admission.close(connection)
             if lifeline_env is not None:
-                self.live[lifeline_env].discard(connection_id)
-                if not self.live[lifeline_env]:
-                    del self.live[lifeline_env]
-                # On shutdown the kernel lives on: keep its pid so the next daemon knows.
-                if not self._stop.is_set() and self.store is not None:
-                    self.store.remove_kernel(lifeline_env, peer.pid)
-                    log.info("kernel for env %s ended", lifeline_env)
+                # On shutdown the kernel lives on: its record stays so the next daemon knows.
+                services.lifelines.remove(lifeline_env, connection_id, peer.pid,
+                                          kernel_ended=not self._stop.is_set())
             self._connections.discard(task)
             self.last_activity = time.monotonic()
             writer.close()
@@ -465,49 +451,19 @@ class Daemon:
         assert admission is not None
         limits = admission.limits
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), admission.idle_timeout_of(connection))
-        except asyncio.IncompleteReadError:
-            return None  # closed between requests: the normal end
-        except asyncio.TimeoutError:
+            return await framing.read_frame(
+                reader, admission.idle_timeout_of(connection), limits.frame_timeout, admission,
+                started=lambda: admission.set_busy(connection, True),
+            )
+        except framing.IdleTimeout:
             admission.refused["idle_closed"] += 1
             admission.close(connection, protocol.OverLimit(
                 "no request within %.0f s of connecting or of the last answer (idle_timeout); closing: "
                 "connect when you have a request to send" % limits.idle_timeout))
             return None
-        admission.set_busy(connection, True)
-        deadline = time.monotonic() + limits.frame_timeout
-        try:
-            header = first + await asyncio.wait_for(
-                reader.readexactly(protocol.HEADER_SIZE - 1), deadline - time.monotonic())
-        except asyncio.IncompleteReadError as exc:
-            await self._send_error(writer, None, protocol.TruncatedFrame(
-                "connection closed inside a frame header (%d of %d bytes)" % (1 + len(exc.partial), protocol.HEADER_SIZE)))
-            return None
-        except asyncio.TimeoutError:
-            await self._send_error(writer, None, protocol.TruncatedFrame(
-                "frame header not completed within %.0f s; closing" % limits.frame_timeout))
-            return None
-        reserved = 0
-        try:
-            length = protocol.frame_length(header)
-            reserved = admission.reserve(length)
-            return await asyncio.wait_for(reader.readexactly(length), max(0.0, deadline - time.monotonic()))
-        except (protocol.FrameTooLarge, protocol.OverLimit) as exc:
-            # The stream cannot be resynchronised without reading the body: close.
-            if isinstance(exc, protocol.OverLimit):
-                log.warning("refused a %d-byte request from a connection: %s", length, exc.message)
+        except UvkError as exc:
             await self._send_error(writer, None, exc)
             return None
-        except asyncio.IncompleteReadError as exc:
-            await self._send_error(writer, None, protocol.TruncatedFrame(
-                "connection closed after %d of %d body bytes" % (len(exc.partial), length)))
-            return None
-        except asyncio.TimeoutError:
-            await self._send_error(writer, None, protocol.BadRequest(
-                "frame not received in full within %.0f s; closing" % limits.frame_timeout))
-            return None
-        finally:
-            admission.release(reserved)
 
     async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         writer.write(protocol.encode_frame(message))
@@ -522,20 +478,6 @@ class Daemon:
             pass
 
     # --- ops ------------------------------------------------------------------------------------
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def live_env_ids(self) -> set[str]:
-        """Envs with a running kernel: a lifeline connected now, or a kernel that was running
-        when an earlier daemon stopped and whose process still exists."""
-        live = set(self.live)
-        if self.store is not None:
-            for env_id, pid in self.store.kernels():
-                if env_id not in live and pid_alive(pid):
-                    live.add(env_id)
-        return live
 
     async def _dispatch(
         self, request: protocol.Request, peer: PeerCredentials, writer: asyncio.StreamWriter
@@ -567,11 +509,12 @@ class Daemon:
     def idle(self) -> bool:
         """Nothing for the daemon to do or keep: no connection (so no kernel lifeline and no
         request), no kernel left from an earlier daemon, no build and no install."""
-        assert self.pool is not None and self.envs is not None and self.installs is not None
-        installs = self.installs.status()
+        services = self.services
+        assert services is not None
+        installs = services.installs.status()
         return (
-            not self._connections and not self.live_env_ids() and not self.pool.filling
-            and not self.envs.creating and not installs["running"] and not installs["queued"]
+            not self._connections and not services.lifelines.live_env_ids() and not services.pool.filling
+            and not services.envs.creating and not installs["running"] and not installs["queued"]
         )
 
     async def _exit_when_idle(self) -> None:
@@ -594,34 +537,6 @@ class Daemon:
                 return
             await asyncio.sleep(min(limit - quiet_for, 60.0) + 0.01)
 
-    async def _scheduled_gc(self) -> None:
-        assert self.ops is not None
-        while True:
-            await asyncio.sleep(self.config.gc_interval)
-            try:
-                result = await self.ops.collect(
-                    older_than_s=self.config.gc_older_than, orphan_ids=await self._orphaned_env_ids(),
-                    dry_run=False, uid=None, progress=lambda line: log.info("gc: %s", line),
-                )
-                log.info("scheduled gc removed %d env(s), freed %d bytes", len(result["removed"]), result["freed_bytes"])
-            except Exception:  # noqa: BLE001 - the schedule must survive a failed run
-                log.exception("scheduled gc failed")
-
-    async def _orphaned_env_ids(self) -> set[str]:
-        # Only a user-mode daemon may look at notebook paths: in system mode it never reads a
-        # user's files (ProtectHome=yes hides them anyway); there `uvkernelctl gc --orphans`,
-        # run by the user, finds orphans and names them.
-        if self.config.mode != "user" or self.store is None:
-            return set()
-        paths = {
-            record.id: record.key.value for record in await self.store.scan()
-            if record.key is not None and record.key.kind in ("notebook", "dir")
-        }
-        # A stat per env, on home folders that may be network mounts: off the loop.
-        return await asyncio.to_thread(
-            lambda: {env_id for env_id, path in paths.items() if not os.path.exists(path)}
-        )
-
 
 def _lock_holder(handle: Any, default_socket: Path) -> tuple[str, str]:
     """(pid, socket) the lock holder wrote; a daemon of an older version wrote its pid only."""
@@ -640,3 +555,10 @@ def _try_flock(handle: Any) -> bool:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
         return False
+
+
+def _watch_figures(watcher: NotebookWatcher | None) -> Callable[[], dict[str, int] | None]:
+    """What status shows of the notebook watcher; None without one (system mode)."""
+    if watcher is None:
+        return lambda: None
+    return lambda: {"folders": len(watcher.folders), "renames_followed": watcher.renames_followed}
