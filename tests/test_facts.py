@@ -11,12 +11,12 @@ import re
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from helpers import Daemon, Layout, wait_until
+
 from uvkerneld import config, envid, envvars, procs, protocol
 from uvkerneld.ctl import target_args
 
@@ -74,7 +74,8 @@ def zombie() -> Iterator[int]:
     """A child of this test that has exited and that nobody has reaped yet."""
     child = subprocess.Popen(["true"])
     try:
-        wait_until(lambda: (procs.stat_fields(child.pid) or ["?"])[0] == "Z", 10, "the child to become a zombie")
+        wait_until(lambda: (procs.stat_fields(child.pid) or ["?"])[0] == "Z", 10,
+                   "the child to become a zombie")
         yield child.pid
     finally:
         child.wait(timeout=10)
@@ -122,8 +123,8 @@ print(json.dumps({"pid1_visible": os.path.exists("/proc/1/stat"), "pid1": procs.
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
 @pytest.mark.parametrize("proc_mount", ["plain", "hidepid"])
 def test_another_users_process_is_alive(zombie: int, proc_mount: str) -> None:
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", _AS_OTHER_USER, str(REPO), str(zombie), proc_mount],
-                            capture_output=True, text=True, timeout=30, cwd="/")
+    argv = [sys.executable, "-I", "-S", "-c", _AS_OTHER_USER, str(REPO), str(zombie), proc_mount]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd="/")
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["pid1"] and seen["self"], seen  # root's pid 1: signalling it is refused, it exists
@@ -141,7 +142,7 @@ def test_a_zombie_kernel_from_an_earlier_daemon_does_not_keep_its_env(layout: La
     try:
         env = layout.request("acquire", {"key": {"kind": "env", "value": "haunted"}}, timeout=300)
         # The acquiring connection counts as the env's kernel until the daemon sees it close.
-        wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquiring connection to be seen gone")
+        wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the acquiring connection to close")
         assert daemon.stop() == 0
         with sqlite3.connect(layout.state_dir / "state.db") as db:
             db.execute("INSERT INTO kernels (env_id, pid) VALUES (?, ?)", (env["env_id"], zombie))
@@ -234,7 +235,8 @@ def test_each_fact_is_written_only_by_its_owner() -> None:
         for line, text in string_literals(path):
             for fact, (owner, pattern) in OWNED.items():
                 if path.name != owner and pattern.search(text):
-                    copies.append("%s:%d writes the %s (%r): use %s" % (path.relative_to(REPO), line, fact, text, owner))
+                    where = "%s:%d" % (path.relative_to(REPO), line)
+                    copies.append("%s writes the %s (%r): use %s" % (where, fact, text, owner))
     assert copies == []
 
 
