@@ -192,7 +192,8 @@ def format_status(status: dict[str, Any]) -> str:
     rows = [
         ("daemon", "uvkerneld %s, %s mode, pid %s, up %s%s" % (
             status["version"], status["mode"], status.get("pid"), format_duration(status.get("uptime_s", 0)),
-            ", exits after %s idle" % format_duration(paths["idle_exit_s"]) if paths.get("idle_exit_s") else "")),
+            ", exits after %s idle" % format_duration(paths["idle_exit_s"])
+            if paths.get("idle_exit_s") else "")),
         ("socket", status["socket"]),
         ("pool", "%d ready / %d target%s" % (
             pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
