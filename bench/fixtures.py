@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from uvkerneld import states
+from uvkerneld import envid, states
 from uvkerneld.protocol import EnvKey
 from uvkerneld.store import Store
 
@@ -43,7 +43,7 @@ def register_envs(state_dir: Path, venvs_dir: Path, count: int, template: Path |
     names = []
     try:
         for index in range(first, first + count):
-            env_id = "e-%012x" % (0xA00000000000 + index)
+            env_id = envid.format_env_id(0xA00000000000 + index)
             path = venvs_dir / env_id
             if template is not None:
                 subprocess.run(["cp", "-al", str(template), str(path)], check=True)

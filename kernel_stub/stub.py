@@ -27,18 +27,17 @@ import sys
 import time
 
 # Not json and socket: their imports cost 15 of the stub's 22 ms (see uvkerneld/fastjson.py).
-from uvkerneld import client, fastjson, locations, protocol
+from uvkerneld import client, envvars, fastjson, locations, protocol
 
-IDENTITY_VARS = ("UVKERNEL_ENV", "UVKERNEL_NOTEBOOK", "JPY_SESSION_NAME")
-IDENTITY_MARKER = "UVKERNEL_KERNEL_IDENTITY"
+IDENTITY_VARS = (envvars.ENV, envvars.NOTEBOOK, "JPY_SESSION_NAME")
+IDENTITY_MARKER = envvars.KERNEL_IDENTITY
 DAEMON_START_TIMEOUT = 60.0
 DEFAULT_ACQUIRE_TIMEOUT = 600.0
 # A day: longer than any build; beyond ~1e9 s the socket timeout itself overflows.
 MAX_ACQUIRE_TIMEOUT = 86400.0
-NOTEBOOK_FILE_VAR = "UVKERNEL_NOTEBOOK_FILE"
 # Variables that describe one kernel; a daemon started by this stub must not inherit them.
 _KERNEL_ONLY_VARS = IDENTITY_VARS + (
-    IDENTITY_MARKER, "JPY_PARENT_PID", NOTEBOOK_FILE_VAR,
+    IDENTITY_MARKER, "JPY_PARENT_PID", envvars.NOTEBOOK_FILE,
 )
 
 
@@ -61,14 +60,14 @@ def resolve_key(environ, cwd):
     if inherited and any(environ.get(name) for name in IDENTITY_VARS):
         note = (
             "this kernel was started from inside another uv kernel and inherited its notebook "
-            "identity; using the scratch env of %s instead. Set UVKERNEL_NOTEBOOK or "
-            "UVKERNEL_ENV to choose an env." % cwd
+            "identity; using the scratch env of %s instead. Set %s or %s to choose an env."
+            % (cwd, envvars.NOTEBOOK, envvars.ENV)
         )
     if not inherited:
-        name = environ.get("UVKERNEL_ENV", "")
+        name = environ.get(envvars.ENV, "")
         if name:
             return "env", name, note
-        notebook = environ.get("UVKERNEL_NOTEBOOK", "")
+        notebook = environ.get(envvars.NOTEBOOK, "")
         if notebook:
             return "notebook", _user_notebook(notebook, environ, cwd), note
         session_name = environ.get("JPY_SESSION_NAME", "")
@@ -96,9 +95,9 @@ def _user_notebook(value, environ, cwd):
         if os.path.isfile(candidate):
             return os.path.realpath(candidate)
     raise StubError(
-        "UVKERNEL_NOTEBOOK=%r names no existing notebook (looked for %s). Set it to the notebook "
+        "%s=%r names no existing notebook (looked for %s). Set it to the notebook "
         "this kernel runs (papermill: the input notebook, not the output), absolute or relative to "
-        "the folder you run the command in." % (value, " and ".join(candidates))
+        "the folder you run the command in." % (envvars.NOTEBOOK, value, " and ".join(candidates))
     )
 
 
@@ -190,7 +189,7 @@ def _connect_or_start(socket_path, environ):
         return client.connect(socket_path)
     except client.DaemonNotRunning:
         pass
-    if socket_path == locations.SYSTEM_SOCKET or environ.get("UVKERNELD_AUTOSTART", "1") == "0":
+    if socket_path == locations.SYSTEM_SOCKET or environ.get(envvars.AUTOSTART, "1") == "0":
         raise StubError(
             "uvkerneld is not running (nothing answers on %s). Ask your administrator to run "
             "`systemctl enable --now uvkerneld.socket`, or start it yourself with `uvkerneld`."
@@ -202,7 +201,7 @@ def _connect_or_start(socket_path, environ):
 def _start_daemon_and_connect(socket_path, environ):
     import fcntl
 
-    from uvkerneld import fsafety
+    from uvkerneld import fsafety, procs
 
     # The same rules as the daemon's own start: never a folder, lock or log another user controls.
     try:
@@ -233,7 +232,7 @@ def _start_daemon_and_connect(socket_path, environ):
                 return client.connect(socket_path)
             except client.DaemonNotRunning:
                 pass
-            if not _alive(pid):
+            if not procs.pid_alive(pid):
                 raise StubError(
                     "uvkerneld exited while starting; its log %s ends with:\n%s"
                     % (log_path, _tail(log_path))
@@ -288,20 +287,6 @@ def _distribution_dir():
     return os.path.dirname(os.path.dirname(os.path.abspath(client.__file__)))
 
 
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
 def _tail(path, lines=10):
     try:
         with open(path, "rb") as handle:
@@ -335,7 +320,7 @@ def acquire(sock, kind, value, timeout):
 
 
 def acquire_timeout(environ):
-    value = environ.get("UVKERNEL_ACQUIRE_TIMEOUT") or ""
+    value = environ.get(envvars.ACQUIRE_TIMEOUT) or ""
     if not value:
         return DEFAULT_ACQUIRE_TIMEOUT
     try:
@@ -344,8 +329,8 @@ def acquire_timeout(environ):
         timeout = -1.0
     if not 0 < timeout <= MAX_ACQUIRE_TIMEOUT:
         raise StubError(
-            "UVKERNEL_ACQUIRE_TIMEOUT=%r is not a number of seconds > 0 and <= %.0f; unset it to wait "
-            "up to %.0f s" % (value, MAX_ACQUIRE_TIMEOUT, DEFAULT_ACQUIRE_TIMEOUT)
+            "%s=%r is not a number of seconds > 0 and <= %.0f; unset it to wait "
+            "up to %.0f s" % (envvars.ACQUIRE_TIMEOUT, value, MAX_ACQUIRE_TIMEOUT, DEFAULT_ACQUIRE_TIMEOUT)
         )
     return timeout
 
@@ -374,11 +359,11 @@ def kernel_environment(environ, result, socket_path):
     env["PATH"] = os.path.join(venv, "bin") + os.pathsep + environ.get("PATH", os.defpath)
     env.pop("PYTHONHOME", None)
     env[IDENTITY_MARKER] = identity_fingerprint(environ)
-    env[locations.SOCKET_ENV] = socket_path
+    env[envvars.SOCKET] = socket_path
     # The kernel extension reports this notebook's saves when the daemon cannot watch for them.
-    env.pop(NOTEBOOK_FILE_VAR, None)
+    env.pop(envvars.NOTEBOOK_FILE, None)
     if result.get("report_notebook_saves"):
-        env[NOTEBOOK_FILE_VAR] = result["key"]["value"]
+        env[envvars.NOTEBOOK_FILE] = result["key"]["value"]
     return env
 
 
@@ -387,7 +372,7 @@ def exec_fallback(message, connection_file, passthrough):
     sys.stderr.write("uvkerneld: %s\n" % message)
     sys.stderr.flush()
     env = dict(os.environ)
-    env["UVKERNEL_ERROR"] = message
+    env[envvars.ERROR] = message
     argv = [sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", os.path.abspath(connection_file)] + passthrough
     os.chdir(_distribution_dir())
     os.execve(sys.executable, argv, env)

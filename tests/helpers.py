@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from bench.fixtures import wait_until  # one poll loop for bench/ and the tests
-from uvkerneld import client, protocol
+from uvkerneld import client, procs, protocol
 
 
 class Layout:
@@ -123,11 +123,7 @@ class Daemon:
 
 
 def process_alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    return procs.pid_alive(pid)
 
 
 def processes_matching(*needles: str) -> list[int]:

@@ -260,7 +260,8 @@ def test_protocol_module_imports_only_the_standard_library() -> None:
     assert result.returncode == 0, result.stderr
     loaded = result.stdout.split()
     ours = {"kernel_stub", "kernel_stub.stub", "uvkerneld", "uvkerneld.protocol", "uvkerneld.client",
-            "uvkerneld.locations", "uvkerneld.fastjson"}
+            "uvkerneld.locations", "uvkerneld.fastjson", "uvkerneld.envid",
+            "uvkerneld.envvars"}
     third_party = [
         name for name in loaded
         if name.split(".")[0] not in sys.stdlib_module_names and name not in ours

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from .children import die_with_parent
+from .venvfiles import site_packages
 
 log = logging.getLogger("uvkerneld.bytecode")
 
@@ -116,11 +117,6 @@ def _already_compiled(entries: list[Path], tag: str) -> list[str]:
     return done
 
 
-def site_packages_of(venv: Path) -> Path | None:
-    found = sorted(venv.glob("lib/python*/site-packages"))
-    return found[0] if found else None
-
-
 def link_bytecode(entries: list[Path], venv: Path) -> int:
     """Hardlink the .pyc of ``entries`` next to the matching (same inode) .py files of ``venv``."""
     if not entries:
@@ -130,7 +126,7 @@ def link_bytecode(entries: list[Path], venv: Path) -> int:
         for source in entry.rglob("*.py"):
             info = source.stat()
             sources[(info.st_dev, info.st_ino)] = (entry, source.relative_to(entry))
-    site = site_packages_of(venv)
+    site = site_packages(venv)
     if site is None:
         return 0
     linked = 0
@@ -162,7 +158,7 @@ def sweep_orphaned_bytecode(venv: Path) -> int:
     uv removes a package's files (RECORD) and its directories, but not a single-module
     distribution's .pyc in the shared top-level ``__pycache__``, which RECORD does not list.
     """
-    site = site_packages_of(venv)
+    site = site_packages(venv)
     if site is None or not (site / "__pycache__").is_dir():
         return 0
     removed = 0

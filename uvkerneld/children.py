@@ -20,6 +20,7 @@ import signal
 import time
 from pathlib import Path
 
+from .procs import is_exited, stat_fields
 from .venvsdir import write_private
 
 log = logging.getLogger("uvkerneld.children")
@@ -42,12 +43,8 @@ def die_with_parent(parent_pid: int) -> None:
 
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/pid/stat)."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def _group_members(pgid: int) -> list[tuple[int, int]]:
@@ -56,12 +53,8 @@ def _group_members(pgid: int) -> list[tuple[int, int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+        fields = stat_fields(int(entry))
+        if fields is not None and not is_exited(fields) and int(fields[2]) == pgid:
             members.append((int(entry), int(fields[19])))
     return members
 

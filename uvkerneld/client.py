@@ -9,9 +9,8 @@ import _socket
 import os
 import sys
 
-from . import protocol
+from . import envvars, protocol
 
-DAEMON_USER_ENV = "UVKERNELD_DAEMON_USER"
 # The account systemd-sysusers creates for the system daemon (systemd/uvkerneld.sysusers.conf).
 DEFAULT_DAEMON_USER = "uvkerneld"
 
@@ -39,7 +38,7 @@ class UntrustedDaemon(ConnectionError):
             "as %s. Another user may have put a fake daemon there: use a socket in a folder only you "
             "or root can write, or, if the system daemon runs as uid %d, set %s=%d (or reinstall the "
             "kernelspec with `uvkernelctl install-kernelspec --daemon-user USER`)."
-            % (socket_path, peer_uid, expected, peer_uid, DAEMON_USER_ENV, peer_uid)
+            % (socket_path, peer_uid, expected, peer_uid, envvars.DAEMON_USER, peer_uid)
         )
 
 
@@ -95,7 +94,7 @@ def check_peer(sock, socket_path, environ=None):
 def daemon_user(environ):
     """(uid, label) of the system daemon's user: ``UVKERNELD_DAEMON_USER`` (a name or a uid),
     else the ``uvkerneld`` account if it exists; (None, label or None) when it names nobody."""
-    value = environ.get(DAEMON_USER_ENV, "").strip()
+    value = environ.get(envvars.DAEMON_USER, "").strip()
     name = value or DEFAULT_DAEMON_USER
     if name.isdigit():
         return int(name), "uid %s" % name
@@ -105,7 +104,7 @@ def daemon_user(environ):
         uid = pwd.getpwnam(name).pw_uid
     except KeyError:
         if value:
-            return None, "%s (no such user; from %s)" % (name, DAEMON_USER_ENV)
+            return None, "%s (no such user; from %s)" % (name, envvars.DAEMON_USER)
         return None, None
     return uid, "%s (uid %d)" % (name, uid)
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import locations
+from . import envvars, locations
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -143,10 +143,6 @@ _KEYS = (
 AUTOSTARTED_IDLE_EXIT = "1h"
 
 
-def env_var(key: str) -> str:
-    return "UVKERNELD_" + key.upper()
-
-
 def load_config(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -154,16 +150,18 @@ def load_config(
     """Merge the four layers and validate. ``flags`` holds only options given on the command line."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     environ = os.environ if environ is None else environ
-    from_env = {key: environ[env_var(key)] for key in _KEYS if environ.get(env_var(key))}
+    variables = {key: envvars.setting_var(key) for key in _KEYS}
+    from_env = {key: environ[name] for key, name in variables.items() if environ.get(name)}
 
-    config_file_source = flags.get("config") or environ.get("UVKERNELD_CONFIG")
+    config_file_source = flags.get("config") or environ.get(envvars.CONFIG)
     mode = str(flags.get("mode") or from_env.get("mode") or default_mode(environ))
-    _check_choice("mode", mode, MODES, "--mode/UVKERNELD_MODE")
+    _check_choice("mode", mode, MODES, "--mode/" + envvars.MODE)
     if config_file_source:
         config_file: Path | None = Path(config_file_source).expanduser()
         assert config_file is not None
         if not config_file.is_file():
-            raise ConfigError("config file %s does not exist (from --config/UVKERNELD_CONFIG)" % config_file)
+            raise ConfigError("config file %s does not exist (from --config/%s)"
+                              % (config_file, envvars.CONFIG))
     else:
         config_file = default_config_file(mode)
         if not config_file.is_file():
@@ -200,7 +198,7 @@ def load_config(
         for key in _KEYS:
             if key in layer and key != "mode":
                 values[key] = layer[key]
-                sources[key] = env_var(key) if layer_name == "environment" else (
+                sources[key] = envvars.setting_var(key) if layer_name == "environment" else (
                     "--" + key.replace("_", "-") if layer_name == "flag" else layer_name
                 )
 

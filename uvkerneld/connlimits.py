@@ -41,7 +41,7 @@ import resource
 import time
 from typing import Any, Mapping
 
-from . import protocol
+from . import envvars, protocol
 
 log = logging.getLogger("uvkerneld.connlimits")
 
@@ -57,12 +57,12 @@ SMALL_FRAME = 64 << 10  # bodies up to this need no reservation (every real requ
 
 # setting -> (environment variable, parser, minimum)
 OVERRIDES = {
-    "max_connections": ("UVKERNELD_MAX_CONNECTIONS", int, 1),
-    "max_connections_per_uid": ("UVKERNELD_MAX_CONNECTIONS_PER_UID", int, 1),
-    "max_kernels_per_uid": ("UVKERNELD_MAX_KERNELS_PER_UID", int, 1),
-    "idle_timeout": ("UVKERNELD_IDLE_TIMEOUT", float, 0.01),
-    "frame_timeout": ("UVKERNELD_FRAME_TIMEOUT", float, 0.01),
-    "frame_buffer_budget": ("UVKERNELD_FRAME_BUFFER_BUDGET", int, 0),
+    "max_connections": (envvars.MAX_CONNECTIONS, int, 1),
+    "max_connections_per_uid": (envvars.MAX_CONNECTIONS_PER_UID, int, 1),
+    "max_kernels_per_uid": (envvars.MAX_KERNELS_PER_UID, int, 1),
+    "idle_timeout": (envvars.IDLE_TIMEOUT, float, 0.01),
+    "frame_timeout": (envvars.FRAME_TIMEOUT, float, 0.01),
+    "frame_buffer_budget": (envvars.FRAME_BUFFER_BUDGET, int, 0),
 }
 
 

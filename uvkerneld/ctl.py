@@ -13,8 +13,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import __version__, client, gc, locations, protocol
+from . import __version__, client, envid, envvars, gc, locations, protocol
 from .config import LINK_MODES
+from .units import format_bytes, format_duration
 
 EXIT_OK = 0
 EXIT_NOT_RUNNING = 1
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="uvkernelctl " + __version__)
     parser.add_argument(
         "--socket", metavar="PATH",
-        help="daemon socket (default: $UVKERNELD_SOCKET, else the user-mode default)",
+        help="daemon socket (default: $%s, else the user-mode default)" % envvars.SOCKET,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -175,30 +176,10 @@ def cmd_status(socket_path: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
-    text = " ".join("%d%s" % (n, unit) for n, unit in parts if n)
-    return text or "0s"
-
-
-def human_bytes(count: float | None) -> str:
-    if count is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
-        count /= 1024
-    return "?"  # pragma: no cover
-
-
 def _ago(timestamp: float | None) -> str:
     if not timestamp:
         return "never"
-    return _duration(time.time() - timestamp) + " ago"
+    return format_duration(time.time() - timestamp) + " ago"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -210,8 +191,9 @@ def format_status(status: dict[str, Any]) -> str:
     disk = status.get("disk", {})
     rows = [
         ("daemon", "uvkerneld %s, %s mode, pid %s, up %s%s" % (
-            status["version"], status["mode"], status.get("pid"), _duration(status.get("uptime_s", 0)),
-            ", exits after %s idle" % _duration(paths["idle_exit_s"]) if paths.get("idle_exit_s") else "")),
+            status["version"], status["mode"], status.get("pid"), format_duration(status.get("uptime_s", 0)),
+            ", exits after %s idle" % format_duration(paths["idle_exit_s"])
+            if paths.get("idle_exit_s") else "")),
         ("socket", status["socket"]),
         ("pool", "%d ready / %d target%s" % (
             pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
@@ -229,11 +211,11 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     if disk.get("computed_at"):
         rows.append(("disk", "%s in all: uv cache %s, venvs %s beyond it (measured %s)" % (
-            human_bytes(disk["total_real_bytes"]), human_bytes(disk["cache_bytes"]),
-            human_bytes(disk["venvs_beyond_cache_bytes"]), _ago(disk["computed_at"]))))
+            format_bytes(disk["total_real_bytes"]), format_bytes(disk["cache_bytes"]),
+            format_bytes(disk["venvs_beyond_cache_bytes"]), _ago(disk["computed_at"]))))
         rows.append(("dedup", "%d venvs: %s as copies (%s apparent size), %s on disk with hardlinks: %sx" % (
-            disk.get("envs_scanned", 0), human_bytes(disk["venvs_linked_bytes"]),
-            human_bytes(disk["venvs_apparent_bytes"]), human_bytes(disk["venvs_real_bytes"]),
+            disk.get("envs_scanned", 0), format_bytes(disk["venvs_linked_bytes"]),
+            format_bytes(disk["venvs_apparent_bytes"]), format_bytes(disk["venvs_real_bytes"]),
             disk.get("dedup_ratio") or "-")))
     else:
         rows.append(("disk", "not measured yet"))
@@ -243,7 +225,7 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append(("warning", "uv copied files instead of linking: cache and venvs on different filesystems?"))
     for full in status.get("disk_full", []):
         rows.append(("disk full", "%s: %s free, a venv build needs about %s" % (
-            full["folder"], human_bytes(full["free_bytes"]), human_bytes(full["needed_bytes"]))))
+            full["folder"], format_bytes(full["free_bytes"]), format_bytes(full["needed_bytes"]))))
     if status.get("quarantine"):
         rows.append(("quarantine", "%d unknown dir(s) moved aside, never deleted: %s" % (
             len(status["quarantine"]), ", ".join(status["quarantine"]))))
@@ -257,9 +239,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 def target_args(text: str) -> dict[str, Any]:
     """What NOTEBOOK|KEY names: an env id, a notebook path, a folder, or an env name."""
-    import re
-
-    if re.fullmatch(r"e-[0-9a-f]{12}", text):
+    if envid.is_env_id(text):
         return {"env_id": text}
     path = os.path.expanduser(text)
     if text.endswith(".ipynb") or os.path.isfile(path):
@@ -286,7 +266,7 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     for env in result["envs"]:
         rows.append((
             _key_label(env["key"]), str(env["owner_uid"]), venv_python_version(env["path"]), str(env["requirements"]),
-            human_bytes(env["disk_bytes"]), _ago(env["last_used_at"]), "yes" if env["live"] else "no", env["state"],
+            format_bytes(env["disk_bytes"]), _ago(env["last_used_at"]), "yes" if env["live"] else "no", env["state"],
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -319,7 +299,7 @@ def cmd_show(socket_path: str, args: argparse.Namespace) -> int:
     print("notebook/key %s" % _key_label(env["key"]))
     print("path         %s" % env["path"])
     print("owner uid    %s, last used %s, live kernel: %s" % (env["owner_uid"], _ago(env["last_used_at"]), "yes" if env["live"] else "no"))
-    print("disk         %s (%s not shared with other envs or the cache)" % (human_bytes(env["disk_bytes"]), human_bytes(env["unshared_bytes"])))
+    print("disk         %s (%s not shared with other envs or the cache)" % (format_bytes(env["disk_bytes"]), format_bytes(env["unshared_bytes"])))
     print("requested    %s" % (", ".join(env["requirement_list"]) or "(nothing beyond the kernel)"))
     print("installed (uv pip freeze):")
     for line in env["freeze"]:
@@ -337,7 +317,7 @@ def cmd_export(socket_path: str, args: argparse.Namespace) -> int:
 
 def cmd_rm(socket_path: str, args: argparse.Namespace) -> int:
     result = _request(socket_path, "remove", target_args(args.target), timeout=300)
-    print("removed %s, freed %s" % (result["env_id"], human_bytes(result["freed_bytes"])))
+    print("removed %s, freed %s" % (result["env_id"], format_bytes(result["freed_bytes"])))
     return EXIT_OK
 
 
@@ -387,14 +367,14 @@ def _print_gc(result: dict[str, Any], as_json: bool, already_streamed: bool = Fa
     if not already_streamed:
         for entry in result["removed"]:
             print("%s %s (%s): %s, %s" % (verb, entry["env_id"], _key_label(entry["key"]), entry["reason"],
-                                          human_bytes(entry["freed_bytes"])))
+                                          format_bytes(entry["freed_bytes"])))
     for entry in result["kept_live"]:
         print("kept %s (%s): a kernel is running in it" % (entry["env_id"], _key_label(entry["key"])))
     for entry in result.get("kept_renamed", []):
         print("kept %s (%s): the notebook was renamed to %s; its env moves there at its next kernel start"
               % (entry["env_id"], _key_label(entry["key"]), entry["now_at"]))
     print("%s %d env(s), %s %s" % (verb, len(result["removed"]), "would free" if result["dry_run"] else "freed",
-                                   human_bytes(result["freed_bytes"])))
+                                   format_bytes(result["freed_bytes"])))
 
 
 def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
@@ -446,7 +426,8 @@ def cmd_install_kernelspec(args: argparse.Namespace) -> int:
     from .kernelspec import KernelspecError, install
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
-    if args.daemon_user is not None and client.daemon_user({client.DAEMON_USER_ENV: args.daemon_user})[0] is None:
+    daemon_user = args.daemon_user
+    if daemon_user is not None and client.daemon_user({envvars.DAEMON_USER: daemon_user})[0] is None:
         raise CtlError("--daemon-user %r is neither a uid nor a user on this host; give the name or "
                        "uid the system daemon runs as" % args.daemon_user, EXIT_USAGE)
     try:
@@ -494,9 +475,9 @@ def cmd_try(args: argparse.Namespace) -> int:
 
     env = dict(os.environ)
     if args.socket:
-        env[locations.SOCKET_ENV] = args.socket
+        env[envvars.SOCKET] = args.socket
     if args.notebook:
-        env["UVKERNEL_NOTEBOOK"] = os.path.abspath(args.notebook)
+        env[envvars.NOTEBOOK] = os.path.abspath(args.notebook)
     manager = KernelManager(kernel_name=args.kernel)
     try:
         manager.kernel_spec  # noqa: B018 - resolves the spec so a missing one fails here

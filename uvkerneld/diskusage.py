@@ -25,6 +25,7 @@ from typing import Any
 
 from .children import die_with_parent
 from .tasks import cancel_and_wait
+from .venvsdir import env_dirs
 
 log = logging.getLogger("uvkerneld.diskusage")
 
@@ -190,7 +191,7 @@ def scan(cache_dir: Path, venvs_dir: Path) -> tuple[dict[str, Any], dict[str, di
     apparent = linked = real = beyond_cache = 0
     try:
         # Envs only: the quarantine folder (venvsdir.py) holds no env of ours.
-        entries = sorted(p for p in venvs_dir.iterdir() if p.is_dir() and p.name.startswith("e-"))
+        entries = [p for p in env_dirs(venvs_dir) if p.is_dir()]
     except OSError:
         entries = []
     for env_dir in entries:

@@ -11,6 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import envvars
+from .units import format_bytes
+from .venvfiles import site_packages_dirs
+from .venvsdir import env_dirs
+
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 LOW_DISK_WARN = 5 << 30
 LOW_DISK_FAIL = 500 << 20
@@ -30,7 +35,7 @@ def _sample_venv(venvs_dir: Path) -> Path | None:
     """A complete venv to inspect (one with an interpreter), newest first."""
     try:
         candidates = sorted(
-            (p for p in venvs_dir.iterdir() if p.name.startswith("e-") and (p / "bin" / "python").exists()),
+            (p for p in env_dirs(venvs_dir) if (p / "bin" / "python").exists()),
             key=lambda p: p.stat().st_mtime, reverse=True,
         )
     except OSError:
@@ -119,13 +124,14 @@ def _check_same_filesystem(cache_dir: Path, venvs_dir: Path, link_mode: str) -> 
     return Check("same filesystem", verdict,
                  "cache %s and venvs %s are on different filesystems: uv cannot %s and silently copies every "
                  "file into every venv" % (cache_dir, venvs_dir, link_mode),
-                 "set cache_dir and venvs_dir (config file or UVKERNELD_CACHE_DIR/UVKERNELD_VENVS_DIR) to one filesystem")
+                 "set cache_dir and venvs_dir (config file or %s/%s) to one filesystem"
+                 % (envvars.CACHE_DIR, envvars.VENVS_DIR))
 
 
 def _check_link_mode(sample: Path | None, link_mode: str) -> Check:
     if sample is None:
         return Check("link mode", WARN, "no venv exists yet to inspect", "open a notebook, then run doctor again")
-    files = list(sample.glob("lib/python*/site-packages/ipykernel/*.py"))[:20]
+    files = [path for site in site_packages_dirs(sample) for path in site.glob("ipykernel/*.py")][:20]
     if not files:
         return Check("link mode", WARN, "%s has no ipykernel files to inspect" % sample)
     if link_mode == "symlink":
@@ -142,7 +148,7 @@ def _check_link_mode(sample: Path | None, link_mode: str) -> Check:
 
 def _check_free_disk(venvs_dir: Path) -> Check:
     free = shutil.disk_usage(_existing_parent(venvs_dir)).free
-    text = "%.1f GiB free under %s" % (free / (1 << 30), venvs_dir)
+    text = "%s free under %s" % (format_bytes(free), venvs_dir)
     if free < LOW_DISK_FAIL:
         return Check("free disk", FAIL, text, "free space, or run `uvkernelctl gc`")
     if free < LOW_DISK_WARN:
@@ -153,7 +159,7 @@ def _check_free_disk(venvs_dir: Path) -> Check:
 def _check_bytecode(sample: Path | None) -> Check:
     if sample is None:
         return Check("bytecode", WARN, "no venv exists yet to inspect")
-    packages = list(sample.glob("lib/python*/site-packages/ipykernel"))
+    packages = [site / "ipykernel" for site in site_packages_dirs(sample) if (site / "ipykernel").exists()]
     if not packages:
         return Check("bytecode", WARN, "%s has no ipykernel" % sample)
     compiled = list((packages[0] / "__pycache__").glob("kernelapp.*.pyc"))

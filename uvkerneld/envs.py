@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import sqlite3
 import time
@@ -44,14 +43,13 @@ from .store import EnvRecord, Store, StoreFull
 from .bytecode import SharedBytecode
 from .buildslots import BuildSlot, BuildSlots
 from .diskusage import scan_tree
-from . import venvsdir
+from . import envid, venvsdir
 from .pipargs import requirement_name
 from .uv import Uv, UvFailed
 from .venvfiles import write_kernel_files
 
 log = logging.getLogger("uvkerneld.envs")
 
-ENV_DIR_PREFIX = venvsdir.ENV_DIR_PREFIX
 # What a failed build is assumed to need when no build has succeeded yet to measure.
 DEFAULT_VENV_BYTES = 64 * 1024 * 1024
 _ENOSPC_MARKERS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
@@ -315,7 +313,7 @@ class EnvManager:
     async def _create_holding_slot(
         self, slot: BuildSlot, owner_uid: int | None = None, key: EnvKey | None = None
     ) -> EnvRecord:
-        env_id = ENV_DIR_PREFIX + secrets.token_hex(6)
+        env_id = envid.new_env_id()
         path = self.venvs_dir / env_id
         record = self.store.insert_creating(
             env_id, path, self.spec, self.config.python, owner_uid=owner_uid, key=key

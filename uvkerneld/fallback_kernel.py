@@ -14,7 +14,8 @@ from typing import Any
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
 
-ERROR_VARIABLE = "UVKERNEL_ERROR"
+from . import envvars
+
 
 
 class EnvUnavailableKernel(IPythonKernel):
@@ -23,7 +24,7 @@ class EnvUnavailableKernel(IPythonKernel):
 
     @property
     def reason(self) -> str:
-        return os.environ.get(ERROR_VARIABLE, "unknown error")
+        return os.environ.get(envvars.ERROR, "unknown error")
 
     async def do_execute(self, code: str, silent: bool, *args: Any, **kwargs: Any) -> dict[str, Any]:
         text = (

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import protocol, states
 from .diskusage import unshared_bytes
+from .units import format_bytes, format_duration
 
 if TYPE_CHECKING:
     from .services import Services
@@ -71,7 +72,7 @@ def judge(
     if record.id in orphan_ids:
         reason = ORPHANED
     elif policy.older_than_s is not None and last_used <= now - policy.older_than_s:
-        reason = "unused for %s" % _duration(now - last_used)
+        reason = "unused for %s" % format_duration(now - last_used, largest_unit_only=True)
     else:
         return None
     return Planned(record, reason, record.id in live_ids)
@@ -144,7 +145,7 @@ async def collect(
             kept_live.append({"env_id": record.id, "key": key})
             continue
         progress("%s %s (%s): %s, %s" % (
-            "would remove" if dry_run else "removing", record.id, record.key, current.reason, _bytes(freed)))
+            "would remove" if dry_run else "removing", record.id, record.key, current.reason, format_bytes(freed)))
         if not dry_run:
             await services.envs.remove(record)
         removed.append({"env_id": record.id, "key": key, "reason": current.reason, "freed_bytes": freed})
@@ -208,21 +209,3 @@ async def orphaned_env_ids(services: Services) -> set[str]:
         log.info("gc: kept %s: its notebook was renamed to %s; its env moves there at its next kernel start",
                  env_id, now_at)
     return set(orphans)
-
-
-# --- wording ------------------------------------------------------------------------------------
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s" % (seconds // size, unit)
-    return "%ds" % seconds
-
-
-def _bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
-        count /= 1024
-    return "%d B" % count  # pragma: no cover

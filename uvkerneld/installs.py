@@ -33,6 +33,7 @@ from .bytecode import SharedBytecode, sweep_orphaned_bytecode
 from .config import Config
 from .store import EnvRecord, Store
 from .uv import Uv
+from .venvfiles import site_packages_dirs
 
 log = logging.getLogger("uvkerneld.installs")
 
@@ -59,7 +60,7 @@ async def _compile_without_site(python: str, venv: Path, children: ChildRegistry
     env's files, so no startup hook of a user's package runs as the daemon. Like uv, it dies with
     the daemon (PDEATHSIG) and its process group (compileall's -j 0 workers) is recorded in
     ``children`` for the next daemon to stop."""
-    sites = [str(site) for site in venv.glob("lib/python*/site-packages")]
+    sites = [str(site) for site in site_packages_dirs(venv)]
     process = await asyncio.create_subprocess_exec(
         python, "-I", "-S", "-m", "compileall", "-q", "-j", "0", *sites,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import envvars
+
 DEFAULT_NAME = "uv"
 DEFAULT_DISPLAY_NAME = "Python 3 (uv, per notebook)"
 _VALID_NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
@@ -41,11 +43,11 @@ def kernel_json(
     interpreter = os.path.abspath(python or sys.executable)
     env: dict[str, str] = {}
     for variable, value in (
-        ("UVKERNELD_SOCKET", socket),
-        ("UVKERNELD_CACHE_DIR", cache_dir),
-        ("UVKERNELD_VENVS_DIR", venvs_dir),
-        ("UVKERNELD_LINK_MODE", link_mode),
-        ("UVKERNELD_DAEMON_USER", daemon_user),
+        (envvars.SOCKET, socket),
+        (envvars.CACHE_DIR, cache_dir),
+        (envvars.VENVS_DIR, venvs_dir),
+        (envvars.LINK_MODE, link_mode),
+        (envvars.DAEMON_USER, daemon_user),
     ):
         if value:
             env[variable] = os.path.abspath(value) if variable.endswith(("_SOCKET", "_DIR")) else value

@@ -9,9 +9,9 @@ still run (a restart, an idle exit) knows those envs are in use.
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 
+from .procs import pid_alive
 from .store import Store
 
 log = logging.getLogger("uvkerneld.lifelines")
@@ -26,7 +26,7 @@ class Lifelines:
     def forget_dead_kernels(self) -> None:
         """At start-up: drop the kernels an earlier daemon recorded whose process is gone."""
         for env_id, pid in self._store.kernels():
-            if not _pid_exists(pid):
+            if not pid_alive(pid):
                 self._store.remove_kernel(env_id, pid)
 
     def add(self, env_id: str, connection_id: int, pid: int) -> None:
@@ -49,16 +49,6 @@ class Lifelines:
         when an earlier daemon stopped and whose process still exists."""
         live = set(self._connections)
         for env_id, pid in self._store.kernels():
-            if env_id not in live and _pid_exists(pid):
+            if env_id not in live and pid_alive(pid):
                 live.add(env_id)
         return live
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process: it exists
-    return True

@@ -6,7 +6,8 @@ under the user cache dir, whose path stays short enough for AF_UNIX (about 107 b
 
 import os
 
-SOCKET_ENV = "UVKERNELD_SOCKET"
+from . import envvars
+
 SYSTEM_SOCKET = "/run/uvkerneld/uvkerneld.sock"
 
 
@@ -39,7 +40,7 @@ def default_socket_path():
 
 def socket_path_from_env():
     """The socket every client uses: ``UVKERNELD_SOCKET`` if set, else the user-mode default."""
-    return os.environ.get(SOCKET_ENV) or default_socket_path()
+    return os.environ.get(envvars.SOCKET) or default_socket_path()
 
 
 def daemon_log_path(socket_path):

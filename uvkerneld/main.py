@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Sequence
 
-from . import __version__
+from . import __version__, envvars
 from .config import AUTOSTARTED_IDLE_EXIT, LINK_MODES, LOG_LEVELS, MODES, ConfigError, load_config
 
 
@@ -16,8 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uvkerneld",
         description="Per-host daemon that gives every Jupyter notebook its own uv-built venv.",
-        epilog="Every option can also be set as UVKERNELD_<OPTION> in the environment or in the "
-        "TOML config file (defaults < config file < environment < flags).",
+        epilog="Every option can also be set as %s<OPTION> in the environment or in the "
+        "TOML config file (defaults < config file < environment < flags)." % envvars.SETTING_PREFIX,
     )
     parser.add_argument("--version", action="version", version="uvkerneld " + __version__)
     parser.add_argument("--config", metavar="FILE", help="TOML config file")

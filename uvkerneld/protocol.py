@@ -25,7 +25,7 @@ fastjson.py).
 import os
 import struct
 
-from . import fastjson
+from . import envid, fastjson
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
@@ -381,9 +381,8 @@ def validate_target(args):
         return {"env": _validate_env_path(args)}
     if given == ["env_id"]:
         env_id = args["env_id"]
-        if not isinstance(env_id, str) or len(env_id) != 14 or not env_id.startswith("e-") or \
-                not set(env_id[2:]) <= set("0123456789abcdef"):
-            raise BadRequest('"env_id" must look like e-0123456789ab, got %r' % (_short(env_id),))
+        if not envid.is_env_id(env_id):
+            raise BadRequest('"env_id" must look like %s, got %r' % (envid.EXAMPLE, _short(env_id)))
         return {"env_id": env_id}
     key = args["key"]
     if not isinstance(key, dict):

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from . import client, locations, pipargs, protocol
+from . import client, envvars, locations, pipargs, protocol
 
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 1
@@ -80,7 +80,7 @@ def main(program, venv, argv=None):
         return _error(program, "lost the connection to uvkerneld: %s" % exc, EXIT_NO_DAEMON)
     finally:
         sock.close()
-    report = os.environ.get("UVKERNEL_CHANGES_FILE")
+    report = os.environ.get(envvars.CHANGES_FILE)
     if report:
         try:
             with open(report, "w") as handle:

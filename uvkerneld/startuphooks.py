@@ -21,10 +21,12 @@ writes.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import shutil
+from pathlib import Path
+
+from .venvfiles import site_packages_dirs
 
 log = logging.getLogger("uvkerneld.startuphooks")
 
@@ -36,7 +38,7 @@ def strip(venv: str) -> list[str]:
     """Remove the startup hooks from ``venv``'s site-packages; return the names removed."""
     removed = []
     root = os.path.realpath(venv) + os.sep
-    for site in glob.glob(os.path.join(glob.escape(venv), "lib", "python*", "site-packages")):
+    for site in map(str, site_packages_dirs(Path(venv))):
         try:
             names = os.listdir(site)
         except OSError:

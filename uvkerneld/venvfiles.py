@@ -38,11 +38,16 @@ c.InteractiveShellApp.extensions.append({module!r})
 """
 
 
-def site_packages(venv: Path) -> Path:
-    candidates = sorted(venv.glob("lib/python*/site-packages"))
-    if not candidates:
-        raise FileNotFoundError("no lib/python*/site-packages in %s" % venv)
-    return candidates[0]
+def site_packages_dirs(venv: Path) -> list[Path]:
+    """Every ``lib/python*/site-packages`` of ``venv`` (a venv has one; sorted, so the first is stable).
+    Where a venv keeps its packages is written here only."""
+    return sorted(venv.glob("lib/python*/site-packages"))
+
+
+def site_packages(venv: Path) -> Path | None:
+    """The venv's site-packages, or None when it has none (a half-made or damaged venv)."""
+    found = site_packages_dirs(venv)
+    return found[0] if found else None
 
 
 def write_kernel_files(venv: Path, python: str | None = None) -> None:
@@ -56,7 +61,10 @@ def write_kernel_files(venv: Path, python: str | None = None) -> None:
     config_dir = venv / "etc" / "ipython"
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "ipython_kernel_config.py").write_text(_KERNEL_CONFIG.format(module=EXTENSION_MODULE))
-    extension = site_packages(venv) / (EXTENSION_MODULE + ".py")
+    site = site_packages(venv)
+    if site is None:
+        raise FileNotFoundError("no lib/python*/site-packages in %s" % venv)
+    extension = site / (EXTENSION_MODULE + ".py")
     shutil.copyfile(_EXTENSION_SOURCE, extension)
     # Every kernel start imports it; with PYTHONDONTWRITEBYTECODE nothing would cache it. The
     # .pyc is tagged for this interpreter: a venv of another Python version just ignores it.

@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import envid
+
 log = logging.getLogger("uvkerneld.venvsdir")
 
 OWNER_FILE = ".uvkerneld-owner"
 RECORDS_DIR = ".records"
 QUARANTINED_RECORD_SUFFIX = ".record.json"
 QUARANTINE_DIR = ".quarantine"
-ENV_DIR_PREFIX = "e-"
 
 
 class VenvsDirRefused(Exception):
@@ -120,7 +121,7 @@ class VenvsDirClaim:
 def env_dirs(venvs_dir: Path) -> list[Path]:
     """Our venv directories (only our naming pattern: a misconfigured venvs_dir holds user files)."""
     try:
-        return sorted(entry for entry in venvs_dir.iterdir() if entry.name.startswith(ENV_DIR_PREFIX))
+        return sorted(entry for entry in venvs_dir.iterdir() if entry.name.startswith(envid.PREFIX))
     except FileNotFoundError:
         return []
 
