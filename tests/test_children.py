@@ -166,6 +166,6 @@ def test_a_failed_tree_worker_is_an_os_error_that_says_what_failed(tmp_path: Pat
     async def scenario() -> None:
         expected = "uvkerneld.treework exited with 2: usage: python -m uvkerneld.treework"
         with pytest.raises(OSError, match=expected):
-            await diskusage._python_child(["uvkerneld.treework", "neither"], lambda: None)
+            await diskusage._python_child("uvkerneld.treework", ["neither", "/"])
 
     asyncio.run(scenario())

@@ -16,7 +16,6 @@ a failure) is stopped with its whole process group (``stop_group``), never left 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -24,26 +23,12 @@ import signal
 import time
 from pathlib import Path
 
+from .childside import die_with_parent  # noqa: F401 - the daemon's side imports it from here
 from .venvsdir import write_private
 
 log = logging.getLogger("uvkerneld.children")
 
 CHILDREN_FILE = "children"
-_PR_SET_PDEATHSIG = 1
-
-
-# Looked up once in the daemon: the forked child only calls it.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In the forked child, before exec: be killed when the daemon dies."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # The daemon may have died between fork and prctl: then nobody would kill us.
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 async def stop_group(process: asyncio.subprocess.Process, grace_s: float = 0.0, what: str = "child") -> None:
     """Stop ``process`` and its process group (it was started with ``start_new_session=True``, so
     its pid is the group's id) and reap it. ``grace_s`` > 0: SIGTERM first and that long to

@@ -14,16 +14,16 @@ a second (measured: 0.5-1.2 s at SCHED_IDLE or nice 19, under 60 ms at normal pr
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .children import die_with_parent, stop_group
+from .children import stop_group
+from .childside import become_background
 from .tasks import cancel_and_wait
 from .treework import scan_tree
 
@@ -32,34 +32,15 @@ log = logging.getLogger("uvkerneld.diskusage")
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
-def _idle_child(parent_pid: int) -> None:
-    """In the forked scanner before exec: idle CPU time only, and killed with the daemon."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
-    die_with_parent(parent_pid)
-
-
-def _low_priority_child(parent_pid: int) -> None:
-    """In a forked tree worker before exec: low priority, and killed with the daemon.
-
-    nice 10, not SCHED_IDLE like the scanner: someone waits for a gc or an rm, and on a host whose
-    CPUs are busy with kernels an idle-priority walk would hardly progress at all."""
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-    die_with_parent(parent_pid)
-
-
-async def _python_child(argv: list[str], preexec_fn: Callable[[], None]) -> bytes:
-    """Run ``python -m <argv>`` from this uvkerneld and return its output; raise OSError when it
-    fails. Cancelled, the child is killed (children.stop_group): nothing runs on unwaited-for."""
+async def _python_child(module: str, args: list[str]) -> bytes:
+    """Run ``python -m module <daemon pid> args...`` from this uvkerneld and return its output;
+    raise OSError when it fails. The child lowers its own priority and arranges to die with the
+    daemon (childside.become_background), so no preexec_fn makes Python fork the whole daemon on
+    the event loop. Cancelled, the child is killed (children.stop_group)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", *argv,
+        sys.executable, "-m", module, str(os.getpid()), *args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=preexec_fn, start_new_session=True,
+        start_new_session=True,
         # `-m` imports from the working folder first: run from the folder this uvkerneld is
         # in, so the child is this very code and never a `uvkerneld/` beside the daemon's cwd.
         cwd=_PACKAGE_PARENT,
@@ -67,11 +48,11 @@ async def _python_child(argv: list[str], preexec_fn: Callable[[], None]) -> byte
     try:
         output, errors = await process.communicate()
     except BaseException:
-        await stop_group(process, what=argv[0])
+        await stop_group(process, what=module)
         raise
     if process.returncode != 0:
         raise OSError("%s exited with %s: %s" % (
-            argv[0], process.returncode, errors.decode("utf-8", "replace").strip()[-2000:]))
+            module, process.returncode, errors.decode("utf-8", "replace").strip()[-2000:]))
     return output
 
 
@@ -79,8 +60,7 @@ async def unshared_bytes(root: Path) -> int:
     """What deleting ``root`` would free (``TreeUsage.unshared``). The walk stats every file (a
     venv has ~10,000: 0.1-0.3 s), so it runs in a child process (treework.py), never in the
     daemon: not on the event loop, and not in a thread that takes the loop's GIL."""
-    output = await _python_child(["uvkerneld.treework", "unshared", str(root)],
-                                 functools.partial(_low_priority_child, os.getpid()))
+    output = await _python_child("uvkerneld.treework", ["unshared", str(root)])
     return int(output)
 
 
@@ -88,8 +68,7 @@ async def remove_tree(root: Path) -> None:
     """``shutil.rmtree(root, ignore_errors=True)`` in a child process, for the reason above.
     Cancelled, the child is killed and the tree may be half gone: the caller's store row says
     ``deleting`` by then, and start-up recovery finishes such a removal."""
-    await _python_child(["uvkerneld.treework", "remove", str(root)],
-                        functools.partial(_low_priority_child, os.getpid()))
+    await _python_child("uvkerneld.treework", ["remove", str(root)])
 
 
 class DiskUsage:
@@ -141,8 +120,7 @@ class DiskUsage:
     async def _scan_in_child(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
         """``scan`` in ``python -m uvkerneld.diskusage`` at idle priority: a scan walks every file
         of every venv, and must never compete with a kernel that is starting."""
-        output = await _python_child(["uvkerneld.diskusage", str(self.cache_dir), str(self.venvs_dir)],
-                                     functools.partial(_idle_child, os.getpid()))
+        output = await _python_child("uvkerneld.diskusage", [str(self.cache_dir), str(self.venvs_dir)])
         result = json.loads(output)
         return result["figures"], result["per_env"]
 
@@ -188,5 +166,6 @@ def scan(cache_dir: Path, venvs_dir: Path) -> tuple[dict[str, Any], dict[str, di
 
 
 if __name__ == "__main__":
-    _figures, _per_env = scan(Path(sys.argv[1]), Path(sys.argv[2]))
+    become_background(int(sys.argv[1]), idle=True)
+    _figures, _per_env = scan(Path(sys.argv[2]), Path(sys.argv[3]))
     json.dump({"figures": _figures, "per_env": _per_env}, sys.stdout)

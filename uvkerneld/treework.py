@@ -3,7 +3,7 @@
 A venv has ~10,000 files. Walking or deleting one takes 0.1-0.3 s of CPU, most of it in Python
 code that holds the GIL; in a thread of the daemon that competes with the event loop for the GIL
 and tripled the p99 of every kernel start while ``uvkernelctl gc`` ran (``python -m bench``,
-section latency). So the daemon runs ``python -m uvkerneld.treework unshared|remove PATH``
+section latency). So the daemon runs ``python -m uvkerneld.treework DAEMON_PID unshared|remove PATH``
 (diskusage.unshared_bytes, diskusage.remove_tree) and only waits for it. This module imports
 nothing but the standard library's cheapest modules: the child's start is paid per venv.
 """
@@ -14,6 +14,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+from .childside import become_background
 
 
 class TreeUsage:
@@ -76,11 +78,13 @@ def scan_tree(root: Path, seen: set[tuple[int, int]] | None = None) -> TreeUsage
 
 
 def main(argv: list[str]) -> int:
-    """``unshared PATH`` prints what deleting PATH would free; ``remove PATH`` deletes it."""
-    if len(argv) != 2 or argv[0] not in ("unshared", "remove"):
-        print("usage: python -m uvkerneld.treework unshared|remove PATH", file=sys.stderr)
+    """``DAEMON_PID unshared PATH`` prints what deleting PATH would free; ``DAEMON_PID remove
+    PATH`` deletes it. Either at nice 10, killed with the daemon."""
+    if len(argv) != 3 or not argv[0].isdigit() or argv[1] not in ("unshared", "remove"):
+        print("usage: python -m uvkerneld.treework DAEMON_PID unshared|remove PATH", file=sys.stderr)
         return 2
-    command, root = argv[0], Path(argv[1])
+    become_background(int(argv[0]), idle=False)
+    command, root = argv[1], Path(argv[2])
     if command == "unshared":
         print(scan_tree(root).unshared)
     else:
