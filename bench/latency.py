@@ -30,7 +30,8 @@ from uvkerneld.diskusage import scan_tree
 TARGET_P99_VS_IDLE = 2.0  # p99 under removal at most this many times the idle p99
 TARGET_MAX_MS = 50.0
 SAMPLE_PAUSE_S = 0.01  # between round trips: a busy host's rate of kernel starts, and then some
-OTHER_UID = 61001  # owner of the background envs: not ours, so gc without --all keeps them
+OTHER_UID = 61001
+CHECKOUT = Path(__file__).resolve().parent.parent  # owner of the background envs: not ours, so gc without --all keeps them
 
 
 class Sampler:
@@ -74,7 +75,8 @@ def summary(samples: list[float]) -> dict[str, Any]:
 
 
 def ctl(ws: Workspace, *argv: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "uvkerneld.ctl", *argv], env=ws.env, cwd=str(ws.root),
+    # From the checkout's folder: `-m` then runs this uvkerneld's ctl, not an installed copy.
+    done = subprocess.run([sys.executable, "-m", "uvkerneld.ctl", *argv], env=ws.env, cwd=str(CHECKOUT),
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SystemExit("bench: uvkernelctl %s failed:\n%s" % (" ".join(argv), done.stderr))
@@ -82,7 +84,9 @@ def ctl(ws: Workspace, *argv: str) -> str:
 
 
 def bench_latency(ws: Workspace, background: int, gc_envs: int = 30, rm_envs: int = 8,
-                  idle_samples: int = 300) -> dict[str, Any]:
+                  idle_samples: int = 1000) -> dict[str, Any]:
+    # 1000 idle samples: the p99 of 300 is the 3rd-worst one, and one stray stall of a shared host
+    # moved it 5x between runs.
     ws.use("latency")
     ws.start_daemon(pool_size=0)
     notebook = ws.notebooks / "latency.ipynb"

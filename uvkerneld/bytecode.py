@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .children import die_with_parent
+from .children import die_with_parent, stop_group
 from .venvfiles import site_packages
 
 log = logging.getLogger("uvkerneld.bytecode")
@@ -95,8 +95,13 @@ class SharedBytecode:
             stderr=asyncio.subprocess.STDOUT, cwd="/",
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""},  # irrelevant to compileall; explicit
             preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
+            start_new_session=True,  # so a cancel stops compileall's -j 0 workers too
         )
-        output, _ = await process.communicate()
+        try:
+            output, _ = await process.communicate()
+        except BaseException:
+            await stop_group(process, what="compileall")
+            raise
         if process.returncode != 0:
             # Some wheels ship files that are not valid Python for this version (templates,
             # py2 examples). Their modules compile at import as they always did; the rest share.

@@ -8,11 +8,14 @@ Two halves:
   reach. Each group is recorded in ``children`` in the state dir (pgid and the leader's start
   time from /proc, mode 0600); the next daemon kills groups an earlier one left behind
   (``stop_leftovers``). The start time makes sure a reused pid is never signalled.
+
+And while the daemon runs: a child whose caller stops waiting for it (a cancellation at shutdown,
+a failure) is stopped with its whole process group (``stop_group``), never left running.
 """
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import json
 import logging
 import os
@@ -20,25 +23,33 @@ import signal
 import time
 from pathlib import Path
 
+from .childside import die_with_parent  # noqa: F401 - the daemon's side imports it from here
 from .procs import is_exited, stat_fields
 from .venvsdir import write_private
 
 log = logging.getLogger("uvkerneld.children")
 
 CHILDREN_FILE = "children"
-_PR_SET_PDEATHSIG = 1
-
-
-# Looked up once in the daemon: the forked child only calls it.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In the forked child, before exec: be killed when the daemon dies."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # The daemon may have died between fork and prctl: then nobody would kill us.
-    if os.getppid() != parent_pid:
-        os._exit(1)
+async def stop_group(process: asyncio.subprocess.Process, grace_s: float = 0.0, what: str = "child") -> None:
+    """Stop ``process`` and its process group (it was started with ``start_new_session=True``, so
+    its pid is the group's id) and reap it. ``grace_s`` > 0: SIGTERM first and that long to
+    exit, then SIGKILL. A child that already ended is no error: the asyncio child watcher may
+    have reaped it before ``returncode`` shows it, and a ProcessLookupError raised here in place
+    of the caller's cancellation would keep a shutdown that waits for that cancellation waiting."""
+    if process.returncode is None:
+        try:
+            if grace_s > 0:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), grace_s)
+                    return
+                except asyncio.TimeoutError:
+                    log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it",
+                                what, process.pid, grace_s)
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    await process.wait()
 
 
 def start_time(pid: int) -> int | None:

@@ -14,7 +14,6 @@ a second (measured: 0.5-1.2 s at SCHED_IDLE or nice 19, under 60 ms at normal pr
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -23,84 +22,54 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .children import die_with_parent
+from .children import stop_group
+from .childside import become_background
 from .tasks import cancel_and_wait
+from .treework import scan_tree
 from .venvsdir import env_dirs
 
 log = logging.getLogger("uvkerneld.diskusage")
 
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
-def _idle_child(parent_pid: int) -> None:
-    """In the forked scanner before exec: idle CPU time only, and killed with the daemon."""
+
+async def _python_child(module: str, args: list[str]) -> bytes:
+    """Run ``python -m module <daemon pid> args...`` from this uvkerneld and return its output;
+    raise OSError when it fails. The child lowers its own priority and arranges to die with the
+    daemon (childside.become_background), so no preexec_fn makes Python fork the whole daemon on
+    the event loop. Cancelled, the child is killed (children.stop_group)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, str(os.getpid()), *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        # `-m` imports from the working folder first: run from the folder this uvkerneld is
+        # in, so the child is this very code and never a `uvkerneld/` beside the daemon's cwd.
+        cwd=_PACKAGE_PARENT,
+    )
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
-    die_with_parent(parent_pid)
-
-
-class TreeUsage:
-    __slots__ = ("apparent", "linked", "real", "new", "unshared", "files")
-
-    def __init__(self) -> None:
-        self.apparent = 0  # every link's st_size, like `du --apparent-size --count-links`
-        self.linked = 0  # every link's blocks, like `du --count-links`: the disk use as copies
-        self.real = 0  # each inode of this tree once, like `du`
-        self.new = 0  # like real, minus inodes already in ``seen`` (counted in an earlier tree)
-        self.unshared = 0  # inodes with no link outside this tree: what deleting it frees
-        self.files = 0
-
-
-def scan_tree(root: Path, seen: set[tuple[int, int]] | None = None) -> TreeUsage:
-    """Usage of one tree; ``seen`` (shared across calls) makes ``real`` count inodes once overall."""
-    usage = TreeUsage()
-    links_here: dict[tuple[int, int], list[int]] = {}
-    stack = [str(root)]
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = os.scandir(directory)
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                usage.apparent += info.st_size
-                usage.files += 1
-                inode = (info.st_dev, info.st_ino)
-                blocks = info.st_blocks * 512
-                usage.linked += blocks
-                counted = links_here.get(inode)
-                if counted is None:
-                    links_here[inode] = [1, info.st_nlink, blocks]
-                    usage.real += blocks
-                    if seen is None or inode not in seen:
-                        usage.new += blocks
-                        if seen is not None:
-                            seen.add(inode)
-                else:
-                    counted[0] += 1
-    try:
-        root_info = os.lstat(root)
-        usage.apparent += root_info.st_size
-        usage.linked += root_info.st_blocks * 512
-        usage.real += root_info.st_blocks * 512
-        usage.new += root_info.st_blocks * 512
-    except OSError:
-        pass
-    usage.unshared = sum(blocks for here, total, blocks in links_here.values() if here >= total)
-    return usage
+        output, errors = await process.communicate()
+    except BaseException:
+        await stop_group(process, what=module)
+        raise
+    if process.returncode != 0:
+        raise OSError("%s exited with %s: %s" % (
+            module, process.returncode, errors.decode("utf-8", "replace").strip()[-2000:]))
+    return output
 
 
 async def unshared_bytes(root: Path) -> int:
     """What deleting ``root`` would free (``TreeUsage.unshared``). The walk stats every file (a
-    venv has ~10,000: 0.1-0.3 s), so it runs in a worker thread, never on the event loop."""
-    return (await asyncio.to_thread(scan_tree, root)).unshared
+    venv has ~10,000: 0.1-0.3 s), so it runs in a child process (treework.py), never in the
+    daemon: not on the event loop, and not in a thread that takes the loop's GIL."""
+    output = await _python_child("uvkerneld.treework", ["unshared", str(root)])
+    return int(output)
+
+
+async def remove_tree(root: Path) -> None:
+    """``shutil.rmtree(root, ignore_errors=True)`` in a child process, for the reason above.
+    Cancelled, the child is killed and the tree may be half gone: the caller's store row says
+    ``deleting`` by then, and start-up recovery finishes such a removal."""
+    await _python_child("uvkerneld.treework", ["remove", str(root)])
 
 
 class DiskUsage:
@@ -152,28 +121,7 @@ class DiskUsage:
     async def _scan_in_child(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
         """``scan`` in ``python -m uvkerneld.diskusage`` at idle priority: a scan walks every file
         of every venv, and must never compete with a kernel that is starting."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "uvkerneld.diskusage", str(self.cache_dir), str(self.venvs_dir),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=functools.partial(_idle_child, os.getpid()),
-            # `-m` imports from the working folder first: run from the folder this uvkerneld is
-            # in, so the scanner is this very code and never a `uvkerneld/` beside the daemon's cwd.
-            cwd=str(Path(__file__).resolve().parent.parent),
-        )
-        try:
-            output, errors = await process.communicate()
-        except asyncio.CancelledError:
-            # The scanner may have ended already: kill() would then raise ProcessLookupError in
-            # place of the cancellation, and a shutdown waiting for this task would wait forever.
-            try:
-                process.kill()
-            except ProcessLookupError:
-                pass
-            await process.wait()
-            raise
-        if process.returncode != 0:
-            raise RuntimeError("the scanner exited with %s: %s" % (
-                process.returncode, errors.decode("utf-8", "replace").strip()[-2000:]))
+        output = await _python_child("uvkerneld.diskusage", [str(self.cache_dir), str(self.venvs_dir)])
         result = json.loads(output)
         return result["figures"], result["per_env"]
 
@@ -219,5 +167,6 @@ def scan(cache_dir: Path, venvs_dir: Path) -> tuple[dict[str, Any], dict[str, di
 
 
 if __name__ == "__main__":
-    _figures, _per_env = scan(Path(sys.argv[1]), Path(sys.argv[2]))
+    become_background(int(sys.argv[1]), idle=True)
+    _figures, _per_env = scan(Path(sys.argv[2]), Path(sys.argv[3]))
     json.dump({"figures": _figures, "per_env": _per_env}, sys.stdout)

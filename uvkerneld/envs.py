@@ -42,7 +42,7 @@ from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
 from .store import EnvRecord, Store, StoreFull
 from .bytecode import SharedBytecode
 from .buildslots import BuildSlot, BuildSlots
-from .diskusage import scan_tree
+from .diskusage import remove_tree, scan_tree
 from . import envid, venvsdir
 from .pipargs import requirement_name
 from .uv import Uv, UvFailed
@@ -409,7 +409,7 @@ class EnvManager:
             return
         if record.state != states.DELETING:
             self.store.transition(record.id, states.DELETING)
-        await asyncio.to_thread(shutil.rmtree, record.path, True)
+        await remove_tree(record.path)
         await asyncio.to_thread(venvsdir.remove_env_record, record.path)
         self.store.delete(record.id)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import pipargs, protocol, startuphooks, states
-from .children import ChildRegistry, die_with_parent
+from .children import ChildRegistry, die_with_parent, stop_group
 from .bytecode import SharedBytecode, sweep_orphaned_bytecode
 from .config import Config
 from .store import EnvRecord, Store
@@ -71,11 +71,7 @@ async def _compile_without_site(python: str, venv: Path, children: ChildRegistry
     try:
         await process.wait()  # files that are not valid Python compile at import, as always
     except asyncio.CancelledError:
-        try:
-            os.killpg(process.pid, 9)  # the workers too
-        except ProcessLookupError:
-            pass
-        await process.wait()
+        await stop_group(process, what="compileall")  # the workers too
         raise
     finally:
         if children is not None:

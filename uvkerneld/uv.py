@@ -14,7 +14,7 @@ import shutil
 from typing import Callable, Sequence
 
 from . import startuphooks
-from .children import ChildRegistry, die_with_parent
+from .children import ChildRegistry, die_with_parent, stop_group
 
 log = logging.getLogger("uvkerneld.uv")
 
@@ -184,7 +184,8 @@ class Uv:
                     on_line(line)
             returncode = await process.wait()
         except asyncio.CancelledError:
-            await _terminate(process)
+            # Politely first: uv cleans up its temporary files on SIGTERM.
+            await stop_group(process, grace_s=5.0, what="uv")
             raise
         finally:
             self._low_priority_pids.discard(process.pid)
@@ -208,19 +209,3 @@ def _lowest_cpu_priority() -> None:
             os.nice(19)
         except OSError:
             pass  # a seccomp filter may forbid both; a slower refill beats a failed one
-
-
-async def _terminate(process: asyncio.subprocess.Process) -> None:
-    """Stop uv politely, then firmly; it runs in its own session so we signal the group."""
-    if process.returncode is not None:
-        return
-    try:
-        os.killpg(process.pid, 15)
-        try:
-            await asyncio.wait_for(process.wait(), 5.0)
-        except asyncio.TimeoutError:
-            log.warning("uv (pid %d) ignored SIGTERM for 5 s; killing it", process.pid)
-            os.killpg(process.pid, 9)
-            await process.wait()
-    except ProcessLookupError:
-        pass
