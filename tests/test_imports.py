@@ -216,8 +216,8 @@ def test_no_import_cycle_of_any_kind() -> None:
              if (edge.source, edge.target) not in ALLOWED_CYCLE_EDGES]
     cycles = find_cycles(edges)
     assert not cycles, format_cycles(cycles) + (
-        "\nMove the shared part into a module both can import, or pass the object in instead of importing its "
-        "class; a TYPE_CHECKING import counts too.")
+        "\nMove the shared part into a module both can import, or pass the object in instead of "
+        "importing its class; a TYPE_CHECKING import counts too.")
 
 
 def test_no_import_cycle_at_import_time() -> None:
