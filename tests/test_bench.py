@@ -15,6 +15,7 @@ from helpers import Layout
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     out = layout.root / "bench.json"

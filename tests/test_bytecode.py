@@ -102,6 +102,7 @@ def test_uninstall_and_cache_prune_leave_nothing_broken(pooled: Daemon, layout: 
     assert import_probe(later, "ipykernel.kernelapp")["compiled"] == []
 
 
+@pytest.mark.slow
 def test_per_env_fallback_compiles_inside_each_venv(layout: Layout) -> None:
     # A cache of its own: the shared one already holds compiled entries, which uv would link.
     env = dict(layout.env, UVKERNELD_BYTECODE="per-env", UVKERNELD_CACHE_DIR=str(layout.root / "own-cache"))
@@ -134,6 +135,7 @@ def test_two_compiles_of_the_same_cache_entries_at_once(layout: Layout) -> None:
         assert import_probe(str(venv), "six", "idna")["compiled"] == []
 
 
+@pytest.mark.slow
 def test_concurrent_installs_into_two_envs_both_get_bytecode(layout: Layout) -> None:
     # A cache of its own, so the packages are new to it; both installs run at once, so one env's
     # files are linked before the other's install compiles them.

@@ -51,6 +51,7 @@ def du(path: Path, *flags: str) -> int:
                               check=True, timeout=120).stdout.split()[0])
 
 
+@pytest.mark.slow
 def test_list_and_status_count_envs_and_live_kernels(ctl_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
     notebook = layout.notebook("live.ipynb")
     acquire(layout, "env", "first")

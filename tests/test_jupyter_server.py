@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from helpers import Daemon, Layout
 from jupyter_rest import JupyterServer, kernel_facts
 
 
+@pytest.mark.slow
 def test_sessions_for_two_notebooks_run_in_their_own_venvs(daemon: Daemon, layout: Layout, server: JupyterServer) -> None:
     layout.notebook("project/analysis.ipynb")
     layout.notebook("other/analysis.ipynb")  # same file name, another folder: another env
@@ -26,8 +28,10 @@ def test_sessions_for_two_notebooks_run_in_their_own_venvs(daemon: Daemon, layou
         assert fact["cwd"] == os.path.dirname(absolute)
         assert fact["prefix"].startswith(str(layout.venvs_dir) + os.sep)
     assert facts["project/analysis.ipynb"]["prefix"] != facts["other/analysis.ipynb"]["prefix"]
-    for path in facts:
-        assert "key=notebook:%s" % (layout.notebooks / path) in daemon.log
+    envs = layout.request("list", {"all": True})["envs"]
+    for path, fact in facts.items():
+        key = {"kind": "notebook", "value": str(layout.notebooks / path)}
+        assert [env["path"] for env in envs if env["key"] == key] == [fact["prefix"]]
     # Restarting through the server keeps each notebook's venv.
     sessions = server.api("GET", "/api/sessions")
     target = next(s for s in sessions if s["path"] == "project/analysis.ipynb")

@@ -50,7 +50,8 @@ def test_notebooks_get_their_own_venvs_that_persist(layout: Layout, kernelspec: 
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
         assert kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=notebook_a) == prefix_a
-        assert "source=known" in daemon.log
+        started = layout.status()["kernels_started"]
+        assert started == {"known": 1, "renamed": 0, "pool": 0, "created": 0, "rebuilt": 0}
     finally:
         daemon.stop()
 
@@ -76,7 +77,6 @@ def test_interrupt_and_shutdown_reach_the_kernel(daemon: Daemon, layout: Layout,
     assert not process_alive(pid)
     assert processes_matching(connection_file) == []
     wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the daemon to see the kernel end")
-    assert "kernel for env" in daemon.log and "ended" in daemon.log
 
 
 def _saw_execute_input(kernel: Any, msg_id: str) -> bool:
@@ -92,21 +92,20 @@ def test_new_notebook_is_served_from_the_pool_and_the_pool_refills(
 ) -> None:
     daemon.wait_pool_full()
     pooled_before = layout.status()["kernels_started"]["pool"]
+    built_before = {entry.name for entry in layout.venvs_dir.iterdir()}
     prefix = kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=str(layout.notebook("fresh.ipynb")))
     status = layout.status()
     assert status["kernels_started"]["pool"] == pooled_before + 1
-    assert "source=pool (from pool)" in daemon.log
-    assert os.path.basename(prefix) in daemon.log
+    assert os.path.basename(prefix) in built_before  # one of the venvs the pool had ready
     pool = daemon.wait_pool_full()
     assert pool["ready"] == pool["target"] == 2
 
 
-def test_empty_pool_creates_on_demand_and_logs_it(layout: Layout, kernelspec: str) -> None:
+def test_empty_pool_creates_on_demand_and_counts_it(layout: Layout, kernelspec: str) -> None:
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
         prefix = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="scratch-1")
         assert prefix.startswith(str(layout.venvs_dir))
-        assert "pool empty: creating env for uid %d env:scratch-1 on demand" % os.getuid() in daemon.log
         assert layout.status()["kernels_started"]["created"] == 1
     finally:
         daemon.stop()
@@ -172,9 +171,10 @@ def test_a_damaged_env_is_replaced_instead_of_failing_the_kernel(
     second = kernel_prefix(layout, kernelspec, JPY_SESSION_NAME=notebook)
     assert second != first and second.startswith(str(layout.venvs_dir))
     assert not os.path.exists(first)
-    assert "is unusable" in daemon.log
+    assert layout.status()["kernels_started"]["rebuilt"] == 1
 
 
+@pytest.mark.slow
 def test_ten_stubs_racing_start_exactly_one_daemon(layout: Layout, kernelspec: str) -> None:
     assert layout.daemon_pid() is None and not layout.socket.exists()
     managers = []

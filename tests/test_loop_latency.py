@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from helpers import Daemon, Layout, ctl, wait_until
 
 from bench.fixtures import register_envs
@@ -22,6 +23,7 @@ BOUND_S = 1.0
 COPIES = 24
 
 
+@pytest.mark.slow
 def test_gc_and_rm_over_real_venvs_walk_and_delete_off_the_loop(layout: Layout) -> None:
     debug_env = dict(layout.env, PYTHONASYNCIODEBUG="1")
     daemon = Daemon(layout, "--pool-size", "0", env=debug_env).start()

@@ -54,13 +54,11 @@ def test_a_kernel_start_waiting_for_a_pool_build_raises_its_priority(layout: Lay
         assert thread_policies(build) == {os.SCHED_IDLE}
         waiter.start()
         wait_until(lambda: thread_policies(build) == {os.SCHED_OTHER}, 30, "the waiting start to raise the build's priority")
-        daemon.wait_for_log("1 pool build(s) raised to normal priority")
         gate.touch()
         waiter.join(180)
         assert not waiter.is_alive()
         # The kernel start took the venv whose build it sped up.
         assert result["source"] == "pool" and os.path.isdir(result["path"])
-        assert "a pool venv finished while" in daemon.log
     finally:
         gate.touch()
         if waiter.is_alive():
@@ -80,8 +78,7 @@ def test_where_priority_may_not_be_raised_the_pool_build_is_stopped_instead(layo
     try:
         pool_build = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the pool build's uv install")[0]
         waiter.start()
-        daemon.wait_for_log("stopped 1 pool build(s)")
-        wait_until(lambda: not process_alive(pool_build), 30, "the stopped pool build to exit")
+        wait_until(lambda: not process_alive(pool_build), 60, "the pool build to be stopped")
         # The start's own build runs at normal priority.
         own_build = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the start's own build")[0]
         assert thread_policies(own_build) == {os.SCHED_OTHER}
