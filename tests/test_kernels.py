@@ -234,8 +234,13 @@ def test_shrinking_the_pool_gives_venvs_back(daemon: Daemon, layout: Layout) -> 
     assert len(list(layout.venvs_dir.glob("e-*"))) == 2
     layout.request("pool", {"size": 0})
     wait_until(lambda: not list(layout.venvs_dir.glob("e-*")), 60, "the pooled venvs to be deleted")
-    status = layout.status()
-    assert status["pool"]["ready"] == 0 and status["envs"]["by_state"]["deleting"] == 0
+    # The files go first (a child process removes them), the row when that child has exited.
+    def no_row_deleting() -> dict[str, Any] | None:
+        status = layout.status()
+        return status if status["envs"]["by_state"]["deleting"] == 0 else None
+
+    status = wait_until(no_row_deleting, 30, "the deleted venvs' rows to go")
+    assert status["pool"]["ready"] == 0
 
 
 def test_install_kernelspec_refuses_a_bad_name(layout: Layout) -> None:
