@@ -39,7 +39,8 @@ import logging
 import re
 import resource
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import envvars, protocol
 
@@ -116,7 +117,7 @@ def raise_fd_limit() -> int:
 
 
 class Connection:
-    __slots__ = ("uid", "writer", "state")
+    __slots__ = ("state", "uid", "writer")
 
     def __init__(self, uid: int, writer: Any) -> None:
         self.uid = uid

@@ -11,7 +11,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, client, envid, envvars, gc, locations, protocol
 from .config import LINK_MODES

@@ -22,7 +22,7 @@ LOW_DISK_FAIL = 500 << 20
 
 
 class Check:
-    __slots__ = ("name", "verdict", "detail", "fix")
+    __slots__ = ("detail", "fix", "name", "verdict")
 
     def __init__(self, name: str, verdict: str, detail: str, fix: str = "") -> None:
         self.name, self.verdict, self.detail, self.fix = name, verdict, detail, fix

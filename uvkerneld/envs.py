@@ -33,18 +33,17 @@ import shutil
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from . import states
+from . import envid, states, venvsdir
+from .buildslots import BuildSlot, BuildSlots
+from .bytecode import SharedBytecode
 from .config import Config
+from .diskusage import remove_tree, scan_tree
+from .pipargs import requirement_name
 from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
 from .store import EnvRecord, Store, StoreFull
-from .bytecode import SharedBytecode
-from .buildslots import BuildSlot, BuildSlots
-from .diskusage import remove_tree, scan_tree
-from . import envid, venvsdir
-from .pipargs import requirement_name
 from .uv import Uv, UvFailed
 from .venvfiles import write_kernel_files
 

@@ -17,7 +17,6 @@ from ipykernel.kernelapp import IPKernelApp
 from . import envvars
 
 
-
 class EnvUnavailableKernel(IPythonKernel):
     implementation = "uvkerneld-fallback"
     banner = "uvkerneld could not provide this notebook's environment."

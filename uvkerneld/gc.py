@@ -23,7 +23,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import protocol, states
 from .diskusage import unshared_bytes
@@ -189,7 +190,7 @@ async def run_on_schedule(services: Services) -> None:
             )
             log.info("scheduled gc removed %d env(s), freed %d bytes",
                      len(result["removed"]), result["freed_bytes"])
-        except Exception:  # noqa: BLE001 - the schedule must survive a failed run
+        except Exception:  # the schedule must survive a failed run
             log.exception("scheduled gc failed")
 
 

@@ -24,12 +24,13 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import pipargs, protocol, startuphooks, states
-from .children import ChildRegistry, die_with_parent, stop_group
 from .bytecode import SharedBytecode, sweep_orphaned_bytecode
+from .children import ChildRegistry, die_with_parent, stop_group
 from .config import Config
 from .store import EnvRecord, Store
 from .uv import Uv

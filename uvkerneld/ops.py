@@ -15,7 +15,8 @@ import logging
 import os
 import pwd
 import time
-from typing import Any, Awaitable, Callable, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from . import __version__, gc, protocol, states
 from .diskusage import unshared_bytes

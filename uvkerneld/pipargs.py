@@ -71,7 +71,7 @@ class PipUsageError(Exception):
 class PipCommand:
     """A validated command: uv's argv tail, and what the user asked for (to record)."""
 
-    __slots__ = ("subcommand", "uv_flags", "packages", "requirements", "files", "local_paths")
+    __slots__ = ("files", "local_paths", "packages", "requirements", "subcommand", "uv_flags")
 
     def __init__(self, subcommand, uv_flags, packages, requirements, files, local_paths):
         self.subcommand = subcommand
@@ -232,7 +232,7 @@ _COMMENT = re.compile(r"(^|\s)#.*$", re.S)
 class RequirementsText:
     """A requirements file as the daemon hands it to uv: one requirement per line, no options."""
 
-    __slots__ = ("requirements", "editables", "options", "local_paths")
+    __slots__ = ("editables", "local_paths", "options", "requirements")
 
     def __init__(self):
         self.requirements = []  # (requirement, [hash, ...])

@@ -222,7 +222,7 @@ class FrameDecoder:
 class Request:
     """A validated request. Build with ``parse_request``; an invalid one cannot exist."""
 
-    __slots__ = ("id", "op", "args")
+    __slots__ = ("args", "id", "op")
 
     def __init__(self, request_id, op, args):
         self.id = request_id

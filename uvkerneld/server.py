@@ -24,16 +24,17 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from . import __version__, cachedir, connlimits, framing, fsafety, gc, handstart, protocol
-from .config import Config, ConfigError, load_config
-from .envs import EnvManager
 from .buildslots import BuildSlots
 from .bytecode import SharedBytecode
 from .children import ChildRegistry
+from .config import Config, ConfigError, load_config
 from .diskusage import DiskUsage
+from .envs import EnvManager
 from .installs import InstallManager
 from .lifelines import Lifelines
 from .notify import Notifier, inherited_listener

@@ -16,8 +16,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import states
 from .protocol import EnvKey, EnvUnavailable
@@ -28,8 +29,8 @@ log = logging.getLogger("uvkerneld.store")
 
 class EnvRecord:
     __slots__ = (
-        "id", "path", "state", "owner_uid", "key", "spec", "python", "created_at", "last_used_at", "error",
-        "notebook_file",
+        "created_at", "error", "id", "key", "last_used_at", "notebook_file", "owner_uid", "path", "python",
+        "spec", "state",
     )
 
     def __init__(self, row: sqlite3.Row) -> None:
@@ -215,7 +216,7 @@ class Store:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
 
-    def _transaction(self) -> "Store._Transaction":
+    def _transaction(self) -> Store._Transaction:
         return Store._Transaction(self._db)
 
     # --- reads ------------------------------------------------------------------------------

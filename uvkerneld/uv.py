@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import shutil
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import startuphooks
 from .children import ChildRegistry, die_with_parent, stop_group

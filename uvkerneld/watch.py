@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from watchfiles import Change, awatch
 
@@ -110,7 +110,7 @@ class NotebookWatcher:
                     delay = RETRY_DELAY
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a failed watch must not take the daemon down
+            except Exception as exc:  # a failed watch must not take the daemon down
                 log.warning("notebook watch failed (%s); retrying in %.0f s", exc, delay)
                 try:
                     await asyncio.wait_for(restart.wait(), delay)
