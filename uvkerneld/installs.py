@@ -251,7 +251,8 @@ class InstallManager:
     def _record(self, env_id: str, validated: Validated, changes: dict[str, list[str]]) -> None:
         command = validated.command
         asked = list(command.requirements)
-        for (flag, _), parsed in zip(command.files, validated.files):
+        # _validate made sure every named file was sent.
+        for (flag, _), parsed in zip(command.files, validated.files, strict=True):
             if flag == "-r":
                 asked.extend(requirement for requirement, _ in parsed.requirements)
         by_name = {}

@@ -57,7 +57,7 @@ def _run_shim(shell, program, line):
     try:
         env = dict(os.environ, UVKERNEL_CHANGES_FILE=report_path, PYTHONUNBUFFERED="1")
         process = subprocess.Popen(
-            [shim] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            [shim, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             stdin=subprocess.DEVNULL,
         )
         for raw in process.stdout:

@@ -131,7 +131,7 @@ def parse_command(argv):
             only_positionals = True
             continue
         if not only_positionals and arg.startswith("-") and arg != "-":
-            flag, inline_value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") else (arg, None)
+            flag, inline_value = [*arg.split("=", 1), None][:2] if arg.startswith("--") else (arg, None)
             if flag not in allowed:
                 _refuse_flag(flag, subcommand)
             takes_value, uv_flag = allowed[flag]
@@ -403,6 +403,6 @@ def shared_host_refusal(requirement, editable=False):
         return LOCAL_PATH_REFUSED % requirement
     if editable or lowered.startswith(_VCS_SCHEMES) or not lowered.startswith(("http://", "https://")):
         return BUILD_REFUSED % (name or url)
-    if not re.split(r"[?#]", lowered, 1)[0].endswith(".whl"):
+    if not re.split(r"[?#]", lowered, maxsplit=1)[0].endswith(".whl"):
         return BUILD_REFUSED % (name or url)
     return None

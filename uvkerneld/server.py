@@ -271,7 +271,7 @@ class Daemon:
         be exiting (idle exit closes its socket first): wait for it, without blocking the loop.
         """
         path = self.config.state_dir / "uvkerneld.pid"
-        handle = open(path, "a+")
+        handle = open(path, "a+")  # noqa: ASYNC230  a small local file, once at startup before serving
         deadline = time.monotonic() + INSTANCE_LOCK_WAIT
         waited = False
         while not _try_flock(handle):

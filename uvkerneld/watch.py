@@ -48,6 +48,18 @@ def _is_notebook(change: Change, path: str) -> bool:
     return name.endswith(".ipynb") and not name.startswith(".~")
 
 
+def _existing_folders(folders: Iterable[str]) -> list[str]:
+    return sorted(folder for folder in folders if os.path.isdir(folder))
+
+
+def _identity_and_real_path(path: str) -> tuple[str, str] | None:
+    try:
+        identity = identity_of(os.stat(path))
+    except OSError:
+        return None
+    return identity, os.path.realpath(path)
+
+
 class NotebookFolders:
     """The folders to watch. Made before EnvManager and the watcher, and given to both: EnvManager
     reports each kernel start's notebook (``notebook_seen``), the watcher watches the folders."""
@@ -94,8 +106,11 @@ class NotebookWatcher:
         restart = self._folders.changed
         while True:
             self._add_tracked_folders()
-            existing = sorted(folder for folder in self.folders if os.path.isdir(folder))
+            folders = list(self.folders)
+            # Cleared before the check runs off the loop: a folder added meanwhile sets it again.
             restart.clear()
+            # A stat per folder, and home folders may be on a network filesystem: not on the loop.
+            existing = await asyncio.to_thread(_existing_folders, folders)
             if not existing:
                 await restart.wait()
                 continue
@@ -124,11 +139,11 @@ class NotebookWatcher:
         for change, path in sorted(changes, key=lambda item: item[1]):
             if change == Change.deleted:
                 continue  # the env stays keyed by the old path until its notebook shows up again
-            try:
-                identity = identity_of(os.stat(path))
-            except OSError:
+            found = await asyncio.to_thread(_identity_and_real_path, path)
+            if found is None:
                 continue  # gone again already (a temporary file, a quick second rename)
-            key = EnvKey("notebook", os.path.realpath(path))
+            identity, real_path = found
+            key = EnvKey("notebook", real_path)
             record = self.store.find(self.uid, key)
             if record is not None:
                 if record.notebook_file != identity:
