@@ -374,7 +374,8 @@ def exec_fallback(message, connection_file, passthrough):
     env = dict(os.environ)
     env[envvars.ERROR] = message
     argv = [
-        sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", os.path.abspath(connection_file), *passthrough,
+        sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", os.path.abspath(connection_file),
+        *passthrough,
     ]
     os.chdir(_distribution_dir())
     os.execve(sys.executable, argv, env)

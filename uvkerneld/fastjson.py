@@ -34,7 +34,8 @@ def _unserializable(obj):
 
 def _c_dumps(obj):
     # A fresh encoder per call, as json does: its circular-reference markers must start empty.
-    encoder = _json.make_encoder({}, _unserializable, _json.encode_basestring, None, ":", ",", False, False, True)
+    encoder = _json.make_encoder(
+        {}, _unserializable, _json.encode_basestring, None, ":", ",", False, False, True)
     return "".join(encoder(obj, 0))
 
 

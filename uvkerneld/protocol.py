@@ -410,7 +410,10 @@ def validate_gc(args):
     if not isinstance(env_ids, list) or not all(isinstance(e, str) for e in env_ids):
         raise BadRequest('"env_ids" must be a list of env ids')
     _check_texts(env_ids, '"env_ids"')
-    return {"older_than_s": older_than, "env_ids": env_ids, "dry_run": _flag(args, "dry_run"), "all": _flag(args, "all")}
+    return {
+        "older_than_s": older_than, "env_ids": env_ids, "dry_run": _flag(args, "dry_run"),
+        "all": _flag(args, "all"),
+    }
 
 
 def validate_pool(args):
