@@ -49,7 +49,9 @@ class SharedBytecode:
 
     def _entries(self) -> list[Path]:
         try:
-            return [entry for entry in self.archive.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+            return [
+                entry for entry in self.archive.iterdir() if entry.is_dir() and not entry.name.startswith(".")
+            ]
         except FileNotFoundError:
             return []
 

@@ -142,14 +142,16 @@ class Admission:
         """Register a new connection, closing an idle one to make room; raises OverLimit."""
         limits = self.limits
         if self._requests_by_uid.get(uid, 0) >= limits.max_connections_per_uid:
-            if not self._evict(uid, "uid %d opened more than %d connections" % (uid, limits.max_connections_per_uid)):
+            reason = "uid %d opened more than %d connections" % (uid, limits.max_connections_per_uid)
+            if not self._evict(uid, reason):
                 self.refused["connections"] += 1
                 raise protocol.OverLimit(
                     "uid %d already has %d connections with requests under way (max_connections_per_uid); "
                     "wait for them to finish, then try again" % (uid, limits.max_connections_per_uid))
         if len(self._open) >= limits.max_connections:
             busiest = max(self._requests_by_uid, key=self._requests_by_uid.__getitem__, default=None)
-            if busiest is None or not self._evict(busiest, "the daemon has %d connections open" % len(self._open)):
+            if busiest is None or not self._evict(
+                    busiest, "the daemon has %d connections open" % len(self._open)):
                 self.refused["connections"] += 1
                 raise protocol.OverLimit(
                     "uvkerneld has %d connections open, its limit (max_connections, from an open-file "
@@ -227,7 +229,8 @@ class Admission:
             self.refused["frames"] += 1
             raise protocol.OverLimit(
                 "uvkerneld is receiving %d bytes of large requests already (frame_buffer_budget %d); "
-                "send this %d-byte request again in a moment" % (self.buffered, self.limits.frame_buffer_budget, length))
+                "send this %d-byte request again in a moment"
+                % (self.buffered, self.limits.frame_buffer_budget, length))
         self.buffered += length
         return length
 

@@ -146,7 +146,8 @@ async def collect(
             kept_live.append({"env_id": record.id, "key": key})
             continue
         progress("%s %s (%s): %s, %s" % (
-            "would remove" if dry_run else "removing", record.id, record.key, current.reason, format_bytes(freed)))
+            "would remove" if dry_run else "removing", record.id, record.key, current.reason,
+            format_bytes(freed)))
         if not dry_run:
             await services.envs.remove(record)
         removed.append({"env_id": record.id, "key": key, "reason": current.reason, "freed_bytes": freed})

@@ -64,7 +64,8 @@ async def _compile_without_site(python: str, venv: Path, children: ChildRegistry
     sites = [str(site) for site in site_packages_dirs(venv)]
     process = await asyncio.create_subprocess_exec(
         python, "-I", "-S", "-m", "compileall", "-q", "-j", "0", *sites,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
         cwd="/", start_new_session=True, preexec_fn=functools.partial(die_with_parent, os.getpid()),
     )
     if children is not None:
@@ -101,7 +102,9 @@ class InstallManager:
         self.queued = 0
 
     def status(self) -> dict[str, int]:
-        return {"running": self.running, "queued": self.queued, "max_parallel": self.config.max_parallel_installs}
+        return {
+            "running": self.running, "queued": self.queued, "max_parallel": self.config.max_parallel_installs,
+        }
 
     async def run(
         self, record: EnvRecord, uid: int, argv: list[str], files: list[str], send_line: Callable[[str], None]
@@ -137,7 +140,8 @@ class InstallManager:
             parsed = [pipargs.parse_requirements_text(text) for text in files]
             flags = command.uv_flags
             indexes = {flags[i + 1] for i, flag in enumerate(flags) if flag == pipargs.INDEX_FLAG}
-            indexes.update(option[1] for each in parsed for option in each.options if option[0] == pipargs.INDEX_FLAG)
+            indexes.update(
+                option[1] for each in parsed for option in each.options if option[0] == pipargs.INDEX_FLAG)
             if command.subcommand == "install" and len(indexes) > 1:
                 raise pipargs.PipUsageError(pipargs.TWO_INDEXES)
         except pipargs.PipUsageError as exc:
@@ -203,7 +207,8 @@ class InstallManager:
                         send_line("uvkerneld: removed %s from this env: code that runs at every Python "
                                   "start is not allowed on a shared host (the daemon runs this env's "
                                   "Python too)" % ", ".join(removed))
-                if returncode == 0 and command.subcommand == "install" and per_env_bytecode and self.uv.shared_host:
+                if (returncode == 0 and command.subcommand == "install" and per_env_bytecode
+                        and self.uv.shared_host):
                     await _compile_without_site(self.config.python, record.path, self.uv.children)
                 if returncode == 0 and mutating:
                     if self.bytecode is not None and command.subcommand == "install":

@@ -241,7 +241,10 @@ class RequirementsText:
         self.local_paths = []  # local paths and "-e TARGET" (refused in system mode)
 
     def render(self):
-        lines = [" ".join([requirement] + ["--hash=%s" % h for h in hashes]) for requirement, hashes in self.requirements]
+        lines = [
+            " ".join([requirement] + ["--hash=%s" % h for h in hashes])
+            for requirement, hashes in self.requirements
+        ]
         lines.extend("-e %s" % target for target in self.editables)
         return "\n".join(lines) + "\n"
 
@@ -340,7 +343,8 @@ def parse_requirements_text(text):
         for item in tail:
             match = _HASH.match(item)
             if not match:
-                raise PipUsageError("%s: only --hash=ALGORITHM:DIGEST may follow a requirement, got %r" % (where, item[:80]))
+                raise PipUsageError("%s: only --hash=ALGORITHM:DIGEST may follow a requirement, got %r"
+                                    % (where, item[:80]))
             hashes.append(match.group(1))
         _check_text(requirement, where)
         if looks_like_local_path(requirement):

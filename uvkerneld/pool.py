@@ -45,7 +45,10 @@ class WarmPool:
         return self.store.count_pooled(self.envs.spec)
 
     def status(self) -> dict[str, object]:
-        return {"ready": self.ready, "target": self.target, "filling": self.filling, "last_error": self.last_error}
+        return {
+            "ready": self.ready, "target": self.target, "filling": self.filling,
+            "last_error": self.last_error,
+        }
 
     def wake(self) -> None:
         self._wake.set()

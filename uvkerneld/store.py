@@ -327,7 +327,8 @@ class Store:
                     break
                 states.check_transition(row["state"], states.BROKEN)
                 db.execute("UPDATE envs SET state=?, error=? WHERE id=?",
-                           (states.BROKEN, "its interpreter was missing when it was to be handed out", row["id"]))
+                           (states.BROKEN, "its interpreter was missing when it was to be handed out",
+                            row["id"]))
                 damaged.append(row["id"])
             if claimed is None:
                 return None, damaged
@@ -355,7 +356,8 @@ class Store:
         """Give an assigned env a new key (its notebook was renamed); None if the key is taken."""
         try:
             with self._transaction() as db:
-                db.execute("UPDATE envs SET key_kind=?, key_value=? WHERE id=?", (key.kind, key.value, env_id))
+                db.execute("UPDATE envs SET key_kind=?, key_value=? WHERE id=?",
+                           (key.kind, key.value, env_id))
         except sqlite3.IntegrityError:
             return None
         self.on_env_changed(env_id)
@@ -390,7 +392,8 @@ class Store:
         record = self.get(env_id)
         if record is None:
             return None
-        rows = self._db.execute("SELECT name, requirement FROM requirements WHERE env_id=?", (env_id,)).fetchall()
+        rows = self._db.execute(
+            "SELECT name, requirement FROM requirements WHERE env_id=?", (env_id,)).fetchall()
         return {
             "id": record.id, "owner_uid": record.owner_uid,
             "key": [record.key.kind, record.key.value] if record.key else None,
@@ -419,7 +422,8 @@ class Store:
 
     def install_finished(self, install_id: int, exit_status: int | None) -> None:
         self._db.execute(
-            "UPDATE installs SET finished_at=?, exit_status=? WHERE id=?", (time.time(), exit_status, install_id)
+            "UPDATE installs SET finished_at=?, exit_status=? WHERE id=?",
+            (time.time(), exit_status, install_id),
         )
 
     def installs(self, env_id: str, limit: int = 1000) -> list[dict[str, Any]]:

@@ -98,7 +98,8 @@ class NotebookWatcher:
 
     def _add_tracked_folders(self) -> None:
         for record in self.store.all():
-            if record.key and record.key.kind == "notebook" and record.state in states.SETTLED_NOTEBOOK_STATES:
+            if (record.key and record.key.kind == "notebook"
+                    and record.state in states.SETTLED_NOTEBOOK_STATES):
                 self._folders.paths.add(os.path.dirname(record.key.value))
 
     async def _run(self) -> None:
