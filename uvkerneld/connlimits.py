@@ -368,7 +368,7 @@ class LogGuard(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "_uvk_guarded", None) is not None:
-            return record._uvk_guarded  # type: ignore[attr-defined, no-any-return]
+            return record._uvk_guarded  # type: ignore[attr-defined]
         key = (record.name, record.levelno, str(record.msg)[:200])
         now = self._clock()
         bucket = self._buckets.get(key)
@@ -390,7 +390,7 @@ class LogGuard(logging.Filter):
                 bucket[2] = 0
         else:
             bucket[2] += 1
-        record._uvk_guarded = passes  # type: ignore[attr-defined]
+        record._uvk_guarded = passes
         return passes
 
 

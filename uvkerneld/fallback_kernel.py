@@ -8,7 +8,6 @@ restart it in a loop, and the user would never see the reason.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -44,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

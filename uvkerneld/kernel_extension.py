@@ -60,6 +60,7 @@ def _run_shim(shell, program, line):
             [shim, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             stdin=subprocess.DEVNULL,
         )
+        assert process.stdout is not None  # stdout=PIPE
         for raw in process.stdout:
             sys.stdout.write(raw.decode("utf-8", "replace"))
             sys.stdout.flush()

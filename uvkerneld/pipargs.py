@@ -21,8 +21,9 @@ FORBIDDEN_FLAGS = (
     "--target", "-t", "--prefix", "--python", "-p", "--system", "--user", "--break-system-packages", "--root",
 )
 
-# flag -> (takes a value, the uv spelling)
-_INSTALL_FLAGS = {
+# flag -> (takes a value, the uv spelling; None: uv has no such flag and needs none)
+_FlagTable = dict[str, tuple[bool, str | None]]
+_INSTALL_FLAGS: _FlagTable = {
     "-U": (False, "--upgrade"), "--upgrade": (False, "--upgrade"),
     "-r": (True, "-r"), "--requirement": (True, "-r"),
     "-c": (True, "-c"), "--constraint": (True, "-c"),
@@ -36,17 +37,17 @@ _INSTALL_FLAGS = {
     "-q": (False, "--quiet"), "--quiet": (False, "--quiet"),
     "-v": (False, "--verbose"), "--verbose": (False, "--verbose"),
 }
-_UNINSTALL_FLAGS = {
+_UNINSTALL_FLAGS: _FlagTable = {
     "-y": (False, None), "--yes": (False, None),  # uv never prompts
     "-r": (True, "-r"), "--requirement": (True, "-r"),
     "-q": (False, "--quiet"), "--quiet": (False, "--quiet"),
 }
-_LIST_FLAGS = {
+_LIST_FLAGS: _FlagTable = {
     "--format": (True, "--format"), "-o": (False, "--outdated"), "--outdated": (False, "--outdated"),
 }
-_FREEZE_FLAGS = {}
-_SHOW_FLAGS = {"-f": (False, "--files"), "--files": (False, "--files")}
-FLAGS = {
+_FREEZE_FLAGS: _FlagTable = {}
+_SHOW_FLAGS: _FlagTable = {"-f": (False, "--files"), "--files": (False, "--files")}
+FLAGS: dict[str, _FlagTable] = {
     "install": _INSTALL_FLAGS, "uninstall": _UNINSTALL_FLAGS, "list": _LIST_FLAGS,
     "freeze": _FREEZE_FLAGS, "show": _SHOW_FLAGS,
 }
@@ -155,6 +156,7 @@ def parse_command(argv):
                         raise PipUsageError("--format must be one of %s" % ", ".join(_LIST_FORMATS))
                     uv_args.extend([uv_flag, value])
                 else:
+                    assert uv_flag is not None  # every flag that takes a value has a uv spelling
                     _check_url(value, flag)
                     if uv_flag == INDEX_FLAG and INDEX_FLAG in uv_args:
                         raise PipUsageError(TWO_INDEXES)

@@ -123,7 +123,7 @@ class OverLimit(DaemonFault):
     code = "over_limit"
 
 
-ERROR_CLASSES = {
+ERROR_CLASSES: dict[str, type[UvkError]] = {
     cls.code: cls
     for cls in (
         FrameTooLarge, TruncatedFrame, NotJson, BadRequest, UnknownOp, UnsupportedVersion,
@@ -136,7 +136,8 @@ def error_from_wire(error):
     """Rebuild the exception a response's ``error`` object describes (client side)."""
     if not isinstance(error, dict):
         return InternalError("daemon sent a malformed error: %r" % (error,))
-    cls = ERROR_CLASSES.get(error.get("code"), UvkError)
+    code = error.get("code")
+    cls = ERROR_CLASSES.get(code, UvkError) if isinstance(code, str) else UvkError
     exc = cls(str(error.get("message", "")))
     if cls is UvkError:
         exc.code = str(error.get("code"))

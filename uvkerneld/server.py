@@ -247,11 +247,11 @@ class Daemon:
     def _status_line(self) -> str:
         if self.services is None:
             return "starting"
-        pool = self.services.pool.status()
+        pool = self.services.pool
         counts = self.status()["envs"]  # cheap: counts only
         installs = self.services.installs.status()
         return "pool %d/%d ready, %d envs, %d live kernels, %d installs running, %d queued" % (
-            pool["ready"], pool["target"], counts["total"], counts["live"], installs["running"],
+            pool.ready, pool.target, counts["total"], counts["live"], installs["running"],
             installs["queued"],
         )
 

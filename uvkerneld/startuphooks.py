@@ -138,7 +138,7 @@ def _repair_pyvenv_cfg(venv: str) -> bool:
     if os.path.lexists(tmp):
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(expected)
+    with os.fdopen(fd, "wb") as out:
+        out.write(expected)
     os.replace(tmp, cfg)
     return True

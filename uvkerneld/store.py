@@ -103,7 +103,7 @@ class _Connection(sqlite3.Connection):
 
     db_path = ""  # set right after connecting
 
-    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
         try:
             return super().execute(*args, **kwargs)
         except sqlite3.OperationalError as exc:
