@@ -4,7 +4,7 @@
 install:
 	python -m pip install '.[test]'
 
-# ruff and mypy are not test dependencies: python -m pip install ruff mypy
+# ruff and mypy come with '.[test]' (make install), pinned; .ci/run runs them too.
 lint:
 	ruff check uvkerneld kernel_stub tests bench
 	mypy uvkerneld kernel_stub

@@ -36,8 +36,8 @@ DEFAULT_ACQUIRE_TIMEOUT = 600.0
 # A day: longer than any build; beyond ~1e9 s the socket timeout itself overflows.
 MAX_ACQUIRE_TIMEOUT = 86400.0
 # Variables that describe one kernel; a daemon started by this stub must not inherit them.
-_KERNEL_ONLY_VARS = IDENTITY_VARS + (
-    IDENTITY_MARKER, "JPY_PARENT_PID", envvars.NOTEBOOK_FILE,
+_KERNEL_ONLY_VARS = (
+    *IDENTITY_VARS, IDENTITY_MARKER, "JPY_PARENT_PID", envvars.NOTEBOOK_FILE,
 )
 
 
@@ -90,7 +90,7 @@ def _user_notebook(value, environ, cwd):
     else:
         shell_dir = environ.get("PWD", "")
         bases = [shell_dir] if os.path.isabs(shell_dir) and shell_dir != cwd else []
-        candidates = [os.path.join(base, path) for base in bases + [cwd]]
+        candidates = [os.path.join(base, path) for base in [*bases, cwd]]
     for candidate in candidates:
         if os.path.isfile(candidate):
             return os.path.realpath(candidate)
@@ -373,7 +373,10 @@ def exec_fallback(message, connection_file, passthrough):
     sys.stderr.flush()
     env = dict(os.environ)
     env[envvars.ERROR] = message
-    argv = [sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", os.path.abspath(connection_file)] + passthrough
+    argv = [
+        sys.executable, "-m", "uvkerneld.fallback_kernel", "-f", os.path.abspath(connection_file),
+        *passthrough,
+    ]
     os.chdir(_distribution_dir())
     os.execve(sys.executable, argv, env)
 
@@ -404,4 +407,4 @@ def main(argv=None):
     os.set_inheritable(sock.fileno(), True)
     python = result["python"]
     env = kernel_environment(environ, result, socket_path)
-    os.execve(python, [python, "-m", "ipykernel_launcher", "-f", connection_file] + passthrough, env)
+    os.execve(python, [python, "-m", "ipykernel_launcher", "-f", connection_file, *passthrough], env)

@@ -127,7 +127,8 @@ class BuildSlots:
     def _hurry_pool_builds(self) -> None:
         raised, refused = self._raise_priority()
         if raised:
-            log.info("a kernel start waits for a build slot: %d pool build(s) raised to normal priority", raised)
+            log.info(
+                "a kernel start waits for a build slot: %d pool build(s) raised to normal priority", raised)
         if refused:
             for task in list(self._pool_builds):
                 self._preempted.add(task)

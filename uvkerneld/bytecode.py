@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .children import die_with_parent, stop_group
@@ -49,11 +50,15 @@ class SharedBytecode:
 
     def _entries(self) -> list[Path]:
         try:
-            return [entry for entry in self.archive.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+            return [
+                entry for entry in self.archive.iterdir() if entry.is_dir() and not entry.name.startswith(".")
+            ]
         except FileNotFoundError:
             return []
 
-    async def share(self, venv: Path, since: float, progress=lambda line: None) -> int:  # type: ignore[no-untyped-def]
+    async def share(
+        self, venv: Path, since: float, progress: Callable[[str], None] = lambda line: None
+    ) -> int:
         """Compile new cache entries, link bytecode compiled at or after ``since`` (a
         ``time.monotonic()`` taken before the venv's uv install) into ``venv``; returns entries compiled."""
         async with self._lock:

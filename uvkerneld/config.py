@@ -10,8 +10,9 @@ import dataclasses
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import envvars, locations
 
@@ -33,7 +34,8 @@ def parse_duration(text: str) -> float:
     """'30d', '12h', '0s', '90' (seconds) -> seconds. Raises ValueError with a readable message."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError("duration %r is not valid: use a number with s, m, h, d or w, like 30d or 12h" % text)
+        raise ValueError(
+            "duration %r is not valid: use a number with s, m, h, d or w, like 30d or 12h" % text)
     factor = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
     return float(match.group(1)) * factor
 
@@ -274,7 +276,9 @@ def _int(key: str, value: Any, source: str, low: int, high: int) -> int:
 
 def _duration_setting(key: str, value: Any, source: str) -> float:
     try:
-        return parse_duration(str(value)) if not isinstance(value, (int, float)) or isinstance(value, bool) else float(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return parse_duration(str(value))
+        return float(value)
     except ValueError as exc:
         raise ConfigError("%s (from %s): %s" % (key, source, exc)) from None
 

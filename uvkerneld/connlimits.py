@@ -39,7 +39,8 @@ import logging
 import re
 import resource
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import envvars, protocol
 
@@ -116,7 +117,7 @@ def raise_fd_limit() -> int:
 
 
 class Connection:
-    __slots__ = ("uid", "writer", "state")
+    __slots__ = ("state", "uid", "writer")
 
     def __init__(self, uid: int, writer: Any) -> None:
         self.uid = uid
@@ -141,14 +142,16 @@ class Admission:
         """Register a new connection, closing an idle one to make room; raises OverLimit."""
         limits = self.limits
         if self._requests_by_uid.get(uid, 0) >= limits.max_connections_per_uid:
-            if not self._evict(uid, "uid %d opened more than %d connections" % (uid, limits.max_connections_per_uid)):
+            reason = "uid %d opened more than %d connections" % (uid, limits.max_connections_per_uid)
+            if not self._evict(uid, reason):
                 self.refused["connections"] += 1
                 raise protocol.OverLimit(
                     "uid %d already has %d connections with requests under way (max_connections_per_uid); "
                     "wait for them to finish, then try again" % (uid, limits.max_connections_per_uid))
         if len(self._open) >= limits.max_connections:
             busiest = max(self._requests_by_uid, key=self._requests_by_uid.__getitem__, default=None)
-            if busiest is None or not self._evict(busiest, "the daemon has %d connections open" % len(self._open)):
+            if busiest is None or not self._evict(
+                    busiest, "the daemon has %d connections open" % len(self._open)):
                 self.refused["connections"] += 1
                 raise protocol.OverLimit(
                     "uvkerneld has %d connections open, its limit (max_connections, from an open-file "
@@ -226,7 +229,8 @@ class Admission:
             self.refused["frames"] += 1
             raise protocol.OverLimit(
                 "uvkerneld is receiving %d bytes of large requests already (frame_buffer_budget %d); "
-                "send this %d-byte request again in a moment" % (self.buffered, self.limits.frame_buffer_budget, length))
+                "send this %d-byte request again in a moment"
+                % (self.buffered, self.limits.frame_buffer_budget, length))
         self.buffered += length
         return length
 
@@ -364,7 +368,7 @@ class LogGuard(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "_uvk_guarded", None) is not None:
-            return record._uvk_guarded  # type: ignore[attr-defined, no-any-return]
+            return record._uvk_guarded  # type: ignore[attr-defined]
         key = (record.name, record.levelno, str(record.msg)[:200])
         now = self._clock()
         bucket = self._buckets.get(key)
@@ -386,7 +390,7 @@ class LogGuard(logging.Filter):
                 bucket[2] = 0
         else:
             bucket[2] += 1
-        record._uvk_guarded = passes  # type: ignore[attr-defined]
+        record._uvk_guarded = passes
         return passes
 
 

@@ -1,7 +1,7 @@
 """``uvkernelctl``: see and control the daemon. Only this module prints and exits.
 
-Exit status: 0 ok; 1 the daemon is not running (or what answers is not the daemon); 2 bad usage or bad input; 3 not allowed;
-4 not found; 5 the daemon failed the request; 6 doctor found a FAIL.
+Exit status: 0 ok; 1 the daemon is not running (or what answers is not the daemon); 2 bad usage or
+bad input; 3 not allowed; 4 not found; 5 the daemon failed the request; 6 doctor found a FAIL.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, client, envid, envvars, gc, locations, protocol
 from .config import LINK_MODES
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
 
     show = commands.add_parser("show", help="an env's path, requirements and `uv pip freeze`")
-    show.add_argument("target", metavar="NOTEBOOK|KEY", help="notebook path, folder, env name or env id (e-...)")
+    show.add_argument(
+        "target", metavar="NOTEBOOK|KEY", help="notebook path, folder, env name or env id (e-...)")
     show.add_argument("--json", action="store_true")
 
     export = commands.add_parser("export", help="pinned requirements of a notebook's env (uv pip freeze)")
@@ -70,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("target", metavar="NOTEBOOK|KEY")
 
     gc = commands.add_parser("gc", help="remove unused and orphaned envs, then prune the uv cache")
-    gc.add_argument("--older-than", metavar="DURATION", help="unused for this long, e.g. 30d, 12h, 0s (default: config gc_older_than, 30d)")
-    gc.add_argument("--orphans", action="store_true", help="also envs whose notebook or folder no longer exists")
+    gc.add_argument(
+        "--older-than", metavar="DURATION",
+        help="unused for this long, e.g. 30d, 12h, 0s (default: config gc_older_than, 30d)")
+    gc.add_argument(
+        "--orphans", action="store_true", help="also envs whose notebook or folder no longer exists")
     gc.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
     gc.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     gc.add_argument("--all", action="store_true", help="every user's envs (root / admin group)")
@@ -104,13 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     units = commands.add_parser("install-systemd", help="install the systemd socket and service units")
     units.add_argument("--user", action="store_true", help="user units (systemctl --user), else system units")
-    units.add_argument("--prefix", metavar="DIR", help="write under DIR instead of / (or ~/.config with --user)")
+    units.add_argument(
+        "--prefix", metavar="DIR", help="write under DIR instead of / (or ~/.config with --user)")
 
     try_kernel = commands.add_parser(
         "try", help="start a kernel from the installed kernelspec, run code in it, stop it"
     )
     try_kernel.add_argument("--kernel", default="uv", help="kernelspec name (default: uv)")
-    try_kernel.add_argument("--notebook", metavar="PATH", help="run as this notebook (default: scratch env of cwd)")
+    try_kernel.add_argument(
+        "--notebook", metavar="PATH", help="run as this notebook (default: scratch env of cwd)")
     try_kernel.add_argument(
         "--code", default="import sys; print('python', sys.version.split()[0], 'in', sys.prefix)",
         help="code to run",
@@ -164,7 +171,8 @@ def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,
     except client.UntrustedDaemon as exc:
         raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
     except OSError as exc:
-        raise CtlError("talking to uvkerneld at %s failed: %s" % (socket_path, exc), EXIT_DAEMON_ERROR) from None
+        raise CtlError(
+            "talking to uvkerneld at %s failed: %s" % (socket_path, exc), EXIT_DAEMON_ERROR) from None
 
 
 def cmd_status(socket_path: str, as_json: bool) -> int:
@@ -197,9 +205,11 @@ def format_status(status: dict[str, Any]) -> str:
         ("socket", status["socket"]),
         ("pool", "%d ready / %d target%s" % (
             pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
-        ("envs", "%d total, %d with a live kernel, %d broken" % (envs["total"], envs["live"], envs["broken"])),
+        ("envs", "%d total, %d with a live kernel, %d broken" % (
+            envs["total"], envs["live"], envs["broken"])),
         ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt%s" % (
-            started.get("known", 0), started.get("pool", 0), started.get("created", 0), started.get("rebuilt", 0),
+            started.get("known", 0), started.get("pool", 0), started.get("created", 0),
+            started.get("rebuilt", 0),
             ", %d after a notebook rename" % started["renamed"] if started.get("renamed") else "")),
         *([("notebooks", "watching %d folder(s) for saves and renames, %d rename(s) followed" % (
             status["notebook_watch"]["folders"], status["notebook_watch"]["renames_followed"]))]
@@ -222,7 +232,8 @@ def format_status(status: dict[str, Any]) -> str:
     if pool.get("last_error"):
         rows.append(("pool error", pool["last_error"].splitlines()[0]))
     if status.get("link_fallback_seen"):
-        rows.append(("warning", "uv copied files instead of linking: cache and venvs on different filesystems?"))
+        rows.append((
+            "warning", "uv copied files instead of linking: cache and venvs on different filesystems?"))
     for full in status.get("disk_full", []):
         rows.append(("disk full", "%s: %s free, a venv build needs about %s" % (
             full["folder"], format_bytes(full["free_bytes"]), format_bytes(full["needed_bytes"]))))
@@ -265,12 +276,13 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     rows = [("NOTEBOOK / KEY", "OWNER", "PYTHON", "REQS", "DISK", "LAST USED", "LIVE", "STATE")]
     for env in result["envs"]:
         rows.append((
-            _key_label(env["key"]), str(env["owner_uid"]), venv_python_version(env["path"]), str(env["requirements"]),
-            format_bytes(env["disk_bytes"]), _ago(env["last_used_at"]), "yes" if env["live"] else "no", env["state"],
+            _key_label(env["key"]), str(env["owner_uid"]), venv_python_version(env["path"]),
+            str(env["requirements"]), format_bytes(env["disk_bytes"]), _ago(env["last_used_at"]),
+            "yes" if env["live"] else "no", env["state"],
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     if not result["envs"]:
         print("(no envs yet: open a notebook with the uv kernel)")
     return EXIT_OK
@@ -298,8 +310,10 @@ def cmd_show(socket_path: str, args: argparse.Namespace) -> int:
     print("env          %s (%s)" % (env["env_id"], env["state"]))
     print("notebook/key %s" % _key_label(env["key"]))
     print("path         %s" % env["path"])
-    print("owner uid    %s, last used %s, live kernel: %s" % (env["owner_uid"], _ago(env["last_used_at"]), "yes" if env["live"] else "no"))
-    print("disk         %s (%s not shared with other envs or the cache)" % (format_bytes(env["disk_bytes"]), format_bytes(env["unshared_bytes"])))
+    print("owner uid    %s, last used %s, live kernel: %s" % (
+        env["owner_uid"], _ago(env["last_used_at"]), "yes" if env["live"] else "no"))
+    print("disk         %s (%s not shared with other envs or the cache)" % (
+        format_bytes(env["disk_bytes"]), format_bytes(env["unshared_bytes"])))
     print("requested    %s" % (", ".join(env["requirement_list"]) or "(nothing beyond the kernel)"))
     print("installed (uv pip freeze):")
     for line in env["freeze"]:
@@ -349,7 +363,8 @@ def cmd_gc(socket_path: str, args: argparse.Namespace) -> int:
             raise CtlError("gc would remove %d env(s); add --yes to do it, or --dry-run to list them"
                            % len(preview["removed"]), EXIT_USAGE)
         _print_gc(preview, False)
-        if input("remove these %d env(s)? [y/N] " % len(preview["removed"])).strip().lower() not in ("y", "yes"):
+        answer = input("remove these %d env(s)? [y/N] " % len(preview["removed"]))
+        if answer.strip().lower() not in ("y", "yes"):
             print("nothing removed")
             return EXIT_OK
     result = _request(socket_path, "gc", dict(request, dry_run=False), timeout=None,
@@ -373,8 +388,9 @@ def _print_gc(result: dict[str, Any], as_json: bool, already_streamed: bool = Fa
     for entry in result.get("kept_renamed", []):
         print("kept %s (%s): the notebook was renamed to %s; its env moves there at its next kernel start"
               % (entry["env_id"], _key_label(entry["key"]), entry["now_at"]))
-    print("%s %d env(s), %s %s" % (verb, len(result["removed"]), "would free" if result["dry_run"] else "freed",
-                                   format_bytes(result["freed_bytes"])))
+    print("%s %d env(s), %s %s" % (
+        verb, len(result["removed"]), "would free" if result["dry_run"] else "freed",
+        format_bytes(result["freed_bytes"])))
 
 
 def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
@@ -383,14 +399,16 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         last = None
         while True:
-            line = "pool: %d/%d ready%s" % (pool["ready"], pool["target"], ", building 1" if pool["filling"] else "")
+            line = "pool: %d/%d ready%s" % (
+                pool["ready"], pool["target"], ", building 1" if pool["filling"] else "")
             if line != last:
                 print(line, flush=True)
                 last = line
             if pool["ready"] == pool["target"] and not pool["filling"]:
                 break
             if pool.get("last_error"):
-                raise CtlError("the pool cannot fill: %s" % pool["last_error"].splitlines()[0], EXIT_DAEMON_ERROR)
+                raise CtlError(
+                    "the pool cannot fill: %s" % pool["last_error"].splitlines()[0], EXIT_DAEMON_ERROR)
             if time.monotonic() > deadline:
                 raise CtlError("pool not full after %.0f s" % args.timeout, EXIT_DAEMON_ERROR)
             time.sleep(0.5)

@@ -115,7 +115,7 @@ class DiskUsage:
             await asyncio.sleep(2.0)
             try:
                 await self.refresh()
-            except Exception:  # noqa: BLE001 - a failed scan must not kill the daemon
+            except Exception:  # a failed scan must not kill the daemon
                 log.exception("disk usage scan failed")
 
     async def _scan_in_child(self) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:

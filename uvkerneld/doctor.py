@@ -22,7 +22,7 @@ LOW_DISK_FAIL = 500 << 20
 
 
 class Check:
-    __slots__ = ("name", "verdict", "detail", "fix")
+    __slots__ = ("detail", "fix", "name", "verdict")
 
     def __init__(self, name: str, verdict: str, detail: str, fix: str = "") -> None:
         self.name, self.verdict, self.detail, self.fix = name, verdict, detail, fix
@@ -65,16 +65,19 @@ def _check_uv() -> Check:
 
     try:
         binary = find_uv(None)
-        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:
-        return Check("uv", FAIL, "uv not found or not runnable: %s" % exc, "pip install uv (into uvkerneld's environment)")
+        return Check("uv", FAIL, "uv not found or not runnable: %s" % exc,
+                     "pip install uv (into uvkerneld's environment)")
     return Check("uv", PASS, "%s at %s" % (version, binary))
 
 
 def _check_daemon(status: dict[str, Any] | None, error: str | None) -> Check:
     if status is None:
         return Check("daemon", FAIL, error or "not reachable",
-                     "open a notebook with the uv kernel, run `uvkerneld`, or `systemctl enable --now uvkerneld.socket`")
+                     "open a notebook with the uv kernel, run `uvkerneld`, "
+                     "or `systemctl enable --now uvkerneld.socket`")
     return Check("daemon", PASS, "uvkerneld %s (%s mode) answers on %s, pid %s" % (
         status["version"], status["mode"], status["socket"], status.get("pid")))
 
@@ -90,9 +93,11 @@ def _check_kernelspec(name: str) -> Check:
         return Check("kernelspec", FAIL, "no Jupyter kernelspec named %r" % name,
                      "uvkernelctl install-kernelspec --user (or --sys-prefix / --prefix)")
     argv = spec.argv
-    runs_stub = any(arg.endswith(os.path.join("kernel_stub", "__main__.py")) for arg in argv) or "kernel_stub" in argv
+    stub_main = os.path.join("kernel_stub", "__main__.py")
+    runs_stub = any(arg.endswith(stub_main) for arg in argv) or "kernel_stub" in argv
     if not runs_stub:
-        return Check("kernelspec", FAIL, "%s does not run the uvkerneld kernel stub: %s" % (spec.resource_dir, argv),
+        return Check("kernelspec", FAIL,
+                     "%s does not run the uvkerneld kernel stub: %s" % (spec.resource_dir, argv),
                      "uvkernelctl install-kernelspec --name %s" % name)
     this_install = argv[0] == sys.executable and (stub_entry_point() in argv or "kernel_stub" in argv)
     if not os.access(argv[0], os.X_OK):
@@ -119,7 +124,8 @@ def _check_same_filesystem(cache_dir: Path, venvs_dir: Path, link_mode: str) -> 
     cache_dev = os.stat(_existing_parent(cache_dir)).st_dev
     venvs_dev = os.stat(_existing_parent(venvs_dir)).st_dev
     if cache_dev == venvs_dev:
-        return Check("same filesystem", PASS, "cache %s and venvs %s share a filesystem" % (cache_dir, venvs_dir))
+        return Check("same filesystem", PASS,
+                     "cache %s and venvs %s share a filesystem" % (cache_dir, venvs_dir))
     verdict = FAIL if link_mode in ("hardlink", "clone") else WARN
     return Check("same filesystem", verdict,
                  "cache %s and venvs %s are on different filesystems: uv cannot %s and silently copies every "
@@ -130,20 +136,24 @@ def _check_same_filesystem(cache_dir: Path, venvs_dir: Path, link_mode: str) -> 
 
 def _check_link_mode(sample: Path | None, link_mode: str) -> Check:
     if sample is None:
-        return Check("link mode", WARN, "no venv exists yet to inspect", "open a notebook, then run doctor again")
+        return Check("link mode", WARN, "no venv exists yet to inspect",
+                     "open a notebook, then run doctor again")
     files = [path for site in site_packages_dirs(sample) for path in site.glob("ipykernel/*.py")][:20]
     if not files:
         return Check("link mode", WARN, "%s has no ipykernel files to inspect" % sample)
     if link_mode == "symlink":
         linked = sum(1 for path in files if path.is_symlink())
     elif link_mode == "copy":
-        return Check("link mode", WARN, "link_mode is copy: every venv holds full copies", "link_mode = \"hardlink\"")
+        return Check("link mode", WARN, "link_mode is copy: every venv holds full copies",
+                     "link_mode = \"hardlink\"")
     else:
         linked = sum(1 for path in files if os.lstat(path).st_nlink > 1)
     if linked == 0 and link_mode != "clone":
-        return Check("link mode", FAIL, "%s: files are plain copies (link count 1), not %ss of the cache" % (sample, link_mode),
+        return Check("link mode", FAIL,
+                     "%s: files are plain copies (link count 1), not %ss of the cache" % (sample, link_mode),
                      "put cache and venvs on one filesystem; check the daemon log for uv's fallback warning")
-    return Check("link mode", PASS, "%d of %d sampled files in %s are %ss of the cache" % (linked, len(files), sample.name, link_mode))
+    return Check("link mode", PASS, "%d of %d sampled files in %s are %ss of the cache" % (
+        linked, len(files), sample.name, link_mode))
 
 
 def _check_free_disk(venvs_dir: Path) -> Check:
@@ -164,19 +174,24 @@ def _check_bytecode(sample: Path | None) -> Check:
         return Check("bytecode", WARN, "%s has no ipykernel" % sample)
     compiled = list((packages[0] / "__pycache__").glob("kernelapp.*.pyc"))
     if not compiled:
-        return Check("bytecode", FAIL, "%s has no compiled bytecode: with PYTHONDONTWRITEBYTECODE or a read-only venv "
-                     "every kernel start compiles ipykernel again (~0.5 s)" % sample.name, "set bytecode = \"per-env\"")
+        return Check("bytecode", FAIL,
+                     "%s has no compiled bytecode: with PYTHONDONTWRITEBYTECODE or a read-only venv "
+                     "every kernel start compiles ipykernel again (~0.5 s)" % sample.name,
+                     "set bytecode = \"per-env\"")
     return Check("bytecode", PASS, "ipykernel in %s is compiled (%s)" % (sample.name, compiled[0].name))
 
 
 def _check_socket_permissions(socket_path: Path) -> Check:
     mode = stat.S_IMODE(os.stat(socket_path).st_mode)
     if mode & 0o006 == 0o006:
-        return Check("socket permissions", PASS, "%s is mode %o: every user can connect" % (socket_path, mode))
+        return Check("socket permissions", PASS,
+                     "%s is mode %o: every user can connect" % (socket_path, mode))
     if mode & 0o060 == 0o060:
-        return Check("socket permissions", WARN, "%s is mode %o: only its group can connect" % (socket_path, mode),
+        return Check("socket permissions", WARN,
+                     "%s is mode %o: only its group can connect" % (socket_path, mode),
                      "intended? users outside the group get 'permission denied' at kernel start")
-    return Check("socket permissions", FAIL, "%s is mode %o: notebook users cannot connect" % (socket_path, mode),
+    return Check("socket permissions", FAIL,
+                 "%s is mode %o: notebook users cannot connect" % (socket_path, mode),
                  "SocketMode=0666 in uvkerneld.socket (systemctl edit uvkerneld.socket)")
 
 

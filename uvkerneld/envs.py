@@ -33,18 +33,17 @@ import shutil
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from . import states
+from . import envid, states, venvsdir
+from .buildslots import BuildSlot, BuildSlots
+from .bytecode import SharedBytecode
 from .config import Config
+from .diskusage import remove_tree, scan_tree
+from .pipargs import requirement_name
 from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
 from .store import EnvRecord, Store, StoreFull
-from .bytecode import SharedBytecode
-from .buildslots import BuildSlot, BuildSlots
-from .diskusage import remove_tree, scan_tree
-from . import envid, venvsdir
-from .pipargs import requirement_name
 from .uv import Uv, UvFailed
 from .venvfiles import write_kernel_files
 
@@ -115,7 +114,8 @@ class EnvManager:
                 # Never delete what the store cannot account for (another store's env, a lost row).
                 target = await asyncio.to_thread(
                     venvsdir.quarantine, self.venvs_dir, entry, "no record of it in %s" % self.store.path)
-                self.record_error("venv directory %s is not in the store: moved aside to %s" % (entry, target))
+                self.record_error(
+                    "venv directory %s is not in the store: moved aside to %s" % (entry, target))
 
     async def _recover_one(self, record: EnvRecord) -> None:
         if record.state == states.CREATING:
@@ -157,7 +157,8 @@ class EnvManager:
             try:
                 self.store.insert_adopted(fields, entry, state, error)
             except (sqlite3.IntegrityError, ValueError, TypeError) as exc:
-                log.warning("the record in %s cannot be adopted (%s); the directory is moved aside", entry, exc)
+                log.warning(
+                    "the record in %s cannot be adopted (%s); the directory is moved aside", entry, exc)
                 continue
             adopted += 1
         self.record_error(
@@ -179,7 +180,9 @@ class EnvManager:
         finally:
             self._slots.start_ended()
 
-    async def _acquire_locked(self, uid: int, key: EnvKey, notebook_file: str | None) -> tuple[EnvRecord, str]:
+    async def _acquire_locked(
+        self, uid: int, key: EnvKey, notebook_file: str | None
+    ) -> tuple[EnvRecord, str]:
         record = self.store.find(uid, key)
         source = "known"
         if record is None and notebook_file is not None:
@@ -192,7 +195,8 @@ class EnvManager:
                         self.store.set_notebook_file(record.id, notebook_file)
                     self.store.touch(record.id)
                 except StoreFull as exc:
-                    # Bookkeeping only: a full state folder must not keep a known notebook's kernel from starting.
+                    # Bookkeeping only: a full state folder must not keep a known notebook's kernel
+                    # from starting.
                     self.record_error(str(exc))
                 return record, source
             if notebook_file is not None and record.notebook_file != notebook_file:
@@ -219,8 +223,10 @@ class EnvManager:
             if self.store.find(uid, key) is not None:
                 return None
             renamed_in_place = [
-                record for record in (self.store.find(uid, EnvKey("notebook", path)) for path in deleted_with_it)
-                if record is not None and record.notebook_file and same_inode(record.notebook_file, notebook_file)
+                record
+                for record in (self.store.find(uid, EnvKey("notebook", path)) for path in deleted_with_it)
+                if record is not None and record.notebook_file
+                and same_inode(record.notebook_file, notebook_file)
                 and record.state in states.SETTLED_NOTEBOOK_STATES
             ]
             return self._follow_rename_locked(uid, key, notebook_file, renamed_in_place)
@@ -234,7 +240,8 @@ class EnvManager:
                 continue  # a hard link: both names exist, each keeps (or gets) its own env
             moved = self.store.rekey(candidate.id, key)
             if moved is not None:
-                log.info("notebook %s was renamed to %s: env %s follows it", old_path, key.value, candidate.id)
+                log.info(
+                    "notebook %s was renamed to %s: env %s follows it", old_path, key.value, candidate.id)
                 return moved
         return None
 
@@ -242,8 +249,10 @@ class EnvManager:
         """Claim the oldest pooled venv whose interpreter is there; remove damaged ones found."""
         claimed, damaged = self.store.claim_pooled(self.spec, uid, key, usable=_interpreter_usable)
         for env_id in damaged:
-            self.record_error("pooled env %s had lost its interpreter; removing it, not handing it out" % env_id)
-            task = asyncio.create_task(self.delete_files_and_row(self.store.get(env_id)), name="remove-damaged")
+            self.record_error(
+                "pooled env %s had lost its interpreter; removing it, not handing it out" % env_id)
+            task = asyncio.create_task(
+                self.delete_files_and_row(self.store.get(env_id)), name="remove-damaged")
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
         if damaged:
@@ -283,7 +292,8 @@ class EnvManager:
         fresh, _ = await self._new_env(uid, key)
         if requirements:
             argv = self.uv.pip_argv(
-                str(fresh.path), "install", [], requirements, compile_bytecode=self.config.bytecode == "per-env"
+                str(fresh.path), "install", [], requirements,
+                compile_bytecode=self.config.bytecode == "per-env",
             )
             try:
                 install_started = time.monotonic()
@@ -325,7 +335,8 @@ class EnvManager:
             await self.uv.run(self.uv.venv_argv(str(path)), low_priority=slot.low_priority)
             write_kernel_files(path)
             await self.uv.run(
-                self.uv.pip_argv(str(path), "install", [], self.config.kernel_packages, self.config.bytecode == "per-env"),
+                self.uv.pip_argv(
+                    str(path), "install", [], self.config.kernel_packages, self.config.bytecode == "per-env"),
                 low_priority=slot.low_priority,
             )
             if self.bytecode is not None:
@@ -370,7 +381,8 @@ class EnvManager:
             if current is not None:
                 await self.delete_files_and_row(current)
         except StoreFull as exc:
-            self.record_error("env %s stays 'creating' in the store until the next start: %s" % (record.id, exc))
+            self.record_error(
+                "env %s stays 'creating' in the store until the next start: %s" % (record.id, exc))
         return size
 
     def _disk_full(self, path: Path, half_made: int, exc: BaseException) -> EnvUnavailable:
@@ -399,7 +411,8 @@ class EnvManager:
 
     async def remove(self, record: EnvRecord) -> None:
         """Delete an env on request. Callers check ownership and that no kernel uses it."""
-        async with self._key_locks[(record.owner_uid, record.key)] if record.key else contextlib.nullcontext():
+        lock = self._key_locks[(record.owner_uid, record.key)] if record.key else contextlib.nullcontext()
+        async with lock:
             current = self.store.get(record.id)
             if current is not None:
                 await self.delete_files_and_row(current)

@@ -8,14 +8,12 @@ restart it in a loop, and the user would never see the reason.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
 
 from . import envvars
-
 
 
 class EnvUnavailableKernel(IPythonKernel):
@@ -45,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

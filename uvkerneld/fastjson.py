@@ -34,14 +34,16 @@ def _unserializable(obj):
 
 def _c_dumps(obj):
     # A fresh encoder per call, as json does: its circular-reference markers must start empty.
-    encoder = _json.make_encoder({}, _unserializable, _json.encode_basestring, None, ":", ",", False, False, True)
+    encoder = _json.make_encoder(
+        {}, _unserializable, _json.encode_basestring, None, ":", ",", False, False, True)
     return "".join(encoder(obj, 0))
 
 
 def _c_loads(text):
     start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
     try:
-        value, end = _json.make_scanner(_DecoderSettings())(text, start)
+        # typeshed types the argument as a JSONDecoder; the C scanner reads only these attributes.
+        value, end = _json.make_scanner(_DecoderSettings())(text, start)  # type: ignore[arg-type]
     except StopIteration as exc:
         raise ValueError("Expecting value: char %d" % exc.value) from None
     if text[end:].strip(_JSON_WHITESPACE):

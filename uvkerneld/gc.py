@@ -23,7 +23,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import protocol, states
 from .diskusage import unshared_bytes
@@ -145,7 +146,8 @@ async def collect(
             kept_live.append({"env_id": record.id, "key": key})
             continue
         progress("%s %s (%s): %s, %s" % (
-            "would remove" if dry_run else "removing", record.id, record.key, current.reason, format_bytes(freed)))
+            "would remove" if dry_run else "removing", record.id, record.key, current.reason,
+            format_bytes(freed)))
         if not dry_run:
             await services.envs.remove(record)
         removed.append({"env_id": record.id, "key": key, "reason": current.reason, "freed_bytes": freed})
@@ -189,7 +191,7 @@ async def run_on_schedule(services: Services) -> None:
             )
             log.info("scheduled gc removed %d env(s), freed %d bytes",
                      len(result["removed"]), result["freed_bytes"])
-        except Exception:  # noqa: BLE001 - the schedule must survive a failed run
+        except Exception:  # the schedule must survive a failed run
             log.exception("scheduled gc failed")
 
 

@@ -24,12 +24,13 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import pipargs, protocol, startuphooks, states
-from .children import ChildRegistry, die_with_parent, stop_group
 from .bytecode import SharedBytecode, sweep_orphaned_bytecode
+from .children import ChildRegistry, die_with_parent, stop_group
 from .config import Config
 from .store import EnvRecord, Store
 from .uv import Uv
@@ -63,7 +64,8 @@ async def _compile_without_site(python: str, venv: Path, children: ChildRegistry
     sites = [str(site) for site in site_packages_dirs(venv)]
     process = await asyncio.create_subprocess_exec(
         python, "-I", "-S", "-m", "compileall", "-q", "-j", "0", *sites,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
         cwd="/", start_new_session=True, preexec_fn=functools.partial(die_with_parent, os.getpid()),
     )
     if children is not None:
@@ -100,7 +102,9 @@ class InstallManager:
         self.queued = 0
 
     def status(self) -> dict[str, int]:
-        return {"running": self.running, "queued": self.queued, "max_parallel": self.config.max_parallel_installs}
+        return {
+            "running": self.running, "queued": self.queued, "max_parallel": self.config.max_parallel_installs,
+        }
 
     async def run(
         self, record: EnvRecord, uid: int, argv: list[str], files: list[str], send_line: Callable[[str], None]
@@ -136,7 +140,8 @@ class InstallManager:
             parsed = [pipargs.parse_requirements_text(text) for text in files]
             flags = command.uv_flags
             indexes = {flags[i + 1] for i, flag in enumerate(flags) if flag == pipargs.INDEX_FLAG}
-            indexes.update(option[1] for each in parsed for option in each.options if option[0] == pipargs.INDEX_FLAG)
+            indexes.update(
+                option[1] for each in parsed for option in each.options if option[0] == pipargs.INDEX_FLAG)
             if command.subcommand == "install" and len(indexes) > 1:
                 raise pipargs.PipUsageError(pipargs.TWO_INDEXES)
         except pipargs.PipUsageError as exc:
@@ -202,7 +207,8 @@ class InstallManager:
                         send_line("uvkerneld: removed %s from this env: code that runs at every Python "
                                   "start is not allowed on a shared host (the daemon runs this env's "
                                   "Python too)" % ", ".join(removed))
-                if returncode == 0 and command.subcommand == "install" and per_env_bytecode and self.uv.shared_host:
+                if (returncode == 0 and command.subcommand == "install" and per_env_bytecode
+                        and self.uv.shared_host):
                     await _compile_without_site(self.config.python, record.path, self.uv.children)
                 if returncode == 0 and mutating:
                     if self.bytecode is not None and command.subcommand == "install":
@@ -250,7 +256,8 @@ class InstallManager:
     def _record(self, env_id: str, validated: Validated, changes: dict[str, list[str]]) -> None:
         command = validated.command
         asked = list(command.requirements)
-        for (flag, _), parsed in zip(command.files, validated.files):
+        # _validate made sure every named file was sent.
+        for (flag, _), parsed in zip(command.files, validated.files, strict=True):
             if flag == "-r":
                 asked.extend(requirement for requirement, _ in parsed.requirements)
         by_name = {}

@@ -57,9 +57,10 @@ def _run_shim(shell, program, line):
     try:
         env = dict(os.environ, UVKERNEL_CHANGES_FILE=report_path, PYTHONUNBUFFERED="1")
         process = subprocess.Popen(
-            [shim] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            [shim, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
             stdin=subprocess.DEVNULL,
         )
+        assert process.stdout is not None  # stdout=PIPE
         for raw in process.stdout:
             sys.stdout.write(raw.decode("utf-8", "replace"))
             sys.stdout.flush()

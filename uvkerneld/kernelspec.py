@@ -67,6 +67,7 @@ def install(
     name: str = DEFAULT_NAME,
     user: bool = False,
     prefix: str | None = None,
+    display_name: str = DEFAULT_DISPLAY_NAME,
     **spec_options: str | None,
 ) -> str:
     """Install the kernelspec; returns the directory it was written to."""
@@ -76,7 +77,7 @@ def install(
         )
     from jupyter_client.kernelspec import KernelSpecManager
 
-    spec = kernel_json(**spec_options)
+    spec = kernel_json(display_name, **spec_options)
     with tempfile.TemporaryDirectory() as staging:
         with open(os.path.join(staging, "kernel.json"), "w") as handle:
             json.dump(spec, handle, indent=1)

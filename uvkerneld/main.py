@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__, envvars
 from .config import AUTOSTARTED_IDLE_EXIT, LINK_MODES, LOG_LEVELS, MODES, ConfigError, load_config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping
 
 log = logging.getLogger("uvkerneld.notify")
 
@@ -68,7 +69,7 @@ class Notifier:
         self.send("WATCHDOG=1")
 
 
-def inherited_listener(environ: dict[str, str] | None = None) -> socket.socket | None:
+def inherited_listener(environ: Mapping[str, str] | None = None) -> socket.socket | None:
     """The socket systemd passed us, or None when we were not socket-activated."""
     environ = os.environ if environ is None else environ
     if environ.get("LISTEN_PID") != str(os.getpid()):

@@ -15,7 +15,8 @@ import logging
 import os
 import pwd
 import time
-from typing import Any, Awaitable, Callable, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from . import __version__, gc, protocol, states
 from .diskusage import unshared_bytes
@@ -83,7 +84,8 @@ class Operations:
         if "key" in args:
             raise protocol.NotFound("uid %d has no env for %s" % (peer.uid, label))
         if "env_id" in args:
-            raise protocol.NotFound("uid %d has no env %s; `uvkernelctl list` shows yours" % (peer.uid, label))
+            raise protocol.NotFound(
+                "uid %d has no env %s; `uvkernelctl list` shows yours" % (peer.uid, label))
         raise protocol.NotFound(
             "uid %d does not own an env at %s: packages can only be changed in your own "
             "notebook's env" % (peer.uid, label)
@@ -95,7 +97,9 @@ class Operations:
 
     # --- kernels --------------------------------------------------------------------------------
 
-    async def op_acquire(self, args: dict[str, Any], peer: PeerCredentials, send_event: Any) -> dict[str, Any]:
+    async def op_acquire(
+        self, args: dict[str, Any], peer: PeerCredentials, send_event: Any
+    ) -> dict[str, Any]:
         self._not_stopping("start the kernel")
         key = args["key"]
         started = time.monotonic()
@@ -115,7 +119,9 @@ class Operations:
             "report_notebook_saves": key.kind == "notebook" and self.services.notebook_watch() is None,
         }
 
-    async def op_notebook_saved(self, args: dict[str, Any], peer: PeerCredentials, send_event: Any) -> dict[str, Any]:
+    async def op_notebook_saved(
+        self, args: dict[str, Any], peer: PeerCredentials, send_event: Any
+    ) -> dict[str, Any]:
         """A kernel reports its notebook's file identity after a save (a daemon with no watcher:
         system mode), so a later rename is still recognised."""
         record = self._resolve({"env": args["env"]}, peer, admin_may=False)
@@ -128,7 +134,9 @@ class Operations:
 
     # --- packages -------------------------------------------------------------------------------
 
-    async def op_pip(self, args: dict[str, Any], peer: PeerCredentials, send_event: Callable[[str, Any], None]) -> dict[str, Any]:
+    async def op_pip(
+        self, args: dict[str, Any], peer: PeerCredentials, send_event: Callable[[str, Any], None]
+    ) -> dict[str, Any]:
         self._not_stopping("run the command")
         record = self._resolve({"env": args["env"]}, peer, admin_may=False)
         result = await self.services.installs.run(
@@ -138,7 +146,9 @@ class Operations:
             self.services.disk.mark_dirty()
         return result
 
-    async def op_installs(self, args: dict[str, Any], peer: PeerCredentials, send_event: Any) -> dict[str, Any]:
+    async def op_installs(
+        self, args: dict[str, Any], peer: PeerCredentials, send_event: Any
+    ) -> dict[str, Any]:
         record = self._resolve(args, peer, admin_may=True)
         return {
             "env_id": record.id,
@@ -173,7 +183,8 @@ class Operations:
         if args["all"] and not self.is_admin(peer):
             raise protocol.NotAllowed(
                 "only root%s can list every user's envs; drop --all to list yours"
-                % (" and members of group %s" % self.services.config().admin_group if self._admin_gid is not None else "")
+                % (" and members of group %s" % self.services.config().admin_group
+                   if self._admin_gid is not None else "")
             )
         records = await self.store.scan()
         live = self.services.lifelines.live_env_ids()
@@ -215,9 +226,12 @@ class Operations:
         if record.id in self.services.lifelines.live_env_ids():
             raise protocol.NotAllowed("env %s has a running kernel; shut the kernel down first" % record.id)
         if record.state == states.INSTALLING:
-            raise protocol.NotAllowed("a package install is running in env %s; try again when it ends" % record.id)
+            raise protocol.NotAllowed(
+                "a package install is running in env %s; try again when it ends" % record.id)
 
-    async def op_gc(self, args: dict[str, Any], peer: PeerCredentials, send_event: Callable[[str, Any], None]) -> dict[str, Any]:
+    async def op_gc(
+        self, args: dict[str, Any], peer: PeerCredentials, send_event: Callable[[str, Any], None]
+    ) -> dict[str, Any]:
         if args["all"] and not self.is_admin(peer):
             raise protocol.NotAllowed("only root or the admin group can collect every user's envs")
         return await gc.collect(
@@ -232,7 +246,8 @@ class Operations:
                 raise protocol.NotAllowed("only root or the admin group can resize the shared pool")
             pool.target = args["size"]
             pool.wake()
-            log.info("pool target set to %d by uid %d (until restart; set pool_size to keep it)", pool.target, peer.uid)
+            log.info("pool target set to %d by uid %d (until restart; set pool_size to keep it)",
+                     pool.target, peer.uid)
         return pool.status()
 
     async def op_status(self, args: dict[str, Any], peer: PeerCredentials, send_event: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 
 class PeerCredentials:
-    __slots__ = ("pid", "uid", "gid")
+    __slots__ = ("gid", "pid", "uid")
 
     def __init__(self, pid: int, uid: int, gid: int) -> None:
         self.pid, self.uid, self.gid = pid, uid, gid

@@ -21,8 +21,9 @@ FORBIDDEN_FLAGS = (
     "--target", "-t", "--prefix", "--python", "-p", "--system", "--user", "--break-system-packages", "--root",
 )
 
-# flag -> (takes a value, the uv spelling)
-_INSTALL_FLAGS = {
+# flag -> (takes a value, the uv spelling; None: uv has no such flag and needs none)
+_FlagTable = dict[str, tuple[bool, str | None]]
+_INSTALL_FLAGS: _FlagTable = {
     "-U": (False, "--upgrade"), "--upgrade": (False, "--upgrade"),
     "-r": (True, "-r"), "--requirement": (True, "-r"),
     "-c": (True, "-c"), "--constraint": (True, "-c"),
@@ -36,17 +37,17 @@ _INSTALL_FLAGS = {
     "-q": (False, "--quiet"), "--quiet": (False, "--quiet"),
     "-v": (False, "--verbose"), "--verbose": (False, "--verbose"),
 }
-_UNINSTALL_FLAGS = {
+_UNINSTALL_FLAGS: _FlagTable = {
     "-y": (False, None), "--yes": (False, None),  # uv never prompts
     "-r": (True, "-r"), "--requirement": (True, "-r"),
     "-q": (False, "--quiet"), "--quiet": (False, "--quiet"),
 }
-_LIST_FLAGS = {
+_LIST_FLAGS: _FlagTable = {
     "--format": (True, "--format"), "-o": (False, "--outdated"), "--outdated": (False, "--outdated"),
 }
-_FREEZE_FLAGS = {}
-_SHOW_FLAGS = {"-f": (False, "--files"), "--files": (False, "--files")}
-FLAGS = {
+_FREEZE_FLAGS: _FlagTable = {}
+_SHOW_FLAGS: _FlagTable = {"-f": (False, "--files"), "--files": (False, "--files")}
+FLAGS: dict[str, _FlagTable] = {
     "install": _INSTALL_FLAGS, "uninstall": _UNINSTALL_FLAGS, "list": _LIST_FLAGS,
     "freeze": _FREEZE_FLAGS, "show": _SHOW_FLAGS,
 }
@@ -71,7 +72,7 @@ class PipUsageError(Exception):
 class PipCommand:
     """A validated command: uv's argv tail, and what the user asked for (to record)."""
 
-    __slots__ = ("subcommand", "uv_flags", "packages", "requirements", "files", "local_paths")
+    __slots__ = ("files", "local_paths", "packages", "requirements", "subcommand", "uv_flags")
 
     def __init__(self, subcommand, uv_flags, packages, requirements, files, local_paths):
         self.subcommand = subcommand
@@ -131,7 +132,7 @@ def parse_command(argv):
             only_positionals = True
             continue
         if not only_positionals and arg.startswith("-") and arg != "-":
-            flag, inline_value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") else (arg, None)
+            flag, inline_value = [*arg.split("=", 1), None][:2] if arg.startswith("--") else (arg, None)
             if flag not in allowed:
                 _refuse_flag(flag, subcommand)
             takes_value, uv_flag = allowed[flag]
@@ -155,6 +156,7 @@ def parse_command(argv):
                         raise PipUsageError("--format must be one of %s" % ", ".join(_LIST_FORMATS))
                     uv_args.extend([uv_flag, value])
                 else:
+                    assert uv_flag is not None  # every flag that takes a value has a uv spelling
                     _check_url(value, flag)
                     if uv_flag == INDEX_FLAG and INDEX_FLAG in uv_args:
                         raise PipUsageError(TWO_INDEXES)
@@ -232,7 +234,7 @@ _COMMENT = re.compile(r"(^|\s)#.*$", re.S)
 class RequirementsText:
     """A requirements file as the daemon hands it to uv: one requirement per line, no options."""
 
-    __slots__ = ("requirements", "editables", "options", "local_paths")
+    __slots__ = ("editables", "local_paths", "options", "requirements")
 
     def __init__(self):
         self.requirements = []  # (requirement, [hash, ...])
@@ -241,7 +243,10 @@ class RequirementsText:
         self.local_paths = []  # local paths and "-e TARGET" (refused in system mode)
 
     def render(self):
-        lines = [" ".join([requirement] + ["--hash=%s" % h for h in hashes]) for requirement, hashes in self.requirements]
+        lines = [
+            " ".join([requirement] + ["--hash=%s" % h for h in hashes])
+            for requirement, hashes in self.requirements
+        ]
         lines.extend("-e %s" % target for target in self.editables)
         return "\n".join(lines) + "\n"
 
@@ -340,7 +345,8 @@ def parse_requirements_text(text):
         for item in tail:
             match = _HASH.match(item)
             if not match:
-                raise PipUsageError("%s: only --hash=ALGORITHM:DIGEST may follow a requirement, got %r" % (where, item[:80]))
+                raise PipUsageError("%s: only --hash=ALGORITHM:DIGEST may follow a requirement, got %r"
+                                    % (where, item[:80]))
             hashes.append(match.group(1))
         _check_text(requirement, where)
         if looks_like_local_path(requirement):
@@ -403,6 +409,6 @@ def shared_host_refusal(requirement, editable=False):
         return LOCAL_PATH_REFUSED % requirement
     if editable or lowered.startswith(_VCS_SCHEMES) or not lowered.startswith(("http://", "https://")):
         return BUILD_REFUSED % (name or url)
-    if not re.split(r"[?#]", lowered, 1)[0].endswith(".whl"):
+    if not re.split(r"[?#]", lowered, maxsplit=1)[0].endswith(".whl"):
         return BUILD_REFUSED % (name or url)
     return None

@@ -14,9 +14,9 @@ import logging
 from . import states
 from .buildslots import BuildPreempted, BuildSlots
 from .envs import EnvManager
+from .protocol import EnvUnavailable
 from .store import Store
 from .tasks import cancel_and_wait
-from .protocol import EnvUnavailable
 
 log = logging.getLogger("uvkerneld.pool")
 
@@ -45,7 +45,10 @@ class WarmPool:
         return self.store.count_pooled(self.envs.spec)
 
     def status(self) -> dict[str, object]:
-        return {"ready": self.ready, "target": self.target, "filling": self.filling, "last_error": self.last_error}
+        return {
+            "ready": self.ready, "target": self.target, "filling": self.filling,
+            "last_error": self.last_error,
+        }
 
     def wake(self) -> None:
         self._wake.set()
@@ -90,7 +93,7 @@ class WarmPool:
                     # A kernel start needed the build slot and we could not raise our priority:
                     # it builds its own venv; refill once it is done.
                     continue
-                except Exception as exc:  # noqa: BLE001 - the filler must survive any failure
+                except Exception as exc:  # the filler must survive any failure
                     self.last_error = str(exc)
                     if not isinstance(exc, EnvUnavailable):
                         log.exception("unexpected error while refilling the pool")

@@ -123,7 +123,7 @@ class OverLimit(DaemonFault):
     code = "over_limit"
 
 
-ERROR_CLASSES = {
+ERROR_CLASSES: dict[str, type[UvkError]] = {
     cls.code: cls
     for cls in (
         FrameTooLarge, TruncatedFrame, NotJson, BadRequest, UnknownOp, UnsupportedVersion,
@@ -136,7 +136,8 @@ def error_from_wire(error):
     """Rebuild the exception a response's ``error`` object describes (client side)."""
     if not isinstance(error, dict):
         return InternalError("daemon sent a malformed error: %r" % (error,))
-    cls = ERROR_CLASSES.get(error.get("code"), UvkError)
+    code = error.get("code")
+    cls = ERROR_CLASSES.get(code, UvkError) if isinstance(code, str) else UvkError
     exc = cls(str(error.get("message", "")))
     if cls is UvkError:
         exc.code = str(error.get("code"))
@@ -222,7 +223,7 @@ class FrameDecoder:
 class Request:
     """A validated request. Build with ``parse_request``; an invalid one cannot exist."""
 
-    __slots__ = ("id", "op", "args")
+    __slots__ = ("args", "id", "op")
 
     def __init__(self, request_id, op, args):
         self.id = request_id
@@ -410,7 +411,10 @@ def validate_gc(args):
     if not isinstance(env_ids, list) or not all(isinstance(e, str) for e in env_ids):
         raise BadRequest('"env_ids" must be a list of env ids')
     _check_texts(env_ids, '"env_ids"')
-    return {"older_than_s": older_than, "env_ids": env_ids, "dry_run": _flag(args, "dry_run"), "all": _flag(args, "all")}
+    return {
+        "older_than_s": older_than, "env_ids": env_ids, "dry_run": _flag(args, "dry_run"),
+        "all": _flag(args, "all"),
+    }
 
 
 def validate_pool(args):

@@ -24,16 +24,17 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from . import __version__, cachedir, connlimits, framing, fsafety, gc, handstart, protocol
-from .config import Config, ConfigError, load_config
-from .envs import EnvManager
 from .buildslots import BuildSlots
 from .bytecode import SharedBytecode
 from .children import ChildRegistry
+from .config import Config, ConfigError, load_config
 from .diskusage import DiskUsage
+from .envs import EnvManager
 from .installs import InstallManager
 from .lifelines import Lifelines
 from .notify import Notifier, inherited_listener
@@ -114,8 +115,9 @@ class Daemon:
         log.info(
             "open-file limit %s: up to %d connections (%d per uid besides kernels, %d kernels per uid), "
             "idle connections closed after %.0f s, %d MiB for large requests being received",
-            fd_limit if fd_limit >= 0 else "unlimited", limits.max_connections, limits.max_connections_per_uid,
-            limits.max_kernels_per_uid, limits.idle_timeout, limits.frame_buffer_budget >> 20,
+            fd_limit if fd_limit >= 0 else "unlimited", limits.max_connections,
+            limits.max_connections_per_uid, limits.max_kernels_per_uid, limits.idle_timeout,
+            limits.frame_buffer_budget >> 20,
         )
 
     def _on_reload(self) -> None:
@@ -223,7 +225,8 @@ class Daemon:
         self._server = connlimits.Listener(sock, self._on_connection, self.admission.limits)
         log.info(
             "uvkerneld %s ready: mode=%s socket=%s%s venvs=%s cache=%s pool=%d uv=%s",
-            __version__, config.mode, self.config.socket, " (socket-activated)" if self.socket_activated else "",
+            __version__, config.mode, self.config.socket,
+            " (socket-activated)" if self.socket_activated else "",
             config.venvs_dir, config.cache_dir, config.pool_size, uv_binary,
         )
         pool.start()
@@ -244,11 +247,12 @@ class Daemon:
     def _status_line(self) -> str:
         if self.services is None:
             return "starting"
-        pool = self.services.pool.status()
+        pool = self.services.pool
         counts = self.status()["envs"]  # cheap: counts only
         installs = self.services.installs.status()
         return "pool %d/%d ready, %d envs, %d live kernels, %d installs running, %d queued" % (
-            pool["ready"], pool["target"], counts["total"], counts["live"], installs["running"], installs["queued"],
+            pool.ready, pool.target, counts["total"], counts["live"], installs["running"],
+            installs["queued"],
         )
 
     async def _report_status(self) -> None:
@@ -270,7 +274,7 @@ class Daemon:
         be exiting (idle exit closes its socket first): wait for it, without blocking the loop.
         """
         path = self.config.state_dir / "uvkerneld.pid"
-        handle = open(path, "a+")
+        handle = open(path, "a+")  # noqa: ASYNC230  a small local file, once at startup before serving
         deadline = time.monotonic() + INSTANCE_LOCK_WAIT
         waited = False
         while not _try_flock(handle):
@@ -351,7 +355,8 @@ class Daemon:
             log.info("waiting up to %.0f s for %d running request(s)", self.shutdown_grace, len(busy))
             _, unfinished = await asyncio.wait(busy, timeout=self.shutdown_grace)
             if unfinished:
-                log.warning("aborting %d request(s) still running after %.0f s", len(unfinished), self.shutdown_grace)
+                log.warning("aborting %d request(s) still running after %.0f s",
+                            len(unfinished), self.shutdown_grace)
         remaining = [task for task in self._connections if not task.done()]
         for task in remaining:
             task.cancel()
@@ -530,7 +535,8 @@ class Daemon:
                 self.last_activity = time.monotonic()
             quiet_for = time.monotonic() - self.last_activity
             if quiet_for >= limit:
-                log.info("idle for %.0f s (idle_exit): exiting; the next kernel start starts uvkerneld again", quiet_for)
+                log.info("idle for %.0f s (idle_exit): exiting; the next kernel start starts uvkerneld again",
+                         quiet_for)
                 if self._server is not None:
                     self._server.close()  # from here on, new clients start a successor
                 self._stop.set()

@@ -7,7 +7,7 @@ ops.py and gc.py need nothing from the server and do not import it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from .config import Config
 from .diskusage import DiskUsage

@@ -128,7 +128,8 @@ def _repair_pyvenv_cfg(venv: str) -> bool:
     def pairs(text: str) -> list[tuple[str, str]]:
         return [(key.strip(), value.strip()) for key, sep, value in
                 (line.partition("=") for line in text.splitlines()) if sep or key.strip()]
-    if not linked and len(data) <= _MAX_PTH_BYTES and pairs(data.decode("utf-8", "replace")) == pairs("\n".join(lines)):
+    if (not linked and len(data) <= _MAX_PTH_BYTES
+            and pairs(data.decode("utf-8", "replace")) == pairs("\n".join(lines))):
         return False  # the same keys and values in the same order; only spacing differs
     if os.path.isdir(cfg) and not os.path.islink(cfg):
         shutil.rmtree(cfg)
@@ -137,7 +138,7 @@ def _repair_pyvenv_cfg(venv: str) -> bool:
     if os.path.lexists(tmp):
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(expected)
+    with os.fdopen(fd, "wb") as out:
+        out.write(expected)
     os.replace(tmp, cfg)
     return True

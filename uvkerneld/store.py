@@ -16,8 +16,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import states
 from .protocol import EnvKey, EnvUnavailable
@@ -28,8 +29,8 @@ log = logging.getLogger("uvkerneld.store")
 
 class EnvRecord:
     __slots__ = (
-        "id", "path", "state", "owner_uid", "key", "spec", "python", "created_at", "last_used_at", "error",
-        "notebook_file",
+        "created_at", "error", "id", "key", "last_used_at", "notebook_file", "owner_uid", "path", "python",
+        "spec", "state",
     )
 
     def __init__(self, row: sqlite3.Row) -> None:
@@ -102,7 +103,7 @@ class _Connection(sqlite3.Connection):
 
     db_path = ""  # set right after connecting
 
-    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
         try:
             return super().execute(*args, **kwargs)
         except sqlite3.OperationalError as exc:
@@ -215,7 +216,7 @@ class Store:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
 
-    def _transaction(self) -> "Store._Transaction":
+    def _transaction(self) -> Store._Transaction:
         return Store._Transaction(self._db)
 
     # --- reads ------------------------------------------------------------------------------
@@ -326,7 +327,8 @@ class Store:
                     break
                 states.check_transition(row["state"], states.BROKEN)
                 db.execute("UPDATE envs SET state=?, error=? WHERE id=?",
-                           (states.BROKEN, "its interpreter was missing when it was to be handed out", row["id"]))
+                           (states.BROKEN, "its interpreter was missing when it was to be handed out",
+                            row["id"]))
                 damaged.append(row["id"])
             if claimed is None:
                 return None, damaged
@@ -354,7 +356,8 @@ class Store:
         """Give an assigned env a new key (its notebook was renamed); None if the key is taken."""
         try:
             with self._transaction() as db:
-                db.execute("UPDATE envs SET key_kind=?, key_value=? WHERE id=?", (key.kind, key.value, env_id))
+                db.execute("UPDATE envs SET key_kind=?, key_value=? WHERE id=?",
+                           (key.kind, key.value, env_id))
         except sqlite3.IntegrityError:
             return None
         self.on_env_changed(env_id)
@@ -389,7 +392,8 @@ class Store:
         record = self.get(env_id)
         if record is None:
             return None
-        rows = self._db.execute("SELECT name, requirement FROM requirements WHERE env_id=?", (env_id,)).fetchall()
+        rows = self._db.execute(
+            "SELECT name, requirement FROM requirements WHERE env_id=?", (env_id,)).fetchall()
         return {
             "id": record.id, "owner_uid": record.owner_uid,
             "key": [record.key.kind, record.key.value] if record.key else None,
@@ -418,7 +422,8 @@ class Store:
 
     def install_finished(self, install_id: int, exit_status: int | None) -> None:
         self._db.execute(
-            "UPDATE installs SET finished_at=?, exit_status=? WHERE id=?", (time.time(), exit_status, install_id)
+            "UPDATE installs SET finished_at=?, exit_status=? WHERE id=?",
+            (time.time(), exit_status, install_id),
         )
 
     def installs(self, env_id: str, limit: int = 1000) -> list[dict[str, Any]]:

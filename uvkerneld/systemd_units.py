@@ -64,5 +64,6 @@ def _check_system_interpreter() -> None:
                 "uvkerneld runs from %s, under %s: the system service (ProtectHome=yes) and other "
                 "users cannot reach it. Install it system-wide first, e.g. `python3 -m venv "
                 "/opt/uvkerneld && /opt/uvkerneld/bin/pip install uvkerneld`, and run "
-                "`/opt/uvkerneld/bin/uvkernelctl install-systemd` from there." % (executable, private.rstrip("/"))
+                "`/opt/uvkerneld/bin/uvkernelctl install-systemd` from there."
+                % (executable, private.rstrip("/"))
             )

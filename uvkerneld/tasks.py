@@ -13,7 +13,7 @@ log = logging.getLogger("uvkerneld.tasks")
 STOP_TIMEOUT = 15.0
 
 
-async def cancel_and_wait(task: "asyncio.Task[None] | None", timeout: float = STOP_TIMEOUT) -> None:
+async def cancel_and_wait(task: asyncio.Task[None] | None, timeout: float = STOP_TIMEOUT) -> None:
     """Stop a background task and wait (at most ``timeout``) until it has run its cleanup."""
     if task is None:
         return

@@ -19,7 +19,7 @@ from .childside import become_background
 
 
 class TreeUsage:
-    __slots__ = ("apparent", "linked", "real", "new", "unshared", "files")
+    __slots__ = ("apparent", "files", "linked", "new", "real", "unshared")
 
     def __init__(self) -> None:
         self.apparent = 0  # every link's st_size, like `du --apparent-size --count-links`

@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import shutil
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import startuphooks
 from .children import ChildRegistry, die_with_parent, stop_group
@@ -29,7 +29,8 @@ class UvFailed(Exception):
         self.returncode = returncode
         self.output = output
         tail = "\n".join(output.strip().splitlines()[-15:])
-        super().__init__("uv %s exited with status %d:\n%s" % (argv[1] if len(argv) > 1 else "", returncode, tail))
+        super().__init__(
+            "uv %s exited with status %d:\n%s" % (argv[1] if len(argv) > 1 else "", returncode, tail))
 
 
 def find_uv(configured: str | None) -> str:
@@ -50,7 +51,9 @@ def find_uv(configured: str | None) -> str:
 
 
 class Uv:
-    def __init__(self, binary: str, cache_dir: str, link_mode: str, python: str, shared_host: bool = False) -> None:
+    def __init__(
+        self, binary: str, cache_dir: str, link_mode: str, python: str, shared_host: bool = False
+    ) -> None:
         self.binary = binary
         self.cache_dir = cache_dir
         self.link_mode = link_mode

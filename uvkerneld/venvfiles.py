@@ -32,10 +32,11 @@ from uvkerneld.shim import main
 sys.exit(main({program!r}, {venv!r}))
 """
 
-_KERNEL_CONFIG = """# Written by uvkerneld: %pip and %uv install into this notebook's own env through the daemon.
-c = get_config()  # noqa: F821
-c.InteractiveShellApp.extensions.append({module!r})
-"""
+_KERNEL_CONFIG = (
+    "# Written by uvkerneld: %pip and %uv install into this notebook's own env through the daemon.\n"
+    "c = get_config()  # noqa: F821\n"
+    "c.InteractiveShellApp.extensions.append({module!r})\n"
+)
 
 
 def site_packages_dirs(venv: Path) -> list[Path]:

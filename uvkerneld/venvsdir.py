@@ -93,21 +93,23 @@ class VenvsDirClaim:
         if owner_id and owner_id != self.store_id:
             if self.previous.get("state_dir") != self.state_dir:
                 raise VenvsDirRefused(
-                    "venvs dir %s belongs to the uvkerneld whose state dir is %s, not to %s: give this daemon "
-                    "its own --venvs-dir (or, if that state dir is gone for good, delete %s to adopt its venvs)"
+                    "venvs dir %s belongs to the uvkerneld whose state dir is %s, not to %s: give this "
+                    "daemon its own --venvs-dir (or, if that state dir is gone for good, delete %s to adopt "
+                    "its venvs)"
                     % (self.venvs_dir, self.previous.get("state_dir", "?"), self.state_dir, self.path)
                 )
             if store_has_envs:
                 raise VenvsDirRefused(
-                    "the state db in %s is not the one that built the venvs in %s (store id %s, expected %s): "
-                    "restore the right state.db, or delete %s to let this one adopt them"
+                    "the state db in %s is not the one that built the venvs in %s (store id %s, "
+                    "expected %s): restore the right state.db, or delete %s to let this one adopt them"
                     % (self.state_dir, self.venvs_dir, self.store_id, owner_id, self.path)
                 )
         return not store_has_envs and any(env_dirs(self.venvs_dir))
 
     def record(self) -> None:
         """Write our store's id into the owner file (after any adoption succeeded)."""
-        if self.previous.get("store_id") == self.store_id and self.previous.get("state_dir") == self.state_dir:
+        previous = self.previous
+        if previous.get("store_id") == self.store_id and previous.get("state_dir") == self.state_dir:
             return  # unchanged: nothing to write (a full disk must not stop a restart)
         text = json.dumps({"store_id": self.store_id, "state_dir": self.state_dir})
         os.ftruncate(self._fd, 0)
@@ -185,7 +187,8 @@ def read_env_record(venv: Path) -> dict[str, Any] | None:
     if not isinstance(value, dict) or value.get("id") != venv.name:
         return None
     key, owner = value.get("key"), value.get("owner_uid")
-    key_ok = key is None or (isinstance(key, list) and len(key) == 2 and all(isinstance(part, str) for part in key))
+    key_ok = key is None or (
+        isinstance(key, list) and len(key) == 2 and all(isinstance(part, str) for part in key))
     owner_ok = owner is None or (isinstance(owner, int) and not isinstance(owner, bool))
     requirements = value.get("requirements") or {}
     if not (key_ok and owner_ok and isinstance(requirements, dict)):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from watchfiles import Change, awatch
 
@@ -46,6 +46,18 @@ def _is_notebook(change: Change, path: str) -> bool:
     name = os.path.basename(path)
     # ".~name.ipynb" is jupyter_server's backup copy during a save, not a notebook.
     return name.endswith(".ipynb") and not name.startswith(".~")
+
+
+def _existing_folders(folders: Iterable[str]) -> list[str]:
+    return sorted(folder for folder in folders if os.path.isdir(folder))
+
+
+def _identity_and_real_path(path: str) -> tuple[str, str] | None:
+    try:
+        identity = identity_of(os.stat(path))
+    except OSError:
+        return None
+    return identity, os.path.realpath(path)
 
 
 class NotebookFolders:
@@ -86,7 +98,8 @@ class NotebookWatcher:
 
     def _add_tracked_folders(self) -> None:
         for record in self.store.all():
-            if record.key and record.key.kind == "notebook" and record.state in states.SETTLED_NOTEBOOK_STATES:
+            if (record.key and record.key.kind == "notebook"
+                    and record.state in states.SETTLED_NOTEBOOK_STATES):
                 self._folders.paths.add(os.path.dirname(record.key.value))
 
     async def _run(self) -> None:
@@ -94,8 +107,11 @@ class NotebookWatcher:
         restart = self._folders.changed
         while True:
             self._add_tracked_folders()
-            existing = sorted(folder for folder in self.folders if os.path.isdir(folder))
+            folders = list(self.folders)
+            # Cleared before the check runs off the loop: a folder added meanwhile sets it again.
             restart.clear()
+            # A stat per folder, and home folders may be on a network filesystem: not on the loop.
+            existing = await asyncio.to_thread(_existing_folders, folders)
             if not existing:
                 await restart.wait()
                 continue
@@ -110,7 +126,7 @@ class NotebookWatcher:
                     delay = RETRY_DELAY
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a failed watch must not take the daemon down
+            except Exception as exc:  # a failed watch must not take the daemon down
                 log.warning("notebook watch failed (%s); retrying in %.0f s", exc, delay)
                 try:
                     await asyncio.wait_for(restart.wait(), delay)
@@ -124,11 +140,11 @@ class NotebookWatcher:
         for change, path in sorted(changes, key=lambda item: item[1]):
             if change == Change.deleted:
                 continue  # the env stays keyed by the old path until its notebook shows up again
-            try:
-                identity = identity_of(os.stat(path))
-            except OSError:
+            found = await asyncio.to_thread(_identity_and_real_path, path)
+            if found is None:
                 continue  # gone again already (a temporary file, a quick second rename)
-            key = EnvKey("notebook", os.path.realpath(path))
+            identity, real_path = found
+            key = EnvKey("notebook", real_path)
             record = self.store.find(self.uid, key)
             if record is not None:
                 if record.notebook_file != identity:
