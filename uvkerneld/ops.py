@@ -244,8 +244,7 @@ class Operations:
         if args["size"] is not None:
             if not self.is_admin(peer):
                 raise protocol.NotAllowed("only root or the admin group can resize the shared pool")
-            pool.target = args["size"]
-            pool.wake()
+            pool.resize(args["size"])
             log.info("pool target set to %d by uid %d (until restart; set pool_size to keep it)",
                      pool.target, peer.uid)
         return pool.status()

@@ -53,6 +53,11 @@ class WarmPool:
     def wake(self) -> None:
         self._wake.set()
 
+    def resize(self, target: int) -> None:
+        """A new target (``uvkernelctl pool --size``, SIGHUP): the filler builds or removes to it."""
+        self.target = target
+        self._wake.set()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pool-filler")
 

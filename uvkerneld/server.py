@@ -136,8 +136,7 @@ class Daemon:
             logging.getLogger().setLevel(new.log_level.upper())
             applied.append("log_level")
         if new.pool_size != self.config.pool_size and self.services is not None:
-            self.services.pool.target = new.pool_size
-            self.services.pool.wake()
+            self.services.pool.resize(new.pool_size)
             applied.append("pool_size")
         needs_restart = [name for name in changed if name not in applied]
         self.config = dataclasses.replace(self.config, log_level=new.log_level, pool_size=new.pool_size)
@@ -187,8 +186,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
         self._closing.callback(store.close)
         uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
-                shared_host=config.mode == "system")
-        uv.children = ChildRegistry(config.state_dir)
+                shared_host=config.mode == "system", children=ChildRegistry(config.state_dir))
         bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
         slots = BuildSlots(config.max_parallel_creates, uv.raise_priority)
         pool_wake = asyncio.Event()

@@ -52,7 +52,8 @@ def find_uv(configured: str | None) -> str:
 
 class Uv:
     def __init__(
-        self, binary: str, cache_dir: str, link_mode: str, python: str, shared_host: bool = False
+        self, binary: str, cache_dir: str, link_mode: str, python: str, shared_host: bool = False,
+        children: ChildRegistry | None = None,
     ) -> None:
         self.binary = binary
         self.cache_dir = cache_dir
@@ -64,8 +65,9 @@ class Uv:
         # sdist) and never runs an env's Python with a user's startup hooks in it.
         self.shared_host = shared_host
         self._low_priority_pids: set[int] = set()
-        # Set by the daemon: the uv process groups running now, so a successor can stop them.
-        self.children: ChildRegistry | None = None
+        # The daemon's registry of the uv process groups running now, so a successor can stop
+        # them; None where no daemon keeps one (bench and tests that run uv alone).
+        self.children = children
 
     def raise_priority(self) -> tuple[int, int]:
         """Put the low-priority uv runs under way back at normal priority: (raised, refused).
