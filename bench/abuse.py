@@ -30,7 +30,7 @@ SAMPLES = 20
 TARGET_LATENCY_MS = 1000.0  # status and a known env's acquire while the flood is held
 
 
-def bench_abuse(ws: "Workspace") -> dict[str, Any]:
+def bench_abuse(ws: Workspace) -> dict[str, Any]:
     from bench.run import median, rss_mb  # run.py imports this module
 
     ws.use("abuse")
@@ -95,7 +95,7 @@ def format_abuse(abuse: dict[str, Any]) -> list[str]:
     ]
 
 
-def _start_limited(ws: "Workspace", fd_limit: int) -> None:
+def _start_limited(ws: Workspace, fd_limit: int) -> None:
     """Like ``ws.start_daemon(0)``, under a soft and hard open-file limit."""
     ws.stop_daemon()
     ws.state_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def _start_limited(ws: "Workspace", fd_limit: int) -> None:
     wait_until(lambda: ws.status() is not None, 60, "the daemon to answer")
 
 
-def _connect(ws: "Workspace") -> socket.socket:
+def _connect(ws: Workspace) -> socket.socket:
     """A raw connection; waits while the listen backlog is full (the daemon accepts in turns)."""
     deadline = time.monotonic() + 30
     while True:

@@ -45,7 +45,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="acquire-sampler", daemon=True)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -65,7 +65,7 @@ class Sampler:
                 finally:
                     sock.close()  # the "kernel" ends at once: its lifeline closes
                 self.samples.append(time.perf_counter() - started)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+        except BaseException as exc:  # re-raised in the main thread
             self.error = exc
 
 

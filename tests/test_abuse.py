@@ -14,8 +14,9 @@ import struct
 import subprocess
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from helpers import Daemon, Layout, ctl, read_message, wait_until

@@ -8,11 +8,10 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from helpers import Daemon, Layout, wait_until
 
 from uvkerneld import gc, protocol, states

@@ -8,11 +8,21 @@ import os
 import queue
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-from helpers import Daemon, Layout, process_alive, processes_matching, read_message, run_code, running_kernel, wait_until
+from helpers import (
+    Daemon,
+    Layout,
+    process_alive,
+    processes_matching,
+    read_message,
+    run_code,
+    running_kernel,
+    wait_until,
+)
 from jupyter_client.manager import KernelManager
 
 from uvkerneld import protocol

@@ -12,8 +12,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from helpers import Daemon, Layout, ctl, process_alive, processes_matching, register_envs, wait_until

@@ -14,7 +14,13 @@ import pytest
 from uvkerneld import connlimits, fastjson, framing, kernel_extension, protocol
 from uvkerneld.ops import parse_request
 from uvkerneld.protocol import (
-    BadRequest, FrameDecoder, FrameTooLarge, NotJson, TruncatedFrame, UnknownOp, UnsupportedVersion,
+    BadRequest,
+    FrameDecoder,
+    FrameTooLarge,
+    NotJson,
+    TruncatedFrame,
+    UnknownOp,
+    UnsupportedVersion,
 )
 
 

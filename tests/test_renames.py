@@ -11,7 +11,6 @@ import shutil
 from typing import Any
 
 import pytest
-
 from helpers import Daemon, Layout, ctl, run_code, running_kernel, wait_until
 from jupyter_rest import JupyterServer, kernel_facts, run_in_kernel
 

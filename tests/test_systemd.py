@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from helpers import Daemon, Layout, ctl, wait_until
 
-
 pytestmark = pytest.mark.skipif(
     not shutil.which("systemd-analyze") or not shutil.which("systemd-socket-activate"),
     reason="needs systemd's tools (apt-get install systemd)",

@@ -11,8 +11,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from helpers import Daemon, Layout, ctl, process_alive, processes_matching, running_kernel, wait_until
