@@ -51,7 +51,7 @@ def median(samples: list[float]) -> float:
 
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -305,13 +305,13 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         base = baselines.get(case, values)
         # Ratio = median over rounds of (this start / its adjacent plain start): pairing cancels
         # the drift (independent medians moved by +-10% between runs here).
-        paired_ratios = [value / plain_value for value, plain_value in zip(values, base)]
+        paired_ratios = [value / plain_value for value, plain_value in zip(values, base, strict=False)]
         cpu_values = cpu[case]
         cpu_base = cpu_baselines.get(case, cpu_values)
         cases_out[case] = {"median_s": median(values), "ratio": median(paired_ratios), "samples": values,
                            "baseline_samples": base, "ratio_of_medians": median(values) / median(base),
                            "cpu_median_s": median(cpu_values),
-                           "cpu_ratio": median([c / b for c, b in zip(cpu_values, cpu_base)]),
+                           "cpu_ratio": median([c / b for c, b in zip(cpu_values, cpu_base, strict=False)]),
                            "cpu_samples": cpu_values, "cpu_baseline_samples": cpu_base}
     cases_out["pool_empty"]["extra_s"] = cases_out["pool_empty"]["median_s"] - median(baselines["pool_empty"])
     return cases_out
@@ -385,10 +385,10 @@ def bench_parallel_installs(ws: Workspace) -> dict[str, Any]:
         assert ws.request("pip", {"env": env, "argv": ["install", package]})["exit_status"] == 0
 
     started = time.perf_counter()
-    for env, package in zip(envs[:4], packages):
+    for env, package in zip(envs[:4], packages, strict=False):
         install(env, package)
     serial = time.perf_counter() - started
-    threads = [threading.Thread(target=install, args=(env, package)) for env, package in zip(envs[4:8], packages)]
+    threads = [threading.Thread(target=install, args=(env, package)) for env, package in zip(envs[4:8], packages, strict=False)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def test_eight_concurrent_installs_into_one_env_run_one_at_a_time(install_daemon
     history = layout.request("installs", {"env": env_path})["installs"]
     assert len(history) == 8
     intervals = sorted((item["started_at"], item["finished_at"]) for item in history)
-    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+    for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start >= end, "two installs into one env overlapped: %s" % intervals
     # FIFO: they ran in the order the daemon queued them.
     assert [item["id"] for item in sorted(history, key=lambda item: item["started_at"])] == sorted(item["id"] for item in history)
@@ -148,7 +149,7 @@ def test_installs_into_different_envs_run_in_parallel(install_daemon: Daemon, la
         done.append(layout.request("pip", {"env": env_path, "argv": ["install", "six==" + version]}, timeout=300))
 
     started = time.monotonic()
-    threads = [threading.Thread(target=install, args=(env, v)) for env, v in zip(envs, ["1.14.0", "1.15.0", "1.16.0", "1.17.0"])]
+    threads = [threading.Thread(target=install, args=(env, v)) for env, v in zip(envs, ["1.14.0", "1.15.0", "1.16.0", "1.17.0"], strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -160,7 +161,7 @@ def test_installs_into_different_envs_run_in_parallel(install_daemon: Daemon, la
         (record,) = layout.request("installs", {"env": env_path})["installs"]
         intervals.append((record["started_at"], record["finished_at"]))
     intervals.sort()
-    overlapping = any(later[0] < earlier[1] for earlier, later in zip(intervals, intervals[1:]))
+    overlapping = any(later[0] < earlier[1] for earlier, later in itertools.pairwise(intervals))
     assert overlapping, "installs into different envs never ran at the same time: %s" % intervals
     serial = sum(end - start for start, end in intervals)
     print("4 envs: wall %.2f s vs sum of install times %.2f s (ratio %.2f)" % (wall, serial, wall / serial))

@@ -367,7 +367,7 @@ def read_frames(data: bytes, idle_timeout: float | None = 5.0, budget_bytes: int
             try:
                 body = await framing.read_frame(reader, idle_timeout, 5.0, admission)
             except (framing.IdleTimeout, protocol.UvkError) as exc:
-                return results + [exc]
+                return [*results, exc]
             if body is None:
                 return results
             results.append(body)

@@ -118,8 +118,8 @@ _SCHEMA_2_ENVS = SCHEMA_1_ENVS.replace("error TEXT,", "error TEXT, notebook_file
 _ENVS_BY_NOTEBOOK_FILE = "CREATE INDEX envs_by_notebook_file ON envs (owner_uid, notebook_file)"
 
 _FIRST = [_META, SCHEMA_1_ENVS, _ENVS_BY_STATE]
-_WITH_INSTALLS = _FIRST + [_INSTALLS, _INSTALLS_BY_ENV, _REQUIREMENTS]
-_WITH_KERNELS = _WITH_INSTALLS + [_KERNELS]
+_WITH_INSTALLS = [*_FIRST, _INSTALLS, _INSTALLS_BY_ENV, _REQUIREMENTS]
+_WITH_KERNELS = [*_WITH_INSTALLS, _KERNELS]
 _SCHEMA_2 = [_META, _SCHEMA_2_ENVS, _ENVS_BY_STATE, _INSTALLS, _INSTALLS_BY_ENV, _KERNELS, _REQUIREMENTS,
              _ENVS_BY_NOTEBOOK_FILE]
 # The commit that introduced the shape: (its meta schema_version, its statements), oldest first.

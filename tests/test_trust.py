@@ -262,7 +262,7 @@ def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(layout: 
 def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings(layout: Layout, kernelspec: str) -> None:
     from test_pool import gated_uv
 
-    gate, fake_uv, env = gated_uv(layout)
+    _gate, fake_uv, env = gated_uv(layout)
     # The daemon the user started by hand, with directories of their own; the kernelspec names only
     # the socket, so a daemon a kernel started would use other ones (here: the layout's).
     hand_flags = ("--pool-size", "0", "--state-dir", str(layout.root / "hand-state"),
