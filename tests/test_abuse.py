@@ -91,7 +91,9 @@ def peer_env() -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": "/"}
 
 
-def call_as(uid: int, socket_path: Path, op: str, args: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
+def call_as(
+    uid: int, socket_path: Path, op: str, args: dict[str, Any] | None = None, timeout: float = 60
+) -> dict[str, Any]:
     result = subprocess.run(
         [SYSTEM_PYTHON, "-c", PEER, str(socket_path), "call", op, json.dumps(args or {}), str(timeout)],
         user=uid, group=uid, extra_groups=[], env=peer_env(), cwd="/", capture_output=True, text=True,

@@ -72,7 +72,9 @@ def test_a_notebook_key_naming_no_file_is_the_cells_error_in_nbconvert_and_jupyt
     assert layout.request("list", {"all": False})["envs"] == []
 
 
-def test_papermill_shows_why_the_kernel_has_no_env(bare_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_papermill_shows_why_the_kernel_has_no_env(
+    bare_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     pytest.importorskip("papermill")
     write_notebook(layout.notebooks / "report.ipynb", PREFIX_CELL)
     result = run_in_shell_folder(

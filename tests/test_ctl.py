@@ -53,7 +53,9 @@ def du(path: Path, *flags: str) -> int:
 
 
 @pytest.mark.slow
-def test_list_and_status_count_envs_and_live_kernels(ctl_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_list_and_status_count_envs_and_live_kernels(
+    ctl_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     notebook = layout.notebook("live.ipynb")
     acquire(layout, "env", "first")
     acquire(layout, "env", "second")
@@ -236,7 +238,9 @@ def test_doctor_fails_without_a_kernelspec_or_a_daemon(layout: Layout) -> None:
     assert checks["daemon"]["verdict"] == "FAIL" and "not running" in checks["daemon"]["detail"]
 
 
-def test_doctor_fails_when_cache_and_venvs_are_on_different_filesystems(layout: Layout, kernelspec: str) -> None:
+def test_doctor_fails_when_cache_and_venvs_are_on_different_filesystems(
+    layout: Layout, kernelspec: str
+) -> None:
     other = Path("/dev/shm")
     if not other.is_dir() or os.stat(other).st_dev == os.stat(layout.root).st_dev:
         pytest.skip("no second filesystem (tmpfs /dev/shm) on this machine")

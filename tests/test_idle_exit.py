@@ -31,7 +31,9 @@ def test_an_idle_daemon_exits_cleanly_and_never_while_a_kernel_runs(layout: Layo
         daemon.stop()
 
 
-def test_a_kernel_started_while_the_daemon_exits_waits_for_its_successor(layout: Layout, kernelspec: str) -> None:
+def test_a_kernel_started_while_the_daemon_exits_waits_for_its_successor(
+    layout: Layout, kernelspec: str
+) -> None:
     # The moment of an idle exit: the old daemon's socket is closed, but it still holds the
     # state-dir lock for a few moments. The test plays that daemon by holding the lock itself.
     first = Daemon(layout, "--pool-size", "0").start()

@@ -76,7 +76,9 @@ def test_two_notebooks_install_conflicting_versions_in_isolation(
     assert base_freeze() == before
 
 
-def test_bang_pip_and_uv_magics_land_in_the_notebook_env(install_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_bang_pip_and_uv_magics_land_in_the_notebook_env(
+    install_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     before = base_freeze()
     with notebook_kernel(layout, "tools.ipynb") as kernel:
         prefix = run_code(kernel, "import sys; print(sys.prefix)").strip()
@@ -93,7 +95,9 @@ def test_bang_pip_and_uv_magics_land_in_the_notebook_env(install_daemon: Daemon,
     assert base_freeze() == before
 
 
-def test_restart_note_only_when_an_imported_package_changed(install_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_restart_note_only_when_an_imported_package_changed(
+    install_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     note = "Note: you may need to restart the kernel to use updated packages."
     with notebook_kernel(layout, "note.ipynb") as kernel:
         assert note not in run_code(kernel, "%pip install six==1.16.0", timeout=300)
@@ -102,7 +106,9 @@ def test_restart_note_only_when_an_imported_package_changed(install_daemon: Daem
         assert note not in run_code(kernel, "%pip install idna", timeout=300)
 
 
-def test_eight_concurrent_installs_into_one_env_run_one_at_a_time(install_daemon: Daemon, layout: Layout) -> None:
+def test_eight_concurrent_installs_into_one_env_run_one_at_a_time(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "busy")
     versions = ["1.10.0", "1.11.0", "1.12.0", "1.13.0", "1.14.0", "1.15.0", "1.16.0", "1.17.0"]
     results: dict[str, dict[str, Any]] = {}
@@ -167,7 +173,9 @@ def test_installs_into_different_envs_run_in_parallel(install_daemon: Daemon, la
     print("4 envs: wall %.2f s vs sum of install times %.2f s (ratio %.2f)" % (wall, serial, wall / serial))
 
 
-def test_first_output_line_arrives_before_the_install_finishes(install_daemon: Daemon, layout: Layout) -> None:
+def test_first_output_line_arrives_before_the_install_finishes(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "stream")
     arrivals: list[tuple[float, str]] = []
     sock = client.connect(str(layout.socket), timeout=300)
@@ -213,7 +221,9 @@ def test_refused_flags_and_subcommands(
     assert layout.request("installs", {"env": env_path})["installs"] == []  # nothing reached uv
 
 
-def test_daemon_refuses_the_same_commands_from_a_client_that_skips_the_shim(install_daemon: Daemon, layout: Layout) -> None:
+def test_daemon_refuses_the_same_commands_from_a_client_that_skips_the_shim(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "direct")
     with pytest.raises(protocol.BadRequest, match="--target is not allowed"):
         layout.request("pip", {"env": env_path, "argv": ["install", "--target", "/tmp/x", "six"]})
@@ -235,7 +245,9 @@ def test_only_the_owner_may_install_and_pooled_or_unknown_envs_are_refused(layou
         daemon.stop()
 
 
-def test_a_requirement_that_looks_like_a_shell_command_runs_nothing(install_daemon: Daemon, layout: Layout) -> None:
+def test_a_requirement_that_looks_like_a_shell_command_runs_nothing(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     victim = layout.root / "victim"
     victim.mkdir()
     (victim / "keep").write_text("x")
@@ -259,7 +271,9 @@ def test_missing_package_shows_uvs_error_and_leaves_the_env_unchanged(
         assert run_code(kernel, "import six; print(six.__version__)").strip() == "1.16.0"
 
 
-def test_requirements_files_are_read_by_the_client_and_recorded(install_daemon: Daemon, layout: Layout) -> None:
+def test_requirements_files_are_read_by_the_client_and_recorded(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "reqfile")
     project = layout.root / "project"
     project.mkdir()

@@ -146,7 +146,9 @@ def test_kernel_started_inside_a_uv_kernel_does_not_reuse_its_env(
     assert child_prefix != parent_prefix
 
 
-def test_unusable_env_name_shows_the_reason_in_the_notebook(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_unusable_env_name_shows_the_reason_in_the_notebook(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     with running_kernel(layout, kernelspec, UVKERNEL_ENV="../../etc") as (_, kernel):
         reply = kernel.execute_interactive("print('hello')", timeout=60)
     assert reply["content"]["status"] == "error"
@@ -154,7 +156,9 @@ def test_unusable_env_name_shows_the_reason_in_the_notebook(daemon: Daemon, layo
     assert "env name '../../etc' is not allowed" in reply["content"]["evalue"]
 
 
-def test_no_daemon_and_autostart_off_shows_the_reason_in_the_notebook(layout: Layout, kernelspec: str) -> None:
+def test_no_daemon_and_autostart_off_shows_the_reason_in_the_notebook(
+    layout: Layout, kernelspec: str
+) -> None:
     with running_kernel(layout, kernelspec, UVKERNELD_AUTOSTART="0") as (_, kernel):
         reply = kernel.execute_interactive("1 + 1", timeout=60)
     assert reply["content"]["ename"] == "EnvironmentUnavailable"

@@ -149,7 +149,9 @@ def _group_leader(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("held", ["venv", "pip install"])
-def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(layout: Layout, held: str) -> None:
+def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(
+    layout: Layout, held: str
+) -> None:
     fake_uv = layout.root / "held-uv"
     fake_uv.write_text(HELD_UV)
     fake_uv.chmod(0o755)
@@ -275,7 +277,9 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_a_build_on_a_full_venvs_disk_gets_a_clear_error_leaves_nothing_and_a_restart_works(layout: Layout) -> None:
+def test_a_build_on_a_full_venvs_disk_gets_a_clear_error_leaves_nothing_and_a_restart_works(
+    layout: Layout
+) -> None:
     with tmpfs(layout.venvs_dir, "8m"):
         daemon = Daemon(layout, "--pool-size", "0").start()
         try:
@@ -330,7 +334,9 @@ def test_a_full_state_folder_keeps_known_notebooks_starting_and_says_so(layout: 
             daemon.stop()
 
 
-def test_a_build_failing_on_a_full_disk_while_the_state_folder_is_full_too_is_cleaned_up(layout: Layout) -> None:
+def test_a_build_failing_on_a_full_disk_while_the_state_folder_is_full_too_is_cleaned_up(
+    layout: Layout
+) -> None:
     fake_uv = layout.root / "held-uv"
     fake_uv.write_text(HELD_UV.replace("    sleep 3600 &\n", ""))
     fake_uv.chmod(0o755)

@@ -143,7 +143,9 @@ def acquire_notebook(layout: Layout, path: str) -> dict[str, Any]:
     return layout.request("acquire", {"key": {"kind": "notebook", "value": path}, "file": identity}, timeout=300)
 
 
-def test_renames_are_still_followed_after_a_watched_folder_is_deleted(bare_daemon: Daemon, layout: Layout) -> None:
+def test_renames_are_still_followed_after_a_watched_folder_is_deleted(
+    bare_daemon: Daemon, layout: Layout
+) -> None:
     doomed = layout.notebook("doomed/x.ipynb")
     doomed.write_text(json.dumps(EMPTY_NOTEBOOK))
     acquire_notebook(layout, str(doomed))

@@ -73,7 +73,9 @@ class Host:
             **dict({"UVKERNELD_DAEMON_USER": str(DAEMON_UID)}, **extra),
         )
 
-    def run_as(self, uid: int, argv: list[str], cwd: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    def run_as(
+        self, uid: int, argv: list[str], cwd: Path | None = None, **extra_env: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             argv, user=uid, group=uid, extra_groups=[], env=self.user_env(uid, **extra_env),
             cwd=str(cwd or self.home(uid)), capture_output=True, text=True, timeout=600,
@@ -371,7 +373,9 @@ import tarfile  # noqa: E402
 import zipfile  # noqa: E402
 
 
-def make_wheel(directory: Path, name: str, version: str, module_text: str, extra: dict[str, str] | None = None) -> Path:
+def make_wheel(
+    directory: Path, name: str, version: str, module_text: str, extra: dict[str, str] | None = None
+) -> Path:
     """A minimal pure-Python wheel (module ``name`` with ``module_text``, plus ``extra`` files
     at the top of site-packages), built by hand."""
     module = name.replace("-", "_")
@@ -531,7 +535,9 @@ def test_a_users_sdist_never_builds_with_the_daemons_rights(host: Host, attack_f
     assert cache_entries_named(host, "evilpkg") == [], "the sdist reached the shared cache"
 
 
-def test_local_paths_hidden_in_urls_and_requirement_files_are_refused(host: Host, attack_files: dict[str, Any]) -> None:
+def test_local_paths_hidden_in_urls_and_requirement_files_are_refused(
+    host: Host, attack_files: dict[str, Any]
+) -> None:
     """Each of these made the daemon read a path a user named (a wheel anyone may read, here)."""
     env_b = env_of(host, UID_B, "paths.ipynb")
     home = host.home(UID_B)
@@ -695,7 +701,9 @@ def test_doctor_as_a_user_looks_past_the_private_cache(host: Host) -> None:
     assert found == str(private)  # it exists; what is inside it cannot be looked at
 
 
-def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(host: Host, attack_files: dict[str, Any]) -> None:
+def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(
+    host: Host, attack_files: dict[str, Any]
+) -> None:
     """uv runs an env's own Python (site-packages and all) whenever its interpreter cache misses:
     a wheel's .pth or sitecustomize then ran as the daemon. Wheels are allowed; their hooks are not."""
     drop = attack_files["marker"].parent

@@ -69,7 +69,9 @@ NETWORK_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "HTTP_PROXY
                      "https_proxy", "http_proxy", "no_proxy", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "HOME", "PATH")
 
 
-def socket_activated_daemon(layout: Layout, *extra: str, activate: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+def socket_activated_daemon(
+    layout: Layout, *extra: str, activate: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     log = open(layout.root / "activated.log", "wb")
     # systemd-socket-activate passes only the variables named with -E: settings go as flags.
     passed = [arg for name in NETWORK_VARIABLES if name in os.environ for arg in ("-E", name)]
@@ -111,7 +113,9 @@ def test_socket_activation_answers_the_first_connection(layout: Layout) -> None:
     # ... or to Accept=yes, which hands each connection to a new daemon:
     (("--accept",), "fd 3 is not a listening socket; set Accept=no in uvkerneld.socket"),
 ])
-def test_a_wrong_socket_from_systemd_is_refused_with_the_fix(layout: Layout, activate: tuple[str, ...], message: str) -> None:
+def test_a_wrong_socket_from_systemd_is_refused_with_the_fix(
+    layout: Layout, activate: tuple[str, ...], message: str
+) -> None:
     process = socket_activated_daemon(layout, "--pool-size", "0", activate=activate)
     log_path = layout.root / "activated.log"
     try:

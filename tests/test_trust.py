@@ -86,7 +86,9 @@ def fake_daemon(shared_tmp: Path) -> Iterator[Path]:
         process.wait(30)
 
 
-def test_a_root_kernel_refuses_a_fake_daemon_and_shows_why(layout: Layout, kernelspec: str, fake_daemon: Path) -> None:
+def test_a_root_kernel_refuses_a_fake_daemon_and_shows_why(
+    layout: Layout, kernelspec: str, fake_daemon: Path
+) -> None:
     folder = fake_daemon.parent
     with running_kernel(layout, kernelspec, UVKERNELD_SOCKET=str(fake_daemon), wait=False) as (_, kernel):
         try:
@@ -100,7 +102,9 @@ def test_a_root_kernel_refuses_a_fake_daemon_and_shows_why(layout: Layout, kerne
     assert (folder / "received").read_bytes() == b"", "the stub told the fake daemon something"
 
 
-def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(layout: Layout, fake_daemon: Path) -> None:
+def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(
+    layout: Layout, fake_daemon: Path
+) -> None:
     env = dict(layout.env, UVKERNELD_SOCKET=str(fake_daemon))
     for command in (["status"], ["list"], ["rm", "e-000000000001"]):
         result = ctl(layout, *command, env=env)
@@ -244,7 +248,9 @@ def test_a_fresh_daemon_makes_its_folders_private(layout: Layout) -> None:
         daemon.stop()
 
 
-def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(layout: Layout, kernelspec: str) -> None:
+def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(
+    layout: Layout, kernelspec: str
+) -> None:
     theirs = owned_by_attacker(layout.root / "their-run")
     socket_path = theirs / "uvkerneld.sock"
     with running_kernel(layout, kernelspec, UVKERNELD_SOCKET=str(socket_path)) as (_, kernel):
@@ -259,7 +265,9 @@ def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(layout: 
 # --- a stub never starts another daemon in place of one started by hand ----------------------------
 
 
-def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings(layout: Layout, kernelspec: str) -> None:
+def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings(
+    layout: Layout, kernelspec: str
+) -> None:
     from test_pool import gated_uv
 
     _gate, fake_uv, env = gated_uv(layout)
