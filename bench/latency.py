@@ -31,7 +31,8 @@ TARGET_P99_VS_IDLE = 2.0  # p99 under removal at most this many times the idle p
 TARGET_MAX_MS = 50.0
 SAMPLE_PAUSE_S = 0.01  # between round trips: a busy host's rate of kernel starts, and then some
 OTHER_UID = 61001
-CHECKOUT = Path(__file__).resolve().parent.parent  # owner of the background envs: not ours, so gc without --all keeps them
+# Owner of the background envs: not ours, so gc without --all keeps them.
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class Sampler:
