@@ -294,8 +294,8 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         for case, kernel, env in cases:
             # plain_nowrite's baseline is plain with the variable unset: its row shows what the
             # variable alone does.
-            base_env = {"PYTHONDONTWRITEBYTECODE": None} if case == "plain_nowrite" else None
-            measure(case, kernel, env, base_env=base_env)
+            unset: dict[str, str | None] = {"PYTHONDONTWRITEBYTECODE": None}
+            measure(case, kernel, env, base_env=unset if case == "plain_nowrite" else None)
     # Pool empty: a daemon with no pool (and no venvs left from the pool above) builds the venv
     # while the kernel waits, from the warm uv cache.
     ws.use("empty")

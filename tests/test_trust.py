@@ -76,7 +76,8 @@ def fake_daemon(shared_tmp: Path) -> Iterator[Path]:
     script.chmod(0o644)
     socket_path = shared_tmp / "uvkerneld.sock"
     process = subprocess.Popen([SYSTEM_PYTHON, str(script), str(socket_path)], user=ATTACKER, group=ATTACKER,
-                               extra_groups=[], cwd="/", stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+                               extra_groups=[], cwd="/", stdin=subprocess.DEVNULL,
+                               env={"PATH": "/usr/bin:/bin"})
     try:
         wait_until(socket_path.exists, 30, "the fake daemon's socket")
         assert socket_path.lstat().st_uid == ATTACKER
@@ -112,7 +113,8 @@ def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(
         assert "uvkernelctl: refusing to use %s: the process answering there runs as uid %d" % (
             fake_daemon, ATTACKER) in result.stderr
     shim = subprocess.run(
-        [sys.executable, "-c", "import sys; from uvkerneld import shim; sys.exit(shim.main('pip', sys.argv[1], sys.argv[2:]))",
+        [sys.executable, "-c",
+         "import sys; from uvkerneld import shim; sys.exit(shim.main('pip', sys.argv[1], sys.argv[2:]))",
          str(layout.venvs_dir / "e-1"), "install", "six"],
         env=env, capture_output=True, text=True, timeout=60,
     )
@@ -133,11 +135,13 @@ def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(
 def test_install_kernelspec_writes_the_daemon_user_and_refuses_an_unknown_one(layout: Layout) -> None:
     import json
 
-    result = ctl(layout, "install-kernelspec", "--prefix", str(layout.kernel_prefix), "--daemon-user", "61000")
+    prefix = str(layout.kernel_prefix)
+    result = ctl(layout, "install-kernelspec", "--prefix", prefix, "--daemon-user", "61000")
     assert result.returncode == 0, result.stderr
-    spec = json.loads((layout.kernel_prefix / "share" / "jupyter" / "kernels" / "uv" / "kernel.json").read_text())
+    spec_file = layout.kernel_prefix / "share" / "jupyter" / "kernels" / "uv" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
     assert spec["env"]["UVKERNELD_DAEMON_USER"] == "61000"
-    result = ctl(layout, "install-kernelspec", "--prefix", str(layout.kernel_prefix), "--daemon-user", "no-such-user-x")
+    result = ctl(layout, "install-kernelspec", "--prefix", prefix, "--daemon-user", "no-such-user-x")
     assert result.returncode == 2
     assert "--daemon-user 'no-such-user-x' is neither a uid nor a user on this host" in result.stderr
 
@@ -148,8 +152,9 @@ def test_install_kernelspec_writes_the_daemon_user_and_refuses_an_unknown_one(la
 def daemon_refuses(layout: Layout, *flags: str) -> str:
     """Run the daemon, expect it to refuse to start at once; return what it said."""
     try:
-        result = subprocess.run([sys.executable, "-m", "uvkerneld", "--pool-size", "0", *flags], env=layout.env,
-                                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        result = subprocess.run([sys.executable, "-m", "uvkerneld", "--pool-size", "0", *flags],
+                                env=layout.env, capture_output=True, text=True, timeout=30,
+                                stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise AssertionError("the daemon started instead of refusing") from None
     assert result.returncode == 1, result.stderr
@@ -181,7 +186,8 @@ def mode_of(path: Path) -> int:
 
 def test_a_sticky_shared_socket_folder_is_used_as_it_is(layout: Layout, shared_tmp: Path) -> None:
     socket_path = shared_tmp / "mine.sock"
-    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0", "--socket", str(socket_path)).start()
+    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0",
+                    "--socket", str(socket_path)).start()
     try:
         assert mode_of(shared_tmp) == 0o1777, "the daemon changed the mode of a folder it did not make"
         assert socket_path.lstat().st_uid == 0
@@ -192,7 +198,8 @@ def test_a_sticky_shared_socket_folder_is_used_as_it_is(layout: Layout, shared_t
     taken.write_text("")
     os.chown(taken, ATTACKER, ATTACKER)
     said = daemon_refuses(layout, "--socket", str(taken))
-    assert ("refusing to use %s as the socket folder: it is writable by everyone and %s there belongs to uid %d"
+    assert ("refusing to use %s as the socket folder: "
+            "it is writable by everyone and %s there belongs to uid %d"
             % (shared_tmp, taken, ATTACKER)) in said
     assert taken.lstat().st_uid == ATTACKER and mode_of(shared_tmp) == 0o1777
 
@@ -209,7 +216,8 @@ def test_a_socket_folder_another_user_owns_or_links_is_refused(layout: Layout) -
     target.chmod(0o755)
     link = attackers_symlink(layout.root / "linked", target)
     said = daemon_refuses(layout, "--socket", str(link / "d.sock"))
-    assert "refusing to use %s as the socket folder: %s is a symlink owned by uid %d" % (link, link, ATTACKER) in said
+    assert ("refusing to use %s as the socket folder: %s is a symlink owned by uid %d"
+            % (link, link, ATTACKER)) in said
     assert mode_of(target) == 0o755 and os.listdir(target) == []
     # Below a folder another user owns, even a folder of ours is not safe (they can rename it).
     ours = layout.root / "theirs-too"
@@ -240,7 +248,8 @@ def test_a_state_folder_or_database_another_user_controls_is_refused(layout: Lay
 
 def test_a_fresh_daemon_makes_its_folders_private(layout: Layout) -> None:
     socket_path = layout.root / "run" / "uvkerneld" / "d.sock"
-    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0", "--socket", str(socket_path)).start()
+    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0",
+                    "--socket", str(socket_path)).start()
     try:
         for made in (layout.state_dir, socket_path.parent, socket_path.parent.parent):
             assert mode_of(made) == 0o700, made
@@ -278,13 +287,15 @@ def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings
     hand = Daemon(layout, *hand_flags, env=env).start()
     with running_kernel(layout, kernelspec, UVKERNEL_ENV="mid-acquire", wait=False) as (_, kernel):
         # The acquire is building the env (uv held at the gate): now the daemon dies.
-        builds = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the env build of the acquire")
+        builds = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60,
+                            "the env build of the acquire")
         assert hand.process is not None
         hand.process.kill()
         hand.process.wait(30)
         # uv dies with its daemon (PR_SET_PDEATHSIG, tests/test_nothing_lost.py): nothing is left
         # to release the gate, so the stub's retry is what this test sees.
-        wait_until(lambda: not any(process_alive(pid) for pid in builds), 30, "the gated uv to die with its daemon")
+        wait_until(lambda: not any(process_alive(pid) for pid in builds), 30,
+                   "the gated uv to die with its daemon")
         kernel.wait_for_ready(timeout=120)
         reply = kernel.execute_interactive("1 + 1", timeout=60)
     assert reply["content"]["ename"] == "EnvironmentUnavailable"
