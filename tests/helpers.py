@@ -112,7 +112,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-                raise AssertionError("uvkerneld ignored SIGTERM for %d s:\n%s" % (timeout, self.log)) from None
+                raise AssertionError(
+                    "uvkerneld ignored SIGTERM for %d s:\n%s" % (timeout, self.log)) from None
         return self.process.returncode
 
     def wait_pool_full(self, timeout: float = 180) -> dict[str, Any]:
