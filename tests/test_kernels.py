@@ -45,7 +45,8 @@ def test_notebooks_get_their_own_venvs_that_persist(layout: Layout, kernelspec: 
             # Runs inside a venv under the venvs dir, not the base environment.
             assert prefix_a.startswith(str(layout.venvs_dir) + os.sep)
             assert prefix_a != sys.prefix
-            details = run_code(kernel, "import os, ipykernel; print(os.environ['VIRTUAL_ENV']); print(ipykernel.__file__)")
+            details = run_code(
+                kernel, "import os, ipykernel; print(os.environ['VIRTUAL_ENV']); print(ipykernel.__file__)")
             virtual_env, ipykernel_file = details.split()
             assert virtual_env == prefix_a and ipykernel_file.startswith(prefix_a)
             # Restart (as Jupyter's restart button does): same notebook, same venv.
@@ -123,7 +124,8 @@ def test_empty_pool_creates_on_demand_and_counts_it(layout: Layout, kernelspec: 
 
 def test_explicit_env_name_and_folder_scratch_env(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
     shared_1 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared")
-    shared_2 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared", JPY_SESSION_NAME=str(layout.notebook("x.ipynb")))
+    shared_2 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared",
+                             JPY_SESSION_NAME=str(layout.notebook("x.ipynb")))
     assert shared_1 == shared_2
     # nbclient/papermill set no JPY_SESSION_NAME: the folder's scratch env, stable per folder.
     folder_1 = kernel_prefix(layout, kernelspec)
@@ -221,7 +223,8 @@ def test_ten_stubs_racing_start_exactly_one_daemon(layout: Layout, kernelspec: s
 
 
 def test_kernelspec_runs_the_stub_from_an_absolute_interpreter(layout: Layout, kernelspec: str) -> None:
-    spec = json.loads((layout.kernel_prefix / "share" / "jupyter" / "kernels" / kernelspec / "kernel.json").read_text())
+    spec_file = layout.kernel_prefix / "share" / "jupyter" / "kernels" / kernelspec / "kernel.json"
+    spec = json.loads(spec_file.read_text())
     argv = spec["argv"]
     # jupyter_client swaps a bare "python"/"python3" for its own interpreter; an absolute path is kept.
     assert os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK)
@@ -258,7 +261,8 @@ def test_install_kernelspec_refuses_a_bad_name(layout: Layout) -> None:
          "--name", "uv kernel/../x"], env=layout.env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
-    assert "kernel name 'uv kernel/../x' is not valid: use letters, digits, '.', '_' and '-' only" in result.stderr
+    assert ("kernel name 'uv kernel/../x' is not valid: use letters, digits, '.', '_' and '-' only"
+            in result.stderr)
     assert not (layout.kernel_prefix / "share").exists()  # nothing half-written
 
 
@@ -269,7 +273,8 @@ def _read_frame(conn: socket.socket) -> dict[str, Any]:
 
 
 def _refuse(conn: socket.socket, request: dict[str, Any], message: str) -> None:
-    conn.sendall(protocol.encode_frame(protocol.error_response(request["id"], protocol.EnvUnavailable(message))))
+    refusal = protocol.error_response(request["id"], protocol.EnvUnavailable(message))
+    conn.sendall(protocol.encode_frame(refusal))
 
 
 @contextmanager
@@ -311,13 +316,15 @@ def test_stub_holds_the_kernel_ports_while_it_waits_for_its_env(layout: Layout, 
     # The stand-in takes the stub's acquire and answers only when told, like a daemon building a
     # venv on a cold pool.
     notebook = str(layout.notebook("slow.ipynb"))
-    with stand_in_daemon(layout) as listener, launched_kernel(layout, kernelspec, JPY_SESSION_NAME=notebook) as manager:
+    with stand_in_daemon(layout) as listener, \
+            launched_kernel(layout, kernelspec, JPY_SESSION_NAME=notebook) as manager:
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(60)
             request = _read_frame(conn)
             assert request["op"] == "acquire"
-            ports = [manager.shell_port, manager.iopub_port, manager.stdin_port, manager.control_port, manager.hb_port]
+            ports = [manager.shell_port, manager.iopub_port, manager.stdin_port, manager.control_port,
+                     manager.hb_port]
             for port in ports:
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     try:
