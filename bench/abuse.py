@@ -30,7 +30,7 @@ SAMPLES = 20
 TARGET_LATENCY_MS = 1000.0  # status and a known env's acquire while the flood is held
 
 
-def bench_abuse(ws: "Workspace") -> dict[str, Any]:
+def bench_abuse(ws: Workspace) -> dict[str, Any]:
     from bench.run import median, rss_mb  # run.py imports this module
 
     ws.use("abuse")
@@ -52,7 +52,8 @@ def bench_abuse(ws: "Workspace") -> dict[str, Any]:
         for sock in held:
             sock.close()
     assert ws.daemon is not None
-    wait_until(lambda: (ws.status() or {}).get("connections", {}).get("open") == 1, 30, "the held connections to close")
+    wait_until(lambda: (ws.status() or {}).get("connections", {}).get("open") == 1, 30,
+               "the held connections to close")
     rss_idle = rss_mb(ws.daemon.pid)
     partial, refused = [], 0
     for _ in range(PARTIAL_FRAMES):
@@ -85,17 +86,18 @@ def format_abuse(abuse: dict[str, Any]) -> list[str]:
         "abuse: daemon under ulimit -n %d, %d idle connections from one uid"
         % (abuse["fd_limit"], abuse["idle_connections"]),
         "  held open %d (max %d per uid, %d in all), %d closed with over_limit"
-        % (abuse["held_open"], limits["max_connections_per_uid"], limits["max_connections"], abuse["evicted"]),
+        % (abuse["held_open"], limits["max_connections_per_uid"], limits["max_connections"],
+           abuse["evicted"]),
         "  meanwhile status p50 %.1f ms (max %.1f), acquire of a known env p50 %.1f ms (max %.1f)  %s"
         % (abuse["status_p50_ms"], abuse["status_max_ms"], abuse["acquire_p50_ms"], abuse["acquire_max_ms"],
            "ok" if slowest < TARGET_LATENCY_MS else "SLOW (target %.0f ms)" % TARGET_LATENCY_MS),
         "  RSS idle %.1f MB, with %d partial 1 MiB frames %.1f MB (%d refused; frame budget %d MiB)"
-        % (abuse["rss_idle_mb"], abuse["partial_frames"], abuse["rss_partial_frames_mb"], abuse["partial_refused"],
-           limits["frame_buffer_budget"] >> 20),
+        % (abuse["rss_idle_mb"], abuse["partial_frames"], abuse["rss_partial_frames_mb"],
+           abuse["partial_refused"], limits["frame_buffer_budget"] >> 20),
     ]
 
 
-def _start_limited(ws: "Workspace", fd_limit: int) -> None:
+def _start_limited(ws: Workspace, fd_limit: int) -> None:
     """Like ``ws.start_daemon(0)``, under a soft and hard open-file limit."""
     ws.stop_daemon()
     ws.state_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def _start_limited(ws: "Workspace", fd_limit: int) -> None:
     wait_until(lambda: ws.status() is not None, 60, "the daemon to answer")
 
 
-def _connect(ws: "Workspace") -> socket.socket:
+def _connect(ws: Workspace) -> socket.socket:
     """A raw connection; waits while the listen backlog is full (the daemon accepts in turns)."""
     deadline = time.monotonic() + 30
     while True:

@@ -31,7 +31,8 @@ TARGET_P99_VS_IDLE = 2.0  # p99 under removal at most this many times the idle p
 TARGET_MAX_MS = 50.0
 SAMPLE_PAUSE_S = 0.01  # between round trips: a busy host's rate of kernel starts, and then some
 OTHER_UID = 61001
-CHECKOUT = Path(__file__).resolve().parent.parent  # owner of the background envs: not ours, so gc without --all keeps them
+# Owner of the background envs: not ours, so gc without --all keeps them.
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class Sampler:
@@ -45,7 +46,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="acquire-sampler", daemon=True)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -65,7 +66,7 @@ class Sampler:
                 finally:
                     sock.close()  # the "kernel" ends at once: its lifeline closes
                 self.samples.append(time.perf_counter() - started)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+        except BaseException as exc:  # re-raised in the main thread
             self.error = exc
 
 

@@ -51,7 +51,7 @@ def median(samples: list[float]) -> float:
 
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -175,7 +175,8 @@ class Workspace:
         def quiet() -> bool:
             status = self.status() or {}
             pool, disk = status.get("pool", {}), status.get("disk", {})
-            return bool(pool) and pool["ready"] >= pool["target"] and not pool["filling"] and not disk.get("scanning")
+            return (bool(pool) and pool["ready"] >= pool["target"] and not pool["filling"]
+                    and not disk.get("scanning"))
 
         wait_until(quiet, 600, "the daemon to be idle")
         # A refill that just ended leaves work behind it (the kernel's writeback of the new venv,
@@ -285,14 +286,16 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
                                     "PYTHONDONTWRITEBYTECODE": "1"}),
         ]
         if with_seed:
-            cases.append(("seed_new", "seed", {"JPY_SESSION_NAME": str(ws.notebooks / ("seed-new-%d.ipynb" % index))}))
+            seed_new = str(ws.notebooks / ("seed-new-%d.ipynb" % index))
+            cases.append(("seed_new", "seed", {"JPY_SESSION_NAME": seed_new}))
             cases.append(("seed_known", "seed", {"JPY_SESSION_NAME": seed_known}))
         coin.shuffle(cases)
         measure("plain", "plain", {"PYTHONDONTWRITEBYTECODE": None}, paired=False)
         for case, kernel, env in cases:
             # plain_nowrite's baseline is plain with the variable unset: its row shows what the
             # variable alone does.
-            measure(case, kernel, env, base_env={"PYTHONDONTWRITEBYTECODE": None} if case == "plain_nowrite" else None)
+            unset: dict[str, str | None] = {"PYTHONDONTWRITEBYTECODE": None}
+            measure(case, kernel, env, base_env=unset if case == "plain_nowrite" else None)
     # Pool empty: a daemon with no pool (and no venvs left from the pool above) builds the venv
     # while the kernel waits, from the warm uv cache.
     ws.use("empty")
@@ -305,13 +308,13 @@ def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, 
         base = baselines.get(case, values)
         # Ratio = median over rounds of (this start / its adjacent plain start): pairing cancels
         # the drift (independent medians moved by +-10% between runs here).
-        paired_ratios = [value / plain_value for value, plain_value in zip(values, base)]
+        paired_ratios = [value / plain_value for value, plain_value in zip(values, base, strict=False)]
         cpu_values = cpu[case]
         cpu_base = cpu_baselines.get(case, cpu_values)
         cases_out[case] = {"median_s": median(values), "ratio": median(paired_ratios), "samples": values,
                            "baseline_samples": base, "ratio_of_medians": median(values) / median(base),
                            "cpu_median_s": median(cpu_values),
-                           "cpu_ratio": median([c / b for c, b in zip(cpu_values, cpu_base)]),
+                           "cpu_ratio": median([c / b for c, b in zip(cpu_values, cpu_base, strict=False)]),
                            "cpu_samples": cpu_values, "cpu_baseline_samples": cpu_base}
     cases_out["pool_empty"]["extra_s"] = cases_out["pool_empty"]["median_s"] - median(baselines["pool_empty"])
     return cases_out
@@ -366,7 +369,8 @@ def bench_many_envs(ws: Workspace, count: int, rounds: int) -> dict[str, Any]:
         list_times.append(time.perf_counter() - started)
     assert status is not None and status["envs"]["total"] == count
     result = {
-        "envs": count, "acquire_p50_ms": percentile(trips, 0.5) * 1000, "acquire_p99_ms": percentile(trips, 0.99) * 1000,
+        "envs": count,
+        "acquire_p50_ms": percentile(trips, 0.5) * 1000, "acquire_p99_ms": percentile(trips, 0.99) * 1000,
         "status_ms": median(status_times) * 1000, "list_ms": median(list_times) * 1000,
         "rss_idle_mb": rss_idle, "rss_many_mb": rss_mb(daemon.pid),
     }
@@ -385,10 +389,11 @@ def bench_parallel_installs(ws: Workspace) -> dict[str, Any]:
         assert ws.request("pip", {"env": env, "argv": ["install", package]})["exit_status"] == 0
 
     started = time.perf_counter()
-    for env, package in zip(envs[:4], packages):
+    for env, package in zip(envs[:4], packages, strict=False):
         install(env, package)
     serial = time.perf_counter() - started
-    threads = [threading.Thread(target=install, args=(env, package)) for env, package in zip(envs[4:8], packages)]
+    threads = [threading.Thread(target=install, args=(env, package))
+               for env, package in zip(envs[4:8], packages, strict=False)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -411,7 +416,8 @@ def bench_disk(ws: Workspace, notebooks: int, quick: bool = False) -> dict[str, 
     ws.start_daemon(pool_size=0 if quick else 2)
     envs = []
     for index in range(notebooks):
-        env = ws.request("acquire", {"key": {"kind": "notebook", "value": str(ws.notebooks / ("numpy-%d.ipynb" % index))}})["path"]
+        notebook = str(ws.notebooks / ("numpy-%d.ipynb" % index))
+        env = ws.request("acquire", {"key": {"kind": "notebook", "value": notebook}})["path"]
         result = ws.request("pip", {"env": env, "argv": ["install", "numpy"]})
         assert result["exit_status"] == 0
         envs.append(Path(env))
@@ -463,47 +469,63 @@ def verdict(value: float, target: float) -> str:
 
 
 def format_report(result: dict[str, Any]) -> str:
-    lines = ["uvkerneld bench: Python %s, %d runs per case, medians; PYTHONDONTWRITEBYTECODE in this shell: %s"
+    lines = ["uvkerneld bench: Python %s, %d runs per case, medians; "
+             "PYTHONDONTWRITEBYTECODE in this shell: %s"
              % (result["python"], result["runs"], result["PYTHONDONTWRITEBYTECODE"] or "unset")]
     starts = result.get("kernel_start")
     if starts:
-        lines += ["", "kernel start, launch -> first kernel_info_reply; vs plain = median of the ratios to a plain",
-                  "ipykernel start under the same PYTHONDONTWRITEBYTECODE, measured right before or after each start",
+        lines += ["",
+                  "kernel start, launch -> first kernel_info_reply; "
+                  "vs plain = median of the ratios to a plain",
+                  "ipykernel start under the same PYTHONDONTWRITEBYTECODE, "
+                  "measured right before or after each start",
                   "%-46s %9s %9s  %-20s %s" % ("case", "median", "vs plain", "", "CPU    vs plain")]
-        order = ["plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty", "seed_new", "seed_known"]
+        order = ["plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite",
+                 "pool_empty", "seed_new", "seed_known"]
         for case in [c for c in order if c in starts]:
             data = starts[case]
             note = ""
             if case in TARGETS:
                 note = verdict(data["ratio"], TARGETS[case])
             if case == "pool_empty":
-                note = "+%.2f s, %s" % (data["extra_s"], verdict(data["extra_s"], TARGETS["pool_empty_extra_s"]))
+                extra = data["extra_s"]
+                note = "+%.2f s, %s" % (extra, verdict(extra, TARGETS["pool_empty_extra_s"]))
             lines.append("%-46s %8.3fs %8.2fx  %-20s %.3fs %5.2fx" % (
                 LABELS[case], data["median_s"], data["ratio"], note, data["cpu_median_s"], data["cpu_ratio"]))
     stub = result.get("stub")
     if stub:
-        lines += ["", "kernel stub, launch to exec: %.1f ms (%.1f ms total minus %.1f ms for /bin/true alone)  %s"
-                  % (stub["stub_ms"], stub["total_ms"], stub["bin_true_ms"], verdict(stub["stub_ms"], TARGETS["stub_ms"]))]
+        lines += ["",
+                  "kernel stub, launch to exec: %.1f ms (%.1f ms total minus %.1f ms for /bin/true alone)  %s"
+                  % (stub["stub_ms"], stub["total_ms"], stub["bin_true_ms"],
+                     verdict(stub["stub_ms"], TARGETS["stub_ms"]))]
     many = result.get("many_envs")
     if many:
         lines += ["", "daemon with %d envs in the store" % many["envs"],
                   "  acquire round trip (new connection, like the stub): p50 %.2f ms, p99 %.2f ms  %s"
-                  % (many["acquire_p50_ms"], many["acquire_p99_ms"], verdict(many["acquire_p50_ms"], TARGETS["acquire_p50_ms"])),
-                  "  status %.1f ms, list %.1f ms  %s" % (many["status_ms"], many["list_ms"], verdict(many["status_ms"], TARGETS["status_many_ms"])),
-                  "  RSS idle %.1f MB, with %d envs %.1f MB  %s" % (many["rss_idle_mb"], many["envs"], many["rss_many_mb"],
-                                                                    verdict(many["rss_many_mb"], TARGETS["rss_many_mb"]))]
+                  % (many["acquire_p50_ms"], many["acquire_p99_ms"],
+                     verdict(many["acquire_p50_ms"], TARGETS["acquire_p50_ms"])),
+                  "  status %.1f ms, list %.1f ms  %s"
+                  % (many["status_ms"], many["list_ms"],
+                     verdict(many["status_ms"], TARGETS["status_many_ms"])),
+                  "  RSS idle %.1f MB, with %d envs %.1f MB  %s"
+                  % (many["rss_idle_mb"], many["envs"], many["rss_many_mb"],
+                     verdict(many["rss_many_mb"], TARGETS["rss_many_mb"]))]
     parallel = result.get("parallel_installs")
     if parallel:
-        lines += ["", "4 installs into 4 envs (warm cache): one after another %.2f s, at once %.2f s, ratio %.2f"
+        lines += ["",
+                  "4 installs into 4 envs (warm cache): one after another %.2f s, at once %.2f s, ratio %.2f"
                   % (parallel["serial_s"], parallel["parallel_s"], parallel["ratio"])]
     disk = result.get("disk")
     if disk:
         mb = 1024 * 1024
-        lines += ["", "disk, %d notebooks that each install numpy (hardlinks counted once)" % disk["notebooks"],
+        lines += ["",
+                  "disk, %d notebooks that each install numpy (hardlinks counted once)" % disk["notebooks"],
                   "  uvkerneld (uv cache + venvs): %.1f MB; python -m venv + pip: %.1f MB; ratio %.3f  %s"
-                  % (disk["uvkerneld_total_bytes"] / mb, disk["pip_total_bytes"] / mb, disk["ratio"], verdict(disk["ratio"], TARGETS["disk_ratio"])),
+                  % (disk["uvkerneld_total_bytes"] / mb, disk["pip_total_bytes"] / mb, disk["ratio"],
+                     verdict(disk["ratio"], TARGETS["disk_ratio"])),
                   "  per-env bytes beyond the shared files (median): %.1f MB  %s"
-                  % (disk["per_env_unshared_bytes"] / mb, verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
+                  % (disk["per_env_unshared_bytes"] / mb,
+                     verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
     if result.get("abuse"):
         lines += format_abuse(result["abuse"])
     if result.get("latency"):
@@ -514,15 +536,21 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="uvkerneld benchmarks (see bench/run.py)")
+    parser = argparse.ArgumentParser(prog="python -m bench",
+                                     description="uvkerneld benchmarks (see bench/run.py)")
     parser.add_argument("--runs", type=int, default=9, help="rounds per kernel-start case (default 9)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 50 envs, 2 disk notebooks (the second pip venv copied), no seed")
-    parser.add_argument("--envs", type=int, default=1000, help="envs in the store for the daemon figures (default 1000)")
-    parser.add_argument("--notebooks", type=int, default=10, help="numpy notebooks for the disk figures (default 10)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 round, 50 envs, 2 disk notebooks (the second pip venv copied), "
+                        "no seed")
+    parser.add_argument("--envs", type=int, default=1000,
+                        help="envs in the store for the daemon figures (default 1000)")
+    parser.add_argument("--notebooks", type=int, default=10,
+                        help="numpy notebooks for the disk figures (default 10)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse", "latency"],
                         help="leave a section out (repeatable)")
-    parser.add_argument("--cache-dir", type=Path, help="reuse this uv cache (default: a fresh one, downloaded once)")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="reuse this uv cache (default: a fresh one, downloaded once)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -532,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
     root = Path(tempfile.mkdtemp(prefix="uvk-bench-", dir="/tmp"))
     result: dict[str, Any] = {"runs": args.runs, "python": sys.version.split()[0],
-                              "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""), "targets": TARGETS}
+                              "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
+                              "targets": TARGETS}
     # --quick is a smoke run whose figures nobody reads: no settling between starts.
     ws = Workspace(root, args.cache_dir or root / "cache", settle_s=0.0 if args.quick else QUIET_SETTLE_S)
     try:

@@ -6,8 +6,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # bench/ holds set-up code the tests share (and the benchmark smoke test runs it).
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers import Daemon, Layout, process_alive  # noqa: E402
-from jupyter_rest import JupyterServer  # noqa: E402
+from helpers import Daemon, Layout, process_alive
+from jupyter_rest import JupyterServer
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 from bench.fixtures import wait_until  # one poll loop for bench/ and the tests
 from uvkerneld import client, procs, protocol
@@ -76,7 +77,7 @@ class Daemon:
         self.env = env if env is not None else layout.env
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def start(self, wait: bool = True) -> Daemon:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -111,7 +112,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-                raise AssertionError("uvkerneld ignored SIGTERM for %d s:\n%s" % (timeout, self.log))
+                raise AssertionError(
+                    "uvkerneld ignored SIGTERM for %d s:\n%s" % (timeout, self.log)) from None
         return self.process.returncode
 
     def wait_pool_full(self, timeout: float = 180) -> dict[str, Any]:

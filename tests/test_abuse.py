@@ -14,8 +14,9 @@ import struct
 import subprocess
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from helpers import Daemon, Layout, ctl, read_message, wait_until
@@ -90,7 +91,9 @@ def peer_env() -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": "/"}
 
 
-def call_as(uid: int, socket_path: Path, op: str, args: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
+def call_as(
+    uid: int, socket_path: Path, op: str, args: dict[str, Any] | None = None, timeout: float = 60
+) -> dict[str, Any]:
     result = subprocess.run(
         [SYSTEM_PYTHON, "-c", PEER, str(socket_path), "call", op, json.dumps(args or {}), str(timeout)],
         user=uid, group=uid, extra_groups=[], env=peer_env(), cwd="/", capture_output=True, text=True,
@@ -106,7 +109,8 @@ class Holder:
     def __init__(self, uid: int, socket_path: Path, count: int) -> None:
         self.process = subprocess.Popen(
             [SYSTEM_PYTHON, "-c", PEER, str(socket_path), "hold", str(count)], user=uid, group=uid,
-            extra_groups=[], env=peer_env(), cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            extra_groups=[], env=peer_env(), cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.process.stdout is not None
         self.connected = json.loads(self.process.stdout.readline())["connected"]
@@ -184,13 +188,15 @@ def test_idle_connections_of_two_uids_leave_room_for_status_and_kernel_starts(sy
         # Another uid still gets its status and its kernel's env, at once.
         status = call_as(UID_B, layout.socket, "status", timeout=10)
         assert status["reply"]["ok"] is True and status["seconds"] < 5, status
-        acquired = call_as(UID_B, layout.socket, "acquire", {"key": {"kind": "env", "value": "busy-host"}}, timeout=60)
+        acquired = call_as(UID_B, layout.socket, "acquire", {"key": {"kind": "env", "value": "busy-host"}},
+                           timeout=60)
         assert acquired["reply"]["ok"] is True and acquired["seconds"] < 30, acquired
         assert acquired["reply"]["result"]["source"] == "pool"
         assert len(held) == 300 and holder.connected == 300
         connections = status["reply"]["result"]["connections"]
         limits = connections["limits"]
-        assert limits["fd_limit"] == FD_LIMIT and limits["max_connections"] <= FD_LIMIT - connlimits.FD_RESERVE
+        assert limits["fd_limit"] == FD_LIMIT
+        assert limits["max_connections"] <= FD_LIMIT - connlimits.FD_RESERVE
         assert connections["open"] <= limits["max_connections"]
         assert connections["refused"]["evicted"] >= 2 * (300 - limits["max_connections_per_uid"])
     finally:
@@ -224,7 +230,9 @@ def test_uvkernelctl_rm_of_an_unknown_env_says_not_found(bare_daemon: Daemon) ->
 def test_kernel_lifelines_are_capped_per_uid_and_never_idle_closed(layout: Layout) -> None:
     env = dict(layout.env, UVKERNELD_MAX_KERNELS_PER_UID="2", UVKERNELD_IDLE_TIMEOUT="1")
     daemon = Daemon(layout, "--pool-size", "0", env=env).start()
-    request = json.dumps({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "env", "value": "k"}}}).encode()
+    request = json.dumps(
+        {"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "env", "value": "k"}}}
+    ).encode()
     lifelines: list[socket.socket] = []
     try:
         for _ in range(3):
@@ -237,7 +245,8 @@ def test_kernel_lifelines_are_capped_per_uid_and_never_idle_closed(layout: Layou
         # A plain idle connection is closed after the idle timeout, with the reason...
         with raw_connection(layout.socket) as idle:
             reply = read_message(idle)
-            assert reply is not None and reply["error"]["code"] == "over_limit" and "idle_timeout" in reply["error"]["message"]
+            assert reply is not None and reply["error"]["code"] == "over_limit"
+            assert "idle_timeout" in reply["error"]["message"]
             assert read_message(idle) is None
         # ...the kernels' lifelines, idle for longer than that, are not.
         assert layout.status()["connections"]["kernels"] == 2
@@ -246,7 +255,8 @@ def test_kernel_lifelines_are_capped_per_uid_and_never_idle_closed(layout: Layou
             lifelines[0].recv(1)
         # A kernel that ends frees its slot.
         lifelines.pop(0).close()
-        wait_until(lambda: layout.status()["connections"]["kernels"] == 1, 10, "the ended kernel's slot to free")
+        wait_until(lambda: layout.status()["connections"]["kernels"] == 1, 10,
+                   "the ended kernel's slot to free")
         lifelines.append(raw_connection(layout.socket, timeout=300))
         assert ask(lifelines[-1], request)["ok"] is True
     finally:
@@ -288,14 +298,16 @@ def test_250_partial_1mib_frames_hold_a_bounded_amount_of_memory(layout: Layout)
                 refused += 1
                 sock.close()
         loaded_rss = rss_bytes(daemon.process.pid)
-        print("daemon RSS idle %.0f MB, with 250 partial 1 MiB frames %.0f MB" % (idle_rss / 1e6, loaded_rss / 1e6))
+        print("daemon RSS idle %.0f MB, with 250 partial 1 MiB frames %.0f MB"
+              % (idle_rss / 1e6, loaded_rss / 1e6))
         assert loaded_rss - idle_rss < 80 << 20, (idle_rss, loaded_rss)
         status = daemon.layout.status()["connections"]
         assert status["buffered_bytes"] <= connlimits.FRAME_BUFFER_BUDGET
         assert status["refused"]["frames"] >= 200 and refused + len(held) == 250
         for sock in held:
             sock.close()
-        wait_until(lambda: daemon.layout.status()["connections"]["buffered_bytes"] == 0, 10, "the budget to be released")
+        wait_until(lambda: daemon.layout.status()["connections"]["buffered_bytes"] == 0, 10,
+                   "the budget to be released")
     finally:
         daemon.stop()
 
@@ -360,9 +372,11 @@ def test_client_text_cannot_forge_log_lines_and_bad_strings_are_bad_requests(lay
                 b'{"v":1,"id":1,"op":"acquire","args":{"key":{"kind":"notebook","value":"/tmp/a\\ud800.ipynb"}}}':
                     ("bad_request", "not valid Unicode"),
                 # ...and in the arguments of %pip, and a NUL there
-                json.dumps({"v": 1, "id": 2, "op": "pip", "args": {"env": env["path"], "argv": ["install", "\ud800"]}}).encode():
+                json.dumps({"v": 1, "id": 2, "op": "pip",
+                            "args": {"env": env["path"], "argv": ["install", "\ud800"]}}).encode():
                     ("bad_request", '"argv" must be valid Unicode text without NUL'),
-                json.dumps({"v": 1, "id": 3, "op": "pip", "args": {"env": env["path"], "argv": ["install", "six\x00"]}}).encode():
+                json.dumps({"v": 1, "id": 3, "op": "pip",
+                            "args": {"env": env["path"], "argv": ["install", "six\x00"]}}).encode():
                     ("bad_request", '"argv" must be valid Unicode text without NUL'),
                 # a request id, an op name with a lone surrogate
                 b'{"v":1,"id":"\\ud800","op":"status"}': ("bad_request", '"id" must be'),
@@ -370,13 +384,15 @@ def test_client_text_cannot_forge_log_lines_and_bad_strings_are_bad_requests(lay
                 # an id nested almost as deep as the decoder allows
                 b'{"v":1,"op":"status","id":' + b"[" * 900 + b"]" * 900 + b"}": ("", ""),
                 # a number of seconds no float holds
-                json.dumps({"v": 1, "id": 5, "op": "gc", "args": {"older_than_s": 10 ** 400, "dry_run": True}}).encode():
+                json.dumps({"v": 1, "id": 5, "op": "gc",
+                            "args": {"older_than_s": 10 ** 400, "dry_run": True}}).encode():
                     ("bad_request", '"older_than_s" must be a number of seconds >= 0'),
             }
             for body, (code, fragment) in bad.items():
                 reply = ask(sock, body)
                 assert reply["ok"] is False and reply["error"]["code"] != "internal", (body[:80], reply)
-                assert code in ("", reply["error"]["code"]) and fragment in reply["error"]["message"], (body[:80], reply)
+                assert code in ("", reply["error"]["code"]), (body[:80], reply)
+                assert fragment in reply["error"]["message"], (body[:80], reply)
             assert ask(sock, b'{"v":1,"id":9,"op":"status"}')["ok"] is True
         assert "internal error" not in daemon.log and "Traceback" not in daemon.log
     finally:

@@ -21,8 +21,8 @@ PREFIX_CELL = "import sys; print(sys.prefix)"
 def write_notebook(path: Path, *cells: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "cells": [{"cell_type": "code", "execution_count": None, "id": "c%d" % i, "metadata": {}, "outputs": [],
-                   "source": source} for i, source in enumerate(cells)],
+        "cells": [{"cell_type": "code", "execution_count": None, "id": "c%d" % i, "metadata": {},
+                   "outputs": [], "source": source} for i, source in enumerate(cells)],
         "metadata": {"kernelspec": {"name": "uv", "display_name": "uv", "language": "python"}},
         "nbformat": 4, "nbformat_minor": 5,
     }))
@@ -31,7 +31,8 @@ def write_notebook(path: Path, *cells: str) -> Path:
 
 def run_in_shell_folder(layout: Layout, argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     """A command typed in the notebooks folder: a shell sets PWD to it, as subprocess's cwd= does not."""
-    return subprocess.run(argv, cwd=str(layout.notebooks), env=dict(layout.env, PWD=str(layout.notebooks), **env),
+    return subprocess.run(argv, cwd=str(layout.notebooks),
+                          env=dict(layout.env, PWD=str(layout.notebooks), **env),
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
@@ -72,7 +73,9 @@ def test_a_notebook_key_naming_no_file_is_the_cells_error_in_nbconvert_and_jupyt
     assert layout.request("list", {"all": False})["envs"] == []
 
 
-def test_papermill_shows_why_the_kernel_has_no_env(bare_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_papermill_shows_why_the_kernel_has_no_env(
+    bare_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     pytest.importorskip("papermill")
     write_notebook(layout.notebooks / "report.ipynb", PREFIX_CELL)
     result = run_in_shell_folder(

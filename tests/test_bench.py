@@ -26,7 +26,8 @@ def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())
     starts = figures["kernel_start"]
-    for case in ("plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite", "pool_empty"):
+    for case in ("plain", "plain_nowrite", "plain_cold", "known", "known_nowrite", "pool", "pool_nowrite",
+                 "pool_empty"):
         assert starts[case]["median_s"] > 0 and math.isfinite(starts[case]["ratio"]), case
     assert starts["pool_empty"]["extra_s"] > 0  # it really built a venv on demand
     assert 0 < figures["stub"]["stub_ms"] < figures["stub"]["total_ms"]

@@ -7,8 +7,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from helpers import Daemon, Layout
@@ -76,8 +76,9 @@ def test_tracebacks_name_the_venv_not_the_cache(pooled: Daemon, layout: Layout) 
         "try:\n    six.reraise(ValueError, ValueError('boom'))\n"
         "except ValueError:\n    print(traceback.extract_tb(__import__('sys').exc_info()[2])[-1].filename)\n"
     )
-    output = subprocess.run([os.path.join(env_path, "bin", "python"), "-c", code], capture_output=True, text=True,
-                            timeout=60, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    output = subprocess.run([os.path.join(env_path, "bin", "python"), "-c", code],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     kernelapp_file, six_file = output.stdout.split()
     assert kernelapp_file.startswith(env_path + "/") and six_file.startswith(env_path + "/")
     assert str(layout.cache_dir) not in output.stdout
@@ -86,10 +87,12 @@ def test_tracebacks_name_the_venv_not_the_cache(pooled: Daemon, layout: Layout) 
 
 def test_uninstall_and_cache_prune_leave_nothing_broken(pooled: Daemon, layout: Layout) -> None:
     env_path = acquire(layout, "prune")
-    assert layout.request("pip", {"env": env_path, "argv": ["install", "six==1.16.0"]}, timeout=300)["exit_status"] == 0
+    installed = layout.request("pip", {"env": env_path, "argv": ["install", "six==1.16.0"]}, timeout=300)
+    assert installed["exit_status"] == 0
     site = next(Path(env_path).glob("lib/python*/site-packages"))
     assert list((site / "__pycache__").glob("six.*.pyc"))
-    assert layout.request("pip", {"env": env_path, "argv": ["uninstall", "six"]}, timeout=300)["exit_status"] == 0
+    uninstalled = layout.request("pip", {"env": env_path, "argv": ["uninstall", "six"]}, timeout=300)
+    assert uninstalled["exit_status"] == 0
     assert not list((site / "__pycache__").glob("six.*.pyc"))  # no orphaned bytecode left behind
     pooled.wait_pool_full()  # gc skips the prune while a venv is being built
     result = subprocess.run([sys.executable, "-m", "uvkerneld.ctl", "gc", "--older-than", "1000d", "--yes"],
@@ -122,13 +125,16 @@ def test_two_compiles_of_the_same_cache_entries_at_once(layout: Layout) -> None:
     uv_env = dict(os.environ, UV_CACHE_DIR=str(cache))
     venvs = [layout.root / "a", layout.root / "b"]
     for venv in venvs:
-        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], env=uv_env, check=True, timeout=120)
-        subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "six==1.16.0", "idna==3.10"],
+        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)],
+                       env=uv_env, check=True, timeout=120)
+        subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                        "six==1.16.0", "idna==3.10"],
                        env=uv_env, check=True, timeout=300)
 
     async def both() -> list[int]:
         # Two independent compilers (as two daemons would be) racing on the same entries.
-        return await asyncio.gather(*(SharedBytecode(cache, sys.executable).share(venv, 0.0) for venv in venvs))
+        return await asyncio.gather(
+            *(SharedBytecode(cache, sys.executable).share(venv, 0.0) for venv in venvs))
 
     assert asyncio.run(both()) == [2, 2]
     for venv in venvs:

@@ -98,9 +98,10 @@ def test_a_child_that_ended_before_the_stop_is_no_error() -> None:
     None because the loop has not run the watcher's callback yet. killpg then finds no group."""
     async def scenario() -> None:
         process = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass", start_new_session=True)
-        # Without yielding to the loop: the watcher thread reaps it, the loop cannot record that.
+        # Without yielding to the loop: the watcher thread reaps it, the loop cannot record that
+        # (so the blocking exists check and sleep are on purpose).
         deadline = time.monotonic() + 60
-        while os.path.exists("/proc/%d" % process.pid) and _group_members(process.pid):
+        while os.path.exists("/proc/%d" % process.pid) and _group_members(process.pid):  # noqa: ASYNC240
             assert time.monotonic() < deadline, "the child did not end"
             time.sleep(0.01)  # noqa: ASYNC251 - yielding to the loop would let it record the exit
         raced = process.returncode is None
@@ -143,7 +144,8 @@ def test_tree_work_runs_in_a_child_that_a_cancel_kills(tmp_path: Path) -> None:
         # tried again (a busy machine may not run this test's poll for a while).
         for _ in range(20):
             walk = asyncio.create_task(diskusage.unshared_bytes(tree))
-            while not (workers := _tree_workers_of(os.getpid())) and not walk.done():
+            # Polls /proc for another process (no event to wait on); ends when the walk does.
+            while not (workers := _tree_workers_of(os.getpid())) and not walk.done():  # noqa: ASYNC110
                 await asyncio.sleep(0.002)
             if workers and not walk.done():
                 break

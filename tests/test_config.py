@@ -28,8 +28,10 @@ def test_user_mode_defaults_live_under_xdg_dirs(tmp_path: Path, monkeypatch: pyt
 
 def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     config_file = tmp_path / "config.toml"
-    config_file.write_text('pool-size = 5\nlink_mode = "copy"\nvenvs_dir = "/from/file"\nsocket = "/tmp/f.sock"\n')
-    environ = {"UVKERNELD_CONFIG": str(config_file), "UVKERNELD_LINK_MODE": "symlink", "UVKERNELD_SOCKET": "/tmp/e.sock"}
+    config_file.write_text(
+        'pool-size = 5\nlink_mode = "copy"\nvenvs_dir = "/from/file"\nsocket = "/tmp/f.sock"\n')
+    environ = {"UVKERNELD_CONFIG": str(config_file), "UVKERNELD_LINK_MODE": "symlink",
+               "UVKERNELD_SOCKET": "/tmp/e.sock"}
     config = load_config({"socket": "/tmp/flag.sock"}, environ)
     assert config.pool_size == 5  # file
     assert config.venvs_dir == Path("/from/file")  # file
@@ -49,16 +51,20 @@ def test_config_file_may_use_a_uvkerneld_table(tmp_path: Path) -> None:
     "flags, environ, file_text, fragment",
     [
         ({"pool_size": -1}, {}, None, "pool_size (from --pool-size) must be between 0 and 64, got -1"),
-        ({}, {"UVKERNELD_POOL_SIZE": "many"}, None, "pool_size (from UVKERNELD_POOL_SIZE) must be an integer, got 'many'"),
-        ({}, {"UVKERNELD_LINK_MODE": "reflink"}, None, "link_mode 'reflink' (from UVKERNELD_LINK_MODE) is not valid"),
+        ({}, {"UVKERNELD_POOL_SIZE": "many"}, None,
+         "pool_size (from UVKERNELD_POOL_SIZE) must be an integer, got 'many'"),
+        ({}, {"UVKERNELD_LINK_MODE": "reflink"}, None,
+         "link_mode 'reflink' (from UVKERNELD_LINK_MODE) is not valid"),
         ({"mode": "cluster"}, {}, None, "mode 'cluster'"),
         ({}, {}, "pool_size = 2\npool_sise = 3\n", "unknown setting(s) pool_sise"),
         ({}, {}, "pool_size = [\n", "is not valid TOML"),
         ({}, {}, 'kernel_packages = ["numpy"]\n', "must include ipykernel"),
         ({}, {}, "pool_size = 2.5\n", "must be an integer"),
         ({"socket": "/tmp/" + "s" * 120}, {}, None, "longer than the 107 bytes"),
-        ({}, {"UVKERNELD_BYTECODE": "fast"}, None, "bytecode 'fast' (from UVKERNELD_BYTECODE) is not valid; choose one of: shared, per-env, off"),
-        ({}, {"UVKERNELD_GC_OLDER_THAN": "a month"}, None, "gc_older_than (from UVKERNELD_GC_OLDER_THAN): duration 'a month' is not valid"),
+        ({}, {"UVKERNELD_BYTECODE": "fast"}, None,
+         "bytecode 'fast' (from UVKERNELD_BYTECODE) is not valid; choose one of: shared, per-env, off"),
+        ({}, {"UVKERNELD_GC_OLDER_THAN": "a month"}, None,
+         "gc_older_than (from UVKERNELD_GC_OLDER_THAN): duration 'a month' is not valid"),
         ({}, {}, 'gc_interval = "soon"\n', "gc_interval (from"),
         ({"config": "/nonexistent/uvk.toml"}, {}, None, "does not exist"),
     ],

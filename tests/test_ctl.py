@@ -9,8 +9,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from helpers import Daemon, Layout, ctl, register_envs, run_code, running_kernel, wait_until
@@ -41,7 +42,8 @@ def ctl_daemon(layout: Layout) -> Iterator[Daemon]:
 
 def wait_disk_fresh(layout: Layout, after: float) -> dict[str, Any]:
     return wait_until(
-        lambda: (lambda disk: disk if (disk.get("computed_at") or 0) > after else None)(layout.status()["disk"]),
+        lambda: (lambda disk: disk if (disk.get("computed_at") or 0) > after else None)(
+            layout.status()["disk"]),
         120, "a disk usage scan", interval=0.2,
     )
 
@@ -52,7 +54,9 @@ def du(path: Path, *flags: str) -> int:
 
 
 @pytest.mark.slow
-def test_list_and_status_count_envs_and_live_kernels(ctl_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_list_and_status_count_envs_and_live_kernels(
+    ctl_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     notebook = layout.notebook("live.ipynb")
     acquire(layout, "env", "first")
     acquire(layout, "env", "second")
@@ -60,7 +64,8 @@ def test_list_and_status_count_envs_and_live_kernels(ctl_daemon: Daemon, layout:
         prefix = run_code(kernel, "import sys; print(sys.prefix)").strip()
         rows = {row["path"]: row for row in ctl_json(layout, "list")}
         assert len(rows) == 3
-        assert rows[prefix]["live"] is True and rows[prefix]["key"] == {"kind": "notebook", "value": str(notebook)}
+        assert rows[prefix]["live"] is True
+        assert rows[prefix]["key"] == {"kind": "notebook", "value": str(notebook)}
         assert [row["live"] for path, row in rows.items() if path != prefix] == [False, False]
         assert all(row["owner_uid"] == os.getuid() and row["state"] == "assigned" for row in rows.values())
         status = ctl_json(layout, "status")
@@ -130,7 +135,8 @@ def test_show_export_and_rm(ctl_daemon: Daemon, layout: Layout) -> None:
     assert result["exit_status"] == 0
     shown = ctl_json(layout, "show", str(notebook))
     assert shown["path"] == env_path and shown["requirement_list"] == ["six==1.16.0"]
-    assert "six==1.16.0" in shown["freeze"] and any(line.startswith("ipykernel==") for line in shown["freeze"])
+    assert "six==1.16.0" in shown["freeze"]
+    assert any(line.startswith("ipykernel==") for line in shown["freeze"])
     exported = ctl(layout, "export", str(notebook))
     assert exported.returncode == 0
     pins = [line for line in exported.stdout.splitlines() if not line.startswith("#")]
@@ -138,7 +144,8 @@ def test_show_export_and_rm(ctl_daemon: Daemon, layout: Layout) -> None:
     # The same env by id and by a relative notebook path.
     assert ctl_json(layout, "show", shown["env_id"])["path"] == env_path
     relative = subprocess.run([sys.executable, "-m", "uvkerneld.ctl", "show", "pinned.ipynb", "--json"],
-                              env=layout.env, cwd=str(layout.notebooks), capture_output=True, text=True, timeout=300)
+                              env=layout.env, cwd=str(layout.notebooks), capture_output=True, text=True,
+                              timeout=300)
     assert json.loads(relative.stdout)["path"] == env_path
     removed = ctl(layout, "rm", str(notebook))
     assert removed.returncode == 0 and "removed %s, freed" % shown["env_id"] in removed.stdout
@@ -163,7 +170,8 @@ def test_disk_figures_match_du_with_hardlinks_counted_once(ctl_daemon: Daemon, l
     linked = du(layout.venvs_dir, "--count-links")
     cache = du(layout.cache_dir)
     print("venvs real %d (du %d), apparent %d (du %d), cache %d (du %d), dedup %s" % (
-        disk["venvs_real_bytes"], real, disk["venvs_apparent_bytes"], apparent, disk["cache_bytes"], cache, disk["dedup_ratio"]))
+        disk["venvs_real_bytes"], real, disk["venvs_apparent_bytes"], apparent, disk["cache_bytes"], cache,
+        disk["dedup_ratio"]))
     assert abs(disk["venvs_real_bytes"] - real) <= 0.05 * real
     assert abs(disk["venvs_apparent_bytes"] - apparent) <= 0.05 * apparent
     assert abs(disk["venvs_linked_bytes"] - linked) <= 0.05 * linked
@@ -222,7 +230,8 @@ def test_doctor_passes_on_a_good_setup(ctl_daemon: Daemon, layout: Layout, kerne
     acquire(layout, "env", "sample")
     result = ctl(layout, "doctor")
     assert result.returncode == 0, result.stdout
-    verdicts = {line.split()[1]: line.split()[0] for line in result.stdout.splitlines() if line[:4] in ("PASS", "WARN", "FAIL")}
+    verdicts = {line.split()[1]: line.split()[0] for line in result.stdout.splitlines()
+                if line[:4] in ("PASS", "WARN", "FAIL")}
     assert verdicts["uv"] == verdicts["daemon"] == verdicts["kernelspec"] == "PASS"
     assert verdicts["same"] == verdicts["link"] == verdicts["bytecode"] == "PASS"
 
@@ -231,11 +240,14 @@ def test_doctor_fails_without_a_kernelspec_or_a_daemon(layout: Layout) -> None:
     result = ctl(layout, "doctor", "--kernel", "no-such-kernel", "--json")
     assert result.returncode == 6
     checks = {check["check"]: check for check in json.loads(result.stdout)}
-    assert checks["kernelspec"]["verdict"] == "FAIL" and "uvkernelctl install-kernelspec" in checks["kernelspec"]["fix"]
+    assert checks["kernelspec"]["verdict"] == "FAIL"
+    assert "uvkernelctl install-kernelspec" in checks["kernelspec"]["fix"]
     assert checks["daemon"]["verdict"] == "FAIL" and "not running" in checks["daemon"]["detail"]
 
 
-def test_doctor_fails_when_cache_and_venvs_are_on_different_filesystems(layout: Layout, kernelspec: str) -> None:
+def test_doctor_fails_when_cache_and_venvs_are_on_different_filesystems(
+    layout: Layout, kernelspec: str
+) -> None:
     other = Path("/dev/shm")
     if not other.is_dir() or os.stat(other).st_dev == os.stat(layout.root).st_dev:
         pytest.skip("no second filesystem (tmpfs /dev/shm) on this machine")

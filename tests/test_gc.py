@@ -8,11 +8,10 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from helpers import Daemon, Layout, wait_until
 
 from uvkerneld import gc, protocol, states
@@ -193,7 +192,8 @@ def test_scheduled_gc_keeps_a_notebook_renamed_while_no_daemon_watched(layout: L
     first = Daemon(layout, "--pool-size", "0").start()
     try:
         envs = {notebook: layout.request("acquire", {
-            "key": {"kind": "notebook", "value": str(notebook)}, "file": protocol.file_identity(notebook.stat()),
+            "key": {"kind": "notebook", "value": str(notebook)},
+            "file": protocol.file_identity(notebook.stat()),
         }, timeout=300)["path"] for notebook in (kept, gone)}
         # Each acquire's connection counted as a kernel until the daemon saw it close; one still
         # open at shutdown would be recorded as a kernel that outlives the daemon.

@@ -16,7 +16,8 @@ def test_an_idle_daemon_exits_cleanly_and_never_while_a_kernel_runs(layout: Layo
     daemon = Daemon(layout, "--pool-size", "0", "--idle-exit", "5s").start()
     try:
         assert layout.status()["paths"]["idle_exit_s"] == 5.0
-        with running_kernel(layout, kernelspec, JPY_SESSION_NAME=str(layout.notebook("busy.ipynb"))) as (_, kernel):
+        busy = str(layout.notebook("busy.ipynb"))
+        with running_kernel(layout, kernelspec, JPY_SESSION_NAME=busy) as (_, kernel):
             # Longer than idle_exit, with only the kernel's lifeline open: the daemon stays.
             run_code(kernel, "import time; time.sleep(7)")
             assert daemon.process is not None and daemon.process.poll() is None
@@ -31,7 +32,9 @@ def test_an_idle_daemon_exits_cleanly_and_never_while_a_kernel_runs(layout: Layo
         daemon.stop()
 
 
-def test_a_kernel_started_while_the_daemon_exits_waits_for_its_successor(layout: Layout, kernelspec: str) -> None:
+def test_a_kernel_started_while_the_daemon_exits_waits_for_its_successor(
+    layout: Layout, kernelspec: str
+) -> None:
     # The moment of an idle exit: the old daemon's socket is closed, but it still holds the
     # state-dir lock for a few moments. The test plays that daemon by holding the lock itself.
     first = Daemon(layout, "--pool-size", "0").start()
@@ -43,7 +46,8 @@ def test_a_kernel_started_while_the_daemon_exits_waits_for_its_successor(layout:
                             wait=False) as (_, kernel):
             # The kernel stub started a successor, which waits for the lock instead of failing.
             log = layout.socket.parent / "uvkerneld.log"
-            wait_until(lambda: log.exists() and "waiting up to" in log.read_text(), 60, "the successor to wait")
+            wait_until(lambda: log.exists() and "waiting up to" in log.read_text(), 60,
+                       "the successor to wait")
             assert len(processes_matching("-m uvkerneld", str(layout.socket), "--started-by-kernel")) == 1
             fcntl.flock(lock, fcntl.LOCK_UN)
             kernel.wait_for_ready(timeout=180)

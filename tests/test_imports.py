@@ -111,12 +111,14 @@ def import_edges(modules: dict[str, Path]) -> list[Edge]:
         tree = ast.parse(path.read_text(), str(path))
         where_prefix = str(path.relative_to(REPO))
 
+        # visit runs to its end within this iteration (below), so the loop variables it reads
+        # are this module's.
         def visit(node: ast.AST, kind: str) -> None:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                for _, target in _targets(node, module, path, modules):
-                    edge = Edge(module, target, kind, "%s:%d" % (where_prefix, node.lineno))
+                for _, target in _targets(node, module, path, modules):  # noqa: B023
+                    edge = Edge(module, target, kind, "%s:%d" % (where_prefix, node.lineno))  # noqa: B023
                     # `from .x import a, b` is one edge, not one per name.
-                    if target != module and edge not in seen:
+                    if target != module and edge not in seen:  # noqa: B023
                         seen.add(edge)
                         edges.append(edge)
                 return

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from helpers import Daemon, Layout, run_code, running_kernel, wait_until
@@ -31,7 +33,9 @@ def shim(env_path: str, program: str, *args: str, layout: Layout, cwd: str | Non
 def installed_version(env_path: str, project: str) -> str | None:
     result = subprocess.run(
         [os.path.join(env_path, "bin", "python"), "-c",
-         "import importlib.metadata as m, sys\ntry: print(m.version(sys.argv[1]))\nexcept m.PackageNotFoundError: print('-')",
+         "import importlib.metadata as m, sys\n"
+         "try: print(m.version(sys.argv[1]))\n"
+         "except m.PackageNotFoundError: print('-')",
          project],
         capture_output=True, text=True, timeout=60, check=True,
     )
@@ -41,7 +45,8 @@ def installed_version(env_path: str, project: str) -> str | None:
 
 def base_freeze() -> str:
     return subprocess.run(
-        [sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-m", "pip", "freeze", "--all"],
+        capture_output=True, text=True, timeout=120, check=True,
     ).stdout
 
 
@@ -74,7 +79,9 @@ def test_two_notebooks_install_conflicting_versions_in_isolation(
     assert base_freeze() == before
 
 
-def test_bang_pip_and_uv_magics_land_in_the_notebook_env(install_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_bang_pip_and_uv_magics_land_in_the_notebook_env(
+    install_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     before = base_freeze()
     with notebook_kernel(layout, "tools.ipynb") as kernel:
         prefix = run_code(kernel, "import sys; print(sys.prefix)").strip()
@@ -91,7 +98,9 @@ def test_bang_pip_and_uv_magics_land_in_the_notebook_env(install_daemon: Daemon,
     assert base_freeze() == before
 
 
-def test_restart_note_only_when_an_imported_package_changed(install_daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_restart_note_only_when_an_imported_package_changed(
+    install_daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     note = "Note: you may need to restart the kernel to use updated packages."
     with notebook_kernel(layout, "note.ipynb") as kernel:
         assert note not in run_code(kernel, "%pip install six==1.16.0", timeout=300)
@@ -100,13 +109,16 @@ def test_restart_note_only_when_an_imported_package_changed(install_daemon: Daem
         assert note not in run_code(kernel, "%pip install idna", timeout=300)
 
 
-def test_eight_concurrent_installs_into_one_env_run_one_at_a_time(install_daemon: Daemon, layout: Layout) -> None:
+def test_eight_concurrent_installs_into_one_env_run_one_at_a_time(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "busy")
     versions = ["1.10.0", "1.11.0", "1.12.0", "1.13.0", "1.14.0", "1.15.0", "1.16.0", "1.17.0"]
     results: dict[str, dict[str, Any]] = {}
 
     def install(version: str) -> None:
-        results[version] = layout.request("pip", {"env": env_path, "argv": ["install", "six==" + version]}, timeout=300)
+        results[version] = layout.request("pip", {"env": env_path, "argv": ["install", "six==" + version]},
+                                          timeout=300)
 
     threads = [threading.Thread(target=install, args=(version,)) for version in versions]
     for thread in threads:
@@ -118,10 +130,11 @@ def test_eight_concurrent_installs_into_one_env_run_one_at_a_time(install_daemon
     history = layout.request("installs", {"env": env_path})["installs"]
     assert len(history) == 8
     intervals = sorted((item["started_at"], item["finished_at"]) for item in history)
-    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+    for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start >= end, "two installs into one env overlapped: %s" % intervals
     # FIFO: they ran in the order the daemon queued them.
-    assert [item["id"] for item in sorted(history, key=lambda item: item["started_at"])] == sorted(item["id"] for item in history)
+    by_start = sorted(history, key=lambda item: item["started_at"])
+    assert [item["id"] for item in by_start] == sorted(item["id"] for item in history)
     check = subprocess.run(
         [install_daemon_uv(), "pip", "check", "--python", os.path.join(env_path, "bin", "python")],
         capture_output=True, text=True, timeout=60, env={**layout.env, "UV_CACHE_DIR": str(layout.cache_dir)},
@@ -144,10 +157,12 @@ def test_installs_into_different_envs_run_in_parallel(install_daemon: Daemon, la
     done = []
 
     def install(env_path: str, version: str) -> None:
-        done.append(layout.request("pip", {"env": env_path, "argv": ["install", "six==" + version]}, timeout=300))
+        done.append(layout.request("pip", {"env": env_path, "argv": ["install", "six==" + version]},
+                                   timeout=300))
 
     started = time.monotonic()
-    threads = [threading.Thread(target=install, args=(env, v)) for env, v in zip(envs, ["1.14.0", "1.15.0", "1.16.0", "1.17.0"])]
+    versions = ["1.14.0", "1.15.0", "1.16.0", "1.17.0"]
+    threads = [threading.Thread(target=install, args=(env, v)) for env, v in zip(envs, versions, strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -159,13 +174,15 @@ def test_installs_into_different_envs_run_in_parallel(install_daemon: Daemon, la
         (record,) = layout.request("installs", {"env": env_path})["installs"]
         intervals.append((record["started_at"], record["finished_at"]))
     intervals.sort()
-    overlapping = any(later[0] < earlier[1] for earlier, later in zip(intervals, intervals[1:]))
+    overlapping = any(later[0] < earlier[1] for earlier, later in itertools.pairwise(intervals))
     assert overlapping, "installs into different envs never ran at the same time: %s" % intervals
     serial = sum(end - start for start, end in intervals)
     print("4 envs: wall %.2f s vs sum of install times %.2f s (ratio %.2f)" % (wall, serial, wall / serial))
 
 
-def test_first_output_line_arrives_before_the_install_finishes(install_daemon: Daemon, layout: Layout) -> None:
+def test_first_output_line_arrives_before_the_install_finishes(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "stream")
     arrivals: list[tuple[float, str]] = []
     sock = client.connect(str(layout.socket), timeout=300)
@@ -188,17 +205,20 @@ def test_first_output_line_arrives_before_the_install_finishes(install_daemon: D
 @pytest.mark.parametrize(
     "program, args, message",
     [
-        ("pip", ["install", "--target", "/tmp/x", "six"], "pip: error: --target is not allowed: packages always go into this notebook's own environment"),
+        ("pip", ["install", "--target", "/tmp/x", "six"],
+         "pip: error: --target is not allowed: packages always go into this notebook's own environment"),
         ("pip", ["install", "--prefix", "/tmp/x", "six"], "pip: error: --prefix is not allowed"),
         ("pip", ["install", "--python", "/usr/bin/python3", "six"], "pip: error: --python is not allowed"),
         ("pip", ["install", "--system", "six"], "pip: error: --system is not allowed"),
         ("pip", ["install", "--user", "six"], "pip: error: --user is not allowed"),
-        ("pip", ["install", "--break-system-packages", "six"], "pip: error: --break-system-packages is not allowed"),
+        ("pip", ["install", "--break-system-packages", "six"],
+         "pip: error: --break-system-packages is not allowed"),
         ("pip3", ["download", "six"], "pip3: error: pip download is not supported in a uvkerneld kernel"),
         ("pip", ["wheel", "six"], "pip: error: pip wheel is not supported in a uvkerneld kernel"),
         ("uv", ["pip", "install", "--system", "six"], "uv pip: error: --system is not allowed"),
         ("uv", ["pip", "sync", "req.txt"], "uv pip: error: pip sync is not supported in a uvkerneld kernel"),
-        ("uv", ["venv", "/tmp/x"], "uv: error: only `uv pip install|uninstall|list|freeze|show` is available"),
+        ("uv", ["venv", "/tmp/x"],
+         "uv: error: only `uv pip install|uninstall|list|freeze|show` is available"),
     ],
 )
 def test_refused_flags_and_subcommands(
@@ -211,12 +231,15 @@ def test_refused_flags_and_subcommands(
     assert layout.request("installs", {"env": env_path})["installs"] == []  # nothing reached uv
 
 
-def test_daemon_refuses_the_same_commands_from_a_client_that_skips_the_shim(install_daemon: Daemon, layout: Layout) -> None:
+def test_daemon_refuses_the_same_commands_from_a_client_that_skips_the_shim(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "direct")
     with pytest.raises(protocol.BadRequest, match="--target is not allowed"):
         layout.request("pip", {"env": env_path, "argv": ["install", "--target", "/tmp/x", "six"]})
     with pytest.raises(protocol.BadRequest, match="option -r is not supported"):
-        layout.request("pip", {"env": env_path, "argv": ["install", "-r", "x.txt"], "files": ["-r /root/secret.txt\n"]})
+        layout.request("pip", {"env": env_path, "argv": ["install", "-r", "x.txt"],
+                               "files": ["-r /root/secret.txt\n"]})
     with pytest.raises(protocol.BadRequest, match="1 requirement file"):
         layout.request("pip", {"env": env_path, "argv": ["install", "-r", "x.txt"], "files": []})
 
@@ -233,7 +256,9 @@ def test_only_the_owner_may_install_and_pooled_or_unknown_envs_are_refused(layou
         daemon.stop()
 
 
-def test_a_requirement_that_looks_like_a_shell_command_runs_nothing(install_daemon: Daemon, layout: Layout) -> None:
+def test_a_requirement_that_looks_like_a_shell_command_runs_nothing(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     victim = layout.root / "victim"
     victim.mkdir()
     (victim / "keep").write_text("x")
@@ -250,14 +275,17 @@ def test_missing_package_shows_uvs_error_and_leaves_the_env_unchanged(
     with notebook_kernel(layout, "missing.ipynb") as kernel:
         run_code(kernel, "%pip install six==1.16.0", timeout=300)
         freeze_before = run_code(kernel, "%pip freeze", timeout=120)
-        output = run_code(kernel, "%pip install uvkerneld-no-such-package-4711\nprint('exit', _exit_code)", timeout=300)
+        output = run_code(kernel, "%pip install uvkerneld-no-such-package-4711\nprint('exit', _exit_code)",
+                          timeout=300)
         assert "uvkerneld-no-such-package-4711" in output and "not found" in output
         assert "exit 1" in output
         assert run_code(kernel, "%pip freeze", timeout=120) == freeze_before
         assert run_code(kernel, "import six; print(six.__version__)").strip() == "1.16.0"
 
 
-def test_requirements_files_are_read_by_the_client_and_recorded(install_daemon: Daemon, layout: Layout) -> None:
+def test_requirements_files_are_read_by_the_client_and_recorded(
+    install_daemon: Daemon, layout: Layout
+) -> None:
     env_path = acquire_env(layout, "reqfile")
     project = layout.root / "project"
     project.mkdir()
@@ -316,7 +344,8 @@ def test_a_damaged_env_is_rebuilt_with_its_recorded_requirements(
 def test_sigterm_during_an_install_leaves_the_env_rebuildable(layout: Layout) -> None:
     daemon = Daemon(layout, "--pool-size", "0").start()
     env_path = acquire_env(layout, "interrupted")
-    assert layout.request("pip", {"env": env_path, "argv": ["install", "six==1.16.0"]}, timeout=300)["exit_status"] == 0
+    installed = layout.request("pip", {"env": env_path, "argv": ["install", "six==1.16.0"]}, timeout=300)
+    assert installed["exit_status"] == 0
     # Start a slow install (an sdist build) and stop the daemon in the middle of it.
     process = subprocess.Popen(
         [os.path.join(env_path, "bin", "pip"), "install", "docopt==0.6.2", "--no-deps"],

@@ -13,7 +13,9 @@ from jupyter_rest import JupyterServer, kernel_facts
 
 
 @pytest.mark.slow
-def test_sessions_for_two_notebooks_run_in_their_own_venvs(daemon: Daemon, layout: Layout, server: JupyterServer) -> None:
+def test_sessions_for_two_notebooks_run_in_their_own_venvs(
+    daemon: Daemon, layout: Layout, server: JupyterServer
+) -> None:
     layout.notebook("project/analysis.ipynb")
     layout.notebook("other/analysis.ipynb")  # same file name, another folder: another env
     facts = {}

@@ -8,11 +8,21 @@ import os
 import queue
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-from helpers import Daemon, Layout, process_alive, processes_matching, read_message, run_code, running_kernel, wait_until
+from helpers import (
+    Daemon,
+    Layout,
+    process_alive,
+    processes_matching,
+    read_message,
+    run_code,
+    running_kernel,
+    wait_until,
+)
 from jupyter_client.manager import KernelManager
 
 from uvkerneld import protocol
@@ -35,7 +45,8 @@ def test_notebooks_get_their_own_venvs_that_persist(layout: Layout, kernelspec: 
             # Runs inside a venv under the venvs dir, not the base environment.
             assert prefix_a.startswith(str(layout.venvs_dir) + os.sep)
             assert prefix_a != sys.prefix
-            details = run_code(kernel, "import os, ipykernel; print(os.environ['VIRTUAL_ENV']); print(ipykernel.__file__)")
+            details = run_code(
+                kernel, "import os, ipykernel; print(os.environ['VIRTUAL_ENV']); print(ipykernel.__file__)")
             virtual_env, ipykernel_file = details.split()
             assert virtual_env == prefix_a and ipykernel_file.startswith(prefix_a)
             # Restart (as Jupyter's restart button does): same notebook, same venv.
@@ -115,7 +126,8 @@ def test_empty_pool_creates_on_demand_and_counts_it(layout: Layout, kernelspec: 
 
 def test_explicit_env_name_and_folder_scratch_env(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
     shared_1 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared")
-    shared_2 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared", JPY_SESSION_NAME=str(layout.notebook("x.ipynb")))
+    shared_2 = kernel_prefix(layout, kernelspec, UVKERNEL_ENV="shared",
+                             JPY_SESSION_NAME=str(layout.notebook("x.ipynb")))
     assert shared_1 == shared_2
     # nbclient/papermill set no JPY_SESSION_NAME: the folder's scratch env, stable per folder.
     folder_1 = kernel_prefix(layout, kernelspec)
@@ -138,7 +150,9 @@ def test_kernel_started_inside_a_uv_kernel_does_not_reuse_its_env(
     assert child_prefix != parent_prefix
 
 
-def test_unusable_env_name_shows_the_reason_in_the_notebook(daemon: Daemon, layout: Layout, kernelspec: str) -> None:
+def test_unusable_env_name_shows_the_reason_in_the_notebook(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
     with running_kernel(layout, kernelspec, UVKERNEL_ENV="../../etc") as (_, kernel):
         reply = kernel.execute_interactive("print('hello')", timeout=60)
     assert reply["content"]["status"] == "error"
@@ -146,7 +160,9 @@ def test_unusable_env_name_shows_the_reason_in_the_notebook(daemon: Daemon, layo
     assert "env name '../../etc' is not allowed" in reply["content"]["evalue"]
 
 
-def test_no_daemon_and_autostart_off_shows_the_reason_in_the_notebook(layout: Layout, kernelspec: str) -> None:
+def test_no_daemon_and_autostart_off_shows_the_reason_in_the_notebook(
+    layout: Layout, kernelspec: str
+) -> None:
     with running_kernel(layout, kernelspec, UVKERNELD_AUTOSTART="0") as (_, kernel):
         reply = kernel.execute_interactive("1 + 1", timeout=60)
     assert reply["content"]["ename"] == "EnvironmentUnavailable"
@@ -209,7 +225,8 @@ def test_ten_stubs_racing_start_exactly_one_daemon(layout: Layout, kernelspec: s
 
 
 def test_kernelspec_runs_the_stub_from_an_absolute_interpreter(layout: Layout, kernelspec: str) -> None:
-    spec = json.loads((layout.kernel_prefix / "share" / "jupyter" / "kernels" / kernelspec / "kernel.json").read_text())
+    spec_file = layout.kernel_prefix / "share" / "jupyter" / "kernels" / kernelspec / "kernel.json"
+    spec = json.loads(spec_file.read_text())
     argv = spec["argv"]
     # jupyter_client swaps a bare "python"/"python3" for its own interpreter; an absolute path is kept.
     assert os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK)
@@ -251,7 +268,8 @@ def test_install_kernelspec_refuses_a_bad_name(layout: Layout) -> None:
          "--name", "uv kernel/../x"], env=layout.env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
-    assert "kernel name 'uv kernel/../x' is not valid: use letters, digits, '.', '_' and '-' only" in result.stderr
+    assert ("kernel name 'uv kernel/../x' is not valid: use letters, digits, '.', '_' and '-' only"
+            in result.stderr)
     assert not (layout.kernel_prefix / "share").exists()  # nothing half-written
 
 
@@ -262,7 +280,8 @@ def _read_frame(conn: socket.socket) -> dict[str, Any]:
 
 
 def _refuse(conn: socket.socket, request: dict[str, Any], message: str) -> None:
-    conn.sendall(protocol.encode_frame(protocol.error_response(request["id"], protocol.EnvUnavailable(message))))
+    refusal = protocol.error_response(request["id"], protocol.EnvUnavailable(message))
+    conn.sendall(protocol.encode_frame(refusal))
 
 
 @contextmanager
@@ -304,13 +323,15 @@ def test_stub_holds_the_kernel_ports_while_it_waits_for_its_env(layout: Layout, 
     # The stand-in takes the stub's acquire and answers only when told, like a daemon building a
     # venv on a cold pool.
     notebook = str(layout.notebook("slow.ipynb"))
-    with stand_in_daemon(layout) as listener, launched_kernel(layout, kernelspec, JPY_SESSION_NAME=notebook) as manager:
+    with stand_in_daemon(layout) as listener, \
+            launched_kernel(layout, kernelspec, JPY_SESSION_NAME=notebook) as manager:
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(60)
             request = _read_frame(conn)
             assert request["op"] == "acquire"
-            ports = [manager.shell_port, manager.iopub_port, manager.stdin_port, manager.control_port, manager.hb_port]
+            ports = [manager.shell_port, manager.iopub_port, manager.stdin_port, manager.control_port,
+                     manager.hb_port]
             for port in ports:
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     try:

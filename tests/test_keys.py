@@ -17,7 +17,8 @@ def test_explicit_env_name_wins_over_everything() -> None:
 def test_explicit_notebook_beats_session_name_and_resolves_against_cwd(tmp_path: os.PathLike) -> None:
     open(os.path.join(str(tmp_path), "report.ipynb"), "w").close()
     environ = {"UVKERNEL_NOTEBOOK": "report.ipynb", "JPY_SESSION_NAME": "/elsewhere/b.ipynb"}
-    assert resolve_key(environ, str(tmp_path))[:2] == ("notebook", os.path.join(str(tmp_path), "report.ipynb"))
+    assert resolve_key(environ, str(tmp_path))[:2] == (
+        "notebook", os.path.join(str(tmp_path), "report.ipynb"))
 
 
 def test_a_relative_notebook_is_looked_up_in_the_shells_folder_first(tmp_path: os.PathLike) -> None:
@@ -41,7 +42,8 @@ def test_a_notebook_key_that_names_no_file_is_refused(tmp_path: os.PathLike) -> 
 
 
 def test_session_name_absolute_path_as_jupyter_server_sets_it() -> None:
-    assert resolve_key({"JPY_SESSION_NAME": "/srv/nb/a.ipynb"}, "/srv/nb")[:2] == ("notebook", "/srv/nb/a.ipynb")
+    assert resolve_key({"JPY_SESSION_NAME": "/srv/nb/a.ipynb"}, "/srv/nb")[:2] == (
+        "notebook", "/srv/nb/a.ipynb")
 
 
 def test_relative_session_name_resolves_against_cwd() -> None:
@@ -50,7 +52,8 @@ def test_relative_session_name_resolves_against_cwd() -> None:
 
 def test_relative_session_name_from_an_old_server_does_not_double_the_folder() -> None:
     # Old servers: JPY_SESSION_NAME relative to the server root, cwd = the notebook's folder.
-    assert resolve_key({"JPY_SESSION_NAME": "sub/a.ipynb"}, "/root/sub")[:2] == ("notebook", "/root/sub/a.ipynb")
+    assert resolve_key({"JPY_SESSION_NAME": "sub/a.ipynb"}, "/root/sub")[:2] == (
+        "notebook", "/root/sub/a.ipynb")
 
 
 @pytest.mark.parametrize("value", ["Console 1", "/srv/nb/script.py", "untitled", ""])
@@ -82,7 +85,8 @@ def test_child_kernel_with_a_new_explicit_notebook_gets_that_notebook(tmp_path: 
 
 def test_kernel_restarted_by_the_server_keeps_its_notebook() -> None:
     # jupyter_server builds the env from its own, which carries no marker.
-    assert resolve_key({"JPY_SESSION_NAME": "/srv/nb/a.ipynb"}, "/srv/nb")[:2] == ("notebook", "/srv/nb/a.ipynb")
+    assert resolve_key({"JPY_SESSION_NAME": "/srv/nb/a.ipynb"}, "/srv/nb")[:2] == (
+        "notebook", "/srv/nb/a.ipynb")
 
 
 def test_symlinked_folders_resolve_to_one_key(tmp_path: os.PathLike) -> None:

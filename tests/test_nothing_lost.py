@@ -12,8 +12,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from helpers import Daemon, Layout, ctl, process_alive, processes_matching, register_envs, wait_until
@@ -43,7 +43,8 @@ def test_a_zero_byte_store_next_to_venvs_deletes_nothing_and_the_records_are_reb
     try:
         daemon.wait_pool_full()
         first = layout.request("acquire", {"key": KEY_A})
-        installed = layout.request("pip", {"env": first["path"], "argv": ["install", "six==1.16.0"]}, timeout=300)
+        installed = layout.request("pip", {"env": first["path"], "argv": ["install", "six==1.16.0"]},
+                                   timeout=300)
         assert installed["exit_status"] == 0
         daemon.wait_pool_full()
     finally:
@@ -81,7 +82,8 @@ def test_a_corrupt_store_is_one_line_and_exit_status_1_and_nothing_is_touched(la
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert "state db %s cannot be used (file is not a database): move it aside" % (layout.state_dir / "state.db") in line
+    state_db = layout.state_dir / "state.db"
+    assert "state db %s cannot be used (file is not a database): move it aside" % state_db in line
     assert env_dirs(layout) == ["e-00000000000a"]
 
 
@@ -91,17 +93,21 @@ def test_a_second_daemon_with_another_store_is_refused_the_venvs_dir(layout: Lay
     try:
         daemon.wait_pool_full()
         assigned = layout.request("acquire", {"key": KEY_A})
-        result = subprocess.run(daemon_argv(layout, *other), env=layout.env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(daemon_argv(layout, *other), env=layout.env, capture_output=True, text=True,
+                                timeout=60)
         assert result.returncode == 1
-        assert "venvs dir %s is in use by another uvkerneld (state dir %s): each daemon needs its own --venvs-dir" % (
-            layout.venvs_dir, layout.state_dir) in result.stderr
+        assert ("venvs dir %s is in use by another uvkerneld (state dir %s): "
+                "each daemon needs its own --venvs-dir"
+                % (layout.venvs_dir, layout.state_dir)) in result.stderr
         assert os.path.isfile(assigned["python"])
     finally:
         daemon.stop()
     # Not running is not enough: the venvs dir still belongs to the first store.
-    result = subprocess.run(daemon_argv(layout, *other), env=layout.env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(daemon_argv(layout, *other), env=layout.env, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 1
-    assert "venvs dir %s belongs to the uvkerneld whose state dir is %s" % (layout.venvs_dir, layout.state_dir) in result.stderr
+    assert ("venvs dir %s belongs to the uvkerneld whose state dir is %s"
+            % (layout.venvs_dir, layout.state_dir)) in result.stderr
     assert "Traceback" not in result.stderr
     assert os.path.isfile(assigned["python"])
 
@@ -118,7 +124,8 @@ def test_a_directory_the_store_cannot_account_for_is_moved_aside_never_deleted(l
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
         status = layout.status()
-        assert [Path(path).name.rsplit("-", 1)[0] for path in status["quarantine"]] == [stranger.name, forged.name]
+        quarantined = [Path(path).name.rsplit("-", 1)[0] for path in status["quarantine"]]
+        assert quarantined == [stranger.name, forged.name]
         assert status["envs"]["total"] == 0
         moved = status["quarantine"][0]
         assert Path(moved).parent == layout.venvs_dir / ".quarantine"
@@ -149,7 +156,9 @@ def _group_leader(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("held", ["venv", "pip install"])
-def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(layout: Layout, held: str) -> None:
+def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(
+    layout: Layout, held: str
+) -> None:
     fake_uv = layout.root / "held-uv"
     fake_uv.write_text(HELD_UV)
     fake_uv.chmod(0o755)
@@ -178,7 +187,8 @@ def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(la
             assert status["envs"]["by_state"]["creating"] == 0
             assert env_dirs(layout) == [] and status["quarantine"] == []
             gate.touch()  # had uv survived, it would now finish and re-create the venv
-            assert not (layout.state_dir / "children").exists() or json.loads((layout.state_dir / "children").read_text()) == {}
+            children = layout.state_dir / "children"
+            assert not children.exists() or json.loads(children.read_text()) == {}
         finally:
             restarted.stop()
         assert env_dirs(layout) == []
@@ -206,9 +216,11 @@ def test_a_pool_venv_that_lost_its_interpreter_is_never_handed_out(layout: Layou
         (layout.venvs_dir / oldest / "bin" / "python").unlink()
         result = layout.request("acquire", {"key": KEY_A})
         assert result["env_id"] == newest and result["source"] == "pool"
-        wait_until(lambda: not (layout.venvs_dir / oldest).exists(), 30, "the damaged pool venv to be removed")
+        wait_until(lambda: not (layout.venvs_dir / oldest).exists(), 30,
+                   "the damaged pool venv to be removed")
         status = layout.status()
-        assert any("pooled env %s had lost its interpreter" % oldest in error["message"] for error in status["errors"])
+        assert any("pooled env %s had lost its interpreter" % oldest in error["message"]
+                   for error in status["errors"])
         daemon.wait_pool_full()
     finally:
         daemon.stop()
@@ -218,7 +230,8 @@ def test_no_file_in_the_state_dir_or_an_env_record_is_readable_by_another_user(l
     daemon = Daemon(layout, "--pool-size", "1").start()
     try:
         daemon.wait_pool_full()
-        acquired = layout.request("acquire", {"key": {"kind": "notebook", "value": str(layout.notebook("secret.ipynb"))}})
+        secret = str(layout.notebook("secret.ipynb"))
+        acquired = layout.request("acquire", {"key": {"kind": "notebook", "value": secret}})
         # As on a host where the folders are traversable (system mode's venvs are world-readable).
         for folder in (layout.root, layout.state_dir, layout.venvs_dir):
             folder.chmod(0o755)
@@ -275,7 +288,9 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_a_build_on_a_full_venvs_disk_gets_a_clear_error_leaves_nothing_and_a_restart_works(layout: Layout) -> None:
+def test_a_build_on_a_full_venvs_disk_gets_a_clear_error_leaves_nothing_and_a_restart_works(
+    layout: Layout
+) -> None:
     with tmpfs(layout.venvs_dir, "8m"):
         daemon = Daemon(layout, "--pool-size", "0").start()
         try:
@@ -330,7 +345,9 @@ def test_a_full_state_folder_keeps_known_notebooks_starting_and_says_so(layout: 
             daemon.stop()
 
 
-def test_a_build_failing_on_a_full_disk_while_the_state_folder_is_full_too_is_cleaned_up(layout: Layout) -> None:
+def test_a_build_failing_on_a_full_disk_while_the_state_folder_is_full_too_is_cleaned_up(
+    layout: Layout
+) -> None:
     fake_uv = layout.root / "held-uv"
     fake_uv.write_text(HELD_UV.replace("    sleep 3600 &\n", ""))
     fake_uv.chmod(0o755)
@@ -340,7 +357,8 @@ def test_a_build_failing_on_a_full_disk_while_the_state_folder_is_full_too_is_cl
     with tmpfs(layout.state_dir, "2m"), tmpfs(layout.venvs_dir, "16m"):
         daemon = Daemon(layout, "--pool-size", "1", env=env).start()
         try:
-            wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the pool build's install")
+            wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60,
+                       "the pool build's install")
             (half_made,) = env_dirs(layout)
             state_filler, venvs_filler = fill(layout.state_dir), fill(layout.venvs_dir)
             gate.touch()
@@ -413,7 +431,8 @@ def test_a_record_forged_by_an_installed_wheel_is_never_trusted_when_the_store_i
     try:
         db = sqlite3.connect(str(layout.state_dir / "state.db"))
         try:
-            rows = db.execute("SELECT owner_uid, key_kind, key_value FROM envs WHERE id=?", (mine["env_id"],)).fetchall()
+            rows = db.execute("SELECT owner_uid, key_kind, key_value FROM envs WHERE id=?",
+                              (mine["env_id"],)).fetchall()
         finally:
             db.close()
         assert rows == [(os.getuid(), "env", "a")]
@@ -446,7 +465,8 @@ def test_a_removed_env_takes_its_record_along_and_a_quarantined_one_moves_it_asi
         assert Path(moved).name.startswith(lost["env_id"] + "-")
         assert not env_record(layout, lost["env_id"]).exists()
         assert json.loads(Path(moved + ".record.json").read_text())["id"] == lost["env_id"]
-        assert sorted(path.name for path in (layout.venvs_dir / ".records").iterdir()) == [kept["env_id"] + ".json"]
+        records = sorted(path.name for path in (layout.venvs_dir / ".records").iterdir())
+        assert records == [kept["env_id"] + ".json"]
     finally:
         daemon.stop()
 
@@ -459,6 +479,7 @@ def test_a_record_that_cannot_be_written_is_logged_as_an_error(layout: Layout) -
         acquired = layout.request("acquire", {"key": KEY_A})  # the request itself still succeeds
         assert os.path.isfile(acquired["python"])
         daemon.wait_for_log("could not write the record of env %s" % acquired["env_id"], 10)
-        assert "ERROR" in next(line for line in daemon.log.splitlines() if "could not write the record" in line)
+        said = next(line for line in daemon.log.splitlines() if "could not write the record" in line)
+        assert "ERROR" in said
     finally:
         daemon.stop()

@@ -34,16 +34,21 @@ def test_uninstall_accepts_yes_and_list_formats() -> None:
     assert parse_command(["show", "six"]).packages == ["six"]
 
 
-@pytest.mark.parametrize("flag", ["--target", "--prefix", "--python", "--system", "--user", "--break-system-packages"])
+@pytest.mark.parametrize(
+    "flag", ["--target", "--prefix", "--python", "--system", "--user", "--break-system-packages"]
+)
 def test_flags_that_escape_the_env_are_refused_by_name(flag: str) -> None:
     with pytest.raises(PipUsageError) as caught:
         parse_command(["install", flag, "six"] if flag in ("--system", "--user", "--break-system-packages")
                       else ["install", flag, "/somewhere", "six"])
-    assert str(caught.value) == "%s is not allowed: packages always go into this notebook's own environment" % flag
+    assert str(caught.value) == (
+        "%s is not allowed: packages always go into this notebook's own environment" % flag)
     assert caught.value.exit_status == 2
 
 
-@pytest.mark.parametrize("subcommand", ["download", "wheel", "config", "cache", "check", "hash", "inspect", "debug"])
+@pytest.mark.parametrize(
+    "subcommand", ["download", "wheel", "config", "cache", "check", "hash", "inspect", "debug"]
+)
 def test_other_subcommands_are_refused(subcommand: str) -> None:
     with pytest.raises(PipUsageError, match="pip %s is not supported in a uvkerneld kernel" % subcommand):
         parse_command([subcommand])
@@ -131,7 +136,8 @@ def test_daemon_refuses_requirement_file_lines_that_name_paths(text: str, fragme
 
 
 def test_daemon_reports_local_paths_in_requirement_files() -> None:
-    assert pipargs.check_requirements_text("six\n./vendored/pkg\n-e /src/lib\n--pre\n") == ["./vendored/pkg", "-e /src/lib"]
+    assert pipargs.check_requirements_text("six\n./vendored/pkg\n-e /src/lib\n--pre\n") == [
+        "./vendored/pkg", "-e /src/lib"]
 
 
 # --- issue 9: what uv acts on is what was checked --------------------------------------------------
@@ -139,7 +145,8 @@ def test_daemon_reports_local_paths_in_requirement_files() -> None:
 def test_requirement_file_options_become_checked_flags_and_uv_reads_only_requirements() -> None:
     parsed = pipargs.parse_requirements_text(
         "six==1.16.0 \\\n    --hash=sha256:1e61c37477a1626458e36f7b1d82aa5c9b094fa4802892072e49de9c60c4c926\n"
-        "-i https://idx/simple\n--extra-index-url=https://extra/simple  # ours\n--pre\nidna ; python_version > '3'\n"
+        "-i https://idx/simple\n--extra-index-url=https://extra/simple  # ours\n"
+        "--pre\nidna ; python_version > '3'\n"
     )
     assert parsed.options == [("--default-index", "https://idx/simple"), ("--extra-index-url", "https://extra/simple"),
                               ("--prerelease=allow",)]
@@ -154,7 +161,8 @@ def test_requirement_file_options_become_checked_flags_and_uv_reads_only_require
     [
         ("--index-url file:///srv/index\nsix\n", "requirements line 1: --index-url must be an http(s) URL"),
         ("-i=file:///srv/index\n", "requirements line 1: -i must be an http(s) URL"),
-        ("six\n--extra-index-url /srv/index\n", "requirements line 2: --extra-index-url must be an http(s) URL"),
+        ("six\n--extra-index-url /srv/index\n",
+         "requirements line 2: --extra-index-url must be an http(s) URL"),
         ("--find-links https://x/links\n", "option --find-links is not supported"),
         ("-f /srv/wheels\n", "option -f is not supported"),
         ("--trusted-host evil.example\n", "option --trusted-host is not supported"),
@@ -183,7 +191,8 @@ def test_requirement_file_lines_that_escape_the_checks_are_refused(text: str, fr
     "argv, fragment",
     [
         (["install", "pkg @ file://${HOME}/pkg"], "environment variables are not expanded"),
-        (["install", "-i", "https://x/simple", "--index-url", "https://y/simple", "six"], "given more than once"),
+        (["install", "-i", "https://x/simple", "--index-url", "https://y/simple", "six"],
+         "given more than once"),
     ],
 )
 def test_command_line_values_uv_would_expand_or_repeat_are_refused(argv: list[str], fragment: str) -> None:

@@ -48,12 +48,14 @@ def test_a_kernel_start_waiting_for_a_pool_build_raises_its_priority(layout: Lay
     waiter = threading.Thread(target=lambda: result.update(
         layout.request("acquire", {"key": {"kind": "env", "value": "urgent"}}, timeout=180)))
     try:
-        pids = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the pool build's uv install")
+        pids = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60,
+                          "the pool build's uv install")
         build = pids[0]
         # Background work: only idle CPU time while nobody waits for it.
         assert thread_policies(build) == {os.SCHED_IDLE}
         waiter.start()
-        wait_until(lambda: thread_policies(build) == {os.SCHED_OTHER}, 30, "the waiting start to raise the build's priority")
+        wait_until(lambda: thread_policies(build) == {os.SCHED_OTHER}, 30,
+                   "the waiting start to raise the build's priority")
         gate.touch()
         waiter.join(180)
         assert not waiter.is_alive()
@@ -76,11 +78,13 @@ def test_where_priority_may_not_be_raised_the_pool_build_is_stopped_instead(layo
     waiter = threading.Thread(target=lambda: result.update(
         layout.request("acquire", {"key": {"kind": "env", "value": "urgent"}}, timeout=180)))
     try:
-        pool_build = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the pool build's uv install")[0]
+        pool_build = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60,
+                                "the pool build's uv install")[0]
         waiter.start()
         wait_until(lambda: not process_alive(pool_build), 60, "the pool build to be stopped")
         # The start's own build runs at normal priority.
-        own_build = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the start's own build")[0]
+        own_build = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60,
+                               "the start's own build")[0]
         assert thread_policies(own_build) == {os.SCHED_OTHER}
         gate.touch()
         waiter.join(180)

@@ -14,7 +14,13 @@ import pytest
 from uvkerneld import connlimits, fastjson, framing, kernel_extension, protocol
 from uvkerneld.ops import parse_request
 from uvkerneld.protocol import (
-    BadRequest, FrameDecoder, FrameTooLarge, NotJson, TruncatedFrame, UnknownOp, UnsupportedVersion,
+    BadRequest,
+    FrameDecoder,
+    FrameTooLarge,
+    NotJson,
+    TruncatedFrame,
+    UnknownOp,
+    UnsupportedVersion,
 )
 
 
@@ -58,7 +64,8 @@ def test_event_frames_are_not_final() -> None:
 
 
 def test_decoder_handles_bytes_one_at_a_time_and_back_to_back_frames() -> None:
-    data = protocol.encode_frame(protocol.request(1, "status")) + protocol.encode_frame(protocol.request(2, "status"))
+    data = (protocol.encode_frame(protocol.request(1, "status"))
+            + protocol.encode_frame(protocol.request(2, "status")))
     decoder = FrameDecoder()
     seen = []
     for byte in data:
@@ -71,7 +78,8 @@ def test_decoder_handles_bytes_one_at_a_time_and_back_to_back_frames() -> None:
 
 
 def test_non_ascii_paths_survive() -> None:
-    request = parse(protocol.request(1, "acquire", {"key": {"kind": "notebook", "value": "/home/zoë/日本.ipynb"}}))
+    request = parse(protocol.request(1, "acquire",
+                                     {"key": {"kind": "notebook", "value": "/home/zoë/日本.ipynb"}}))
     assert request.args["key"].value == "/home/zoë/日本.ipynb"
 
 
@@ -136,7 +144,8 @@ def test_identity_of_a_file_and_what_a_save_keeps(tmp_path) -> None:  # type: ig
          BadRequest, "non-empty string"),
         ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "notebook", "value": "a.ipynb"}}},
          BadRequest, "must be absolute and normalized"),
-        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "notebook", "value": "/a/../etc/x.ipynb"}}},
+        ({"v": 1, "id": 1, "op": "acquire",
+          "args": {"key": {"kind": "notebook", "value": "/a/../etc/x.ipynb"}}},
          BadRequest, "must be absolute and normalized"),
         ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "dir", "value": "/a\0b"}}},
          BadRequest, "contains NUL"),
@@ -146,19 +155,23 @@ def test_identity_of_a_file_and_what_a_save_keeps(tmp_path) -> None:  # type: ig
          BadRequest, "env name 'a/b' is not allowed"),
         ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "env", "value": "x" * 65}}},
          BadRequest, "is not allowed"),
-        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": {"kind": "dir", "value": "/a"}, "file": GOOD_FILE}},
+        ({"v": 1, "id": 1, "op": "acquire",
+          "args": {"key": {"kind": "dir", "value": "/a"}, "file": GOOD_FILE}},
          BadRequest, '"file" describes a notebook file; it is only valid with a notebook key'),
         ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": [1, 2, 3, 4]}},
          BadRequest, '"file" must be an object with dev, ino, size, mtime_ns'),
         ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, ino=-1)}},
          BadRequest, '"file.ino" must be a non-negative integer, got -1'),
-        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, size="12")}},
+        ({"v": 1, "id": 1, "op": "acquire",
+          "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, size="12")}},
          BadRequest, '"file.size" must be a non-negative integer'),
         ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, dev=True)}},
          BadRequest, '"file.dev" must be a non-negative integer'),
-        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": {"dev": 1, "ino": 2, "size": 3}}},
+        ({"v": 1, "id": 1, "op": "acquire",
+          "args": {"key": NOTEBOOK_KEY, "file": {"dev": 1, "ino": 2, "size": 3}}},
          BadRequest, '"file.mtime_ns" must be a non-negative integer, got None'),
-        ({"v": 1, "id": 1, "op": "acquire", "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, ino=1 << 64)}},
+        ({"v": 1, "id": 1, "op": "acquire",
+          "args": {"key": NOTEBOOK_KEY, "file": dict(GOOD_FILE, ino=1 << 64)}},
          BadRequest, '"file.ino" must be a non-negative integer'),
     ],
 )
@@ -178,8 +191,10 @@ def test_invalid_requests(message: dict, error: type, fragment: str) -> None:
         ("remove", {"env_id": "e-XYZ000000000"}, '"env_id" must look like'),
         ("installs", {"env": "relative/venv"}, '"env" must be the absolute path of a venv'),
         ("notebook_saved", {"env": "/v/e-1"}, '"file" must be an object with dev, ino, size, mtime_ns'),
-        ("notebook_saved", {"env": "/v/../e-1", "file": GOOD_FILE}, '"env" must be the absolute path of a venv'),
-        ("notebook_saved", {"env": "/v/e-1", "file": dict(GOOD_FILE, size=-5)}, '"file.size" must be a non-negative'),
+        ("notebook_saved", {"env": "/v/../e-1", "file": GOOD_FILE},
+         '"env" must be the absolute path of a venv'),
+        ("notebook_saved", {"env": "/v/e-1", "file": dict(GOOD_FILE, size=-5)},
+         '"file.size" must be a non-negative'),
         ("installs", {"key": "notebook.ipynb"}, '"key" must be {"kind": ..., "value": ...}'),
         ("list", {"all": "yes"}, '"all" must be true or false'),
         ("gc", {"older_than_s": -1}, '"older_than_s" must be a number of seconds >= 0'),
@@ -190,7 +205,8 @@ def test_invalid_requests(message: dict, error: type, fragment: str) -> None:
         ("pool", {"size": "2"}, '"size" must be an integer'),
         ("pip", {"env": "/v/e-1", "argv": "install six"}, '"argv" must be a list of at most 256 strings'),
         ("pip", {"env": "/v/e-1", "argv": ["install"] * 300}, '"argv" must be a list of at most 256 strings'),
-        ("pip", {"env": "/v/e-1", "argv": ["install", "-r", "x"], "files": [3]}, '"files" must be a list of strings'),
+        ("pip", {"env": "/v/e-1", "argv": ["install", "-r", "x"], "files": [3]},
+         '"files" must be a list of strings'),
     ],
 )
 def test_invalid_op_arguments(op: str, args: dict, fragment: str) -> None:
@@ -255,7 +271,8 @@ def test_protocol_module_imports_only_the_standard_library() -> None:
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
     # As kernel.json runs the stub: -I -S, so nothing from site or .pth files hides an import.
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", "import sys; sys.path.insert(0, %r); " % str(REPO) + code],
+    result = subprocess.run([sys.executable, "-I", "-S", "-c",
+                             "import sys; sys.path.insert(0, %r); " % str(REPO) + code],
                             capture_output=True, text=True, timeout=30, cwd="/")
     assert result.returncode == 0, result.stderr
     loaded = result.stdout.split()
@@ -274,8 +291,10 @@ def test_protocol_module_imports_only_the_standard_library() -> None:
 
 FASTJSON_VALUES = [
     {}, [], "", 0, -1, 2**70, -(2**63), 1.5, -0.0, 1e300, 3.141592653589793, True, False, None,
-    "plain", "é ü 中文 \U0001f600", "quote \" backslash \\ slash / tab \t newline \n nul \x00 bell \x07 del \x7f",
-    {"v": 1, "id": "req-1", "op": "acquire", "args": {"key": {"kind": "notebook", "value": "/home/ü/a b.ipynb"}}},
+    "plain", "é ü 中文 \U0001f600",
+    "quote \" backslash \\ slash / tab \t newline \n nul \x00 bell \x07 del \x7f",
+    {"v": 1, "id": "req-1", "op": "acquire",
+     "args": {"key": {"kind": "notebook", "value": "/home/ü/a b.ipynb"}}},
     {"nested": [[[{"a": [None, {"b": []}]}]]], "empty": {"": ""}},
     {1: "int key", 2.5: "float key", None: "none key"},
     {True: "bool key", False: "another"},  # its own dict: True == 1 would overwrite key 1
@@ -297,7 +316,8 @@ def test_fastjson_writes_and_reads_exactly_what_json_does(value: object) -> None
 def test_fastjson_nan_and_errors_behave_like_json() -> None:
     nan = fastjson.loads('[NaN]')[0]
     assert nan != nan and fastjson.dumps([float("nan")]) == "[NaN]"
-    for bad in ("", "   ", "{", '{"a" 1}', "[1,]", '"unterminated', "tru", '{"a":1} x', "1 2", '"\\x"', '"a\x01b"'):
+    for bad in ("", "   ", "{", '{"a" 1}', "[1,]", '"unterminated', "tru", '{"a":1} x', "1 2", '"\\x"',
+                '"a\x01b"'):
         with pytest.raises(ValueError):
             json.loads(bad)
         with pytest.raises(ValueError):
@@ -361,7 +381,7 @@ def read_frames(data: bytes, idle_timeout: float | None = 5.0, budget_bytes: int
             try:
                 body = await framing.read_frame(reader, idle_timeout, 5.0, admission)
             except (framing.IdleTimeout, protocol.UvkError) as exc:
-                return results + [exc]
+                return [*results, exc]
             if body is None:
                 return results
             results.append(body)

@@ -11,7 +11,6 @@ import shutil
 from typing import Any
 
 import pytest
-
 from helpers import Daemon, Layout, ctl, run_code, running_kernel, wait_until
 from jupyter_rest import JupyterServer, kernel_facts, run_in_kernel
 
@@ -23,8 +22,8 @@ EMPTY_NOTEBOOK = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 
 def save_notebook(server: JupyterServer, path: str, cells: int = 0) -> None:
     """Save through the contents API, as JupyterLab's save (and autosave) does."""
     content = dict(EMPTY_NOTEBOOK, cells=[
-        {"cell_type": "code", "source": "x = %d" % index, "metadata": {}, "outputs": [], "execution_count": None,
-         "id": "cell-%d" % index}
+        {"cell_type": "code", "source": "x = %d" % index, "metadata": {}, "outputs": [],
+         "execution_count": None, "id": "cell-%d" % index}
         for index in range(cells)
     ])
     server.api("PUT", "/api/contents/" + path, {"type": "notebook", "format": "json", "content": content})
@@ -40,7 +39,8 @@ def env_keyed(layout: Layout, path: str) -> dict[str, Any] | None:
 def rename_in_jupyterlab(server: JupyterServer, session: dict[str, Any], new_path: str) -> None:
     """What JupyterLab does on a rename: move the file, then point the session at it."""
     server.api("PATCH", "/api/contents/" + session["path"], {"path": new_path})
-    server.api("PATCH", "/api/sessions/" + session["id"], {"path": new_path, "name": os.path.basename(new_path)})
+    server.api("PATCH", "/api/sessions/" + session["id"],
+               {"path": new_path, "name": os.path.basename(new_path)})
     session["path"] = new_path
 
 
@@ -56,8 +56,8 @@ def test_renamed_and_moved_notebooks_keep_their_env_through_jupyter_server(
     })
     kernel_id = session["kernel"]["id"]
     before = kernel_facts(server, kernel_id)
-    installed = run_in_kernel(server, kernel_id, "%pip install -q six==1.16.0\nimport six; print(six.__version__)",
-                              timeout=240)
+    installed = run_in_kernel(server, kernel_id,
+                              "%pip install -q six==1.16.0\nimport six; print(six.__version__)", timeout=240)
     assert installed.strip().splitlines()[-1] == "1.16.0"
     # Saves after the kernel started change the file's size and mtime: the watcher keeps up.
     save_notebook(server, "proj/a.ipynb", cells=3)
@@ -141,10 +141,13 @@ def test_a_hard_link_to_a_notebook_gets_its_own_env(daemon: Daemon, layout: Layo
 def acquire_notebook(layout: Layout, path: str) -> dict[str, Any]:
     """What the stub sends for a notebook: its path and its file identity."""
     identity = protocol.file_identity(os.stat(path))
-    return layout.request("acquire", {"key": {"kind": "notebook", "value": path}, "file": identity}, timeout=300)
+    return layout.request("acquire", {"key": {"kind": "notebook", "value": path}, "file": identity},
+                          timeout=300)
 
 
-def test_renames_are_still_followed_after_a_watched_folder_is_deleted(bare_daemon: Daemon, layout: Layout) -> None:
+def test_renames_are_still_followed_after_a_watched_folder_is_deleted(
+    bare_daemon: Daemon, layout: Layout
+) -> None:
     doomed = layout.notebook("doomed/x.ipynb")
     doomed.write_text(json.dumps(EMPTY_NOTEBOOK))
     acquire_notebook(layout, str(doomed))
@@ -154,7 +157,8 @@ def test_renames_are_still_followed_after_a_watched_folder_is_deleted(bare_daemo
     wait_until(lambda: layout.status()["notebook_watch"]["folders"] == 2, 30, "both folders to be watched")
     shutil.rmtree(doomed.parent)
     os.rename(kept, kept.with_name("z.ipynb"))
-    moved = wait_until(lambda: env_keyed(layout, str(kept.with_name("z.ipynb"))), 60, "the rename to be followed")
+    moved = wait_until(lambda: env_keyed(layout, str(kept.with_name("z.ipynb"))), 60,
+                       "the rename to be followed")
     assert moved["env_id"] == env["env_id"]
     assert bare_daemon.process is not None and bare_daemon.process.poll() is None
 
@@ -199,7 +203,8 @@ def test_gc_orphans_keeps_the_env_of_a_notebook_renamed_while_nobody_watched(lay
         assert result.returncode == 0, result.stderr
         assert ("kept %s (%s): the notebook was renamed to %s; its env moves there at its next kernel start"
                 % (kept["env_id"], before, after)) in result.stdout
-        assert "removing %s (notebook:%s): its notebook no longer exists" % (orphan["env_id"], gone) in result.stdout
+        assert ("removing %s (notebook:%s): its notebook no longer exists"
+                % (orphan["env_id"], gone)) in result.stdout
         remaining = {env["env_id"] for env in layout.request("list")["envs"]}
         assert remaining == {kept["env_id"]}
         # ... and it does move there at the next start.

@@ -44,7 +44,8 @@ def test_wrong_types_and_unknown_op_keep_the_request_id(bare_daemon: Daemon) -> 
         send_body(sock, json.dumps({"v": 1, "id": 41, "op": "format_disk"}).encode())
         reply = read_message(sock)
         assert reply is not None and reply["id"] == 41 and reply["error"]["code"] == "unknown_op"
-        send_body(sock, json.dumps({"v": 1, "id": 42, "op": "acquire", "args": {"key": {"kind": "env", "value": "../../etc"}}}).encode())
+        send_body(sock, json.dumps({"v": 1, "id": 42, "op": "acquire",
+                                    "args": {"key": {"kind": "env", "value": "../../etc"}}}).encode())
         reply = read_message(sock)
         assert reply is not None and reply["id"] == 42 and reply["error"]["code"] == "bad_request"
         assert "not allowed" in reply["error"]["message"]
@@ -160,15 +161,18 @@ def test_uvkernelctl_status_without_a_daemon_exits_1_and_says_how_to_start(layou
 def test_uvkernelctl_status_json_and_table(bare_daemon: Daemon) -> None:
     env = bare_daemon.layout.env
     result = subprocess.run(
-        [sys.executable, "-m", "uvkerneld.ctl", "--socket", str(bare_daemon.layout.socket), "status", "--json"],
-        env={k: v for k, v in env.items() if k != "UVKERNELD_SOCKET"}, capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "uvkerneld.ctl", "--socket", str(bare_daemon.layout.socket),
+         "status", "--json"],
+        env={k: v for k, v in env.items() if k != "UVKERNELD_SOCKET"},
+        capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert isinstance(status["pool"]["ready"], int) and isinstance(status["pool"]["target"], int)
     assert status["socket"] == str(bare_daemon.layout.socket) and "envs" in status and status["version"]
     table = subprocess.run(
-        [sys.executable, "-m", "uvkerneld.ctl", "status"], env=env, capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "uvkerneld.ctl", "status"],
+        env=env, capture_output=True, text=True, timeout=30,
     )
     assert table.returncode == 0
     assert "0 ready / 0 target" in table.stdout and str(bare_daemon.layout.socket) in table.stdout

@@ -113,7 +113,8 @@ def test_shared_host_compileall_dies_with_the_daemon_and_is_recorded(tmp_path: P
     daemon = subprocess.Popen([sys.executable, "-c", (
         "import asyncio, pathlib, sys; from uvkerneld.children import ChildRegistry; "
         "from uvkerneld.installs import _compile_without_site; "
-        "asyncio.run(_compile_without_site(sys.argv[1], pathlib.Path(sys.argv[2]), ChildRegistry(pathlib.Path(sys.argv[3]))))"
+        "asyncio.run(_compile_without_site(sys.argv[1], pathlib.Path(sys.argv[2]), "
+        "ChildRegistry(pathlib.Path(sys.argv[3]))))"
     ), str(slow_python), str(tmp_path / "venv"), str(state)], cwd=os.getcwd())
     try:
         children = state / "children"
@@ -123,7 +124,8 @@ def test_shared_host_compileall_dies_with_the_daemon_and_is_recorded(tmp_path: P
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(timeout=10)
         wait_until(lambda: not Path("/proc/%d" % pid).exists()
-                   or Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] in "ZX", 10, "compileall to die with its daemon")
+                   or Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] in "ZX",
+                   10, "compileall to die with its daemon")
     finally:
         daemon.kill()
         daemon.wait(timeout=10)

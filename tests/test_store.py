@@ -57,7 +57,8 @@ def test_a_schema_1_store_is_upgraded_in_place_and_keeps_its_envs(tmp_path: Path
     finally:
         store.close()
     db = sqlite3.connect(str(path))
-    assert db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    (version,) = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+    assert version == str(SCHEMA_VERSION)
     db.close()
 
 
@@ -74,12 +75,14 @@ def test_a_store_from_a_newer_uvkerneld_is_refused_untouched(tmp_path: Path) -> 
     assert path.read_bytes() == before
     # The daemon says so in one line and exits; the db is still untouched.
     result = subprocess.run(
-        [sys.executable, "-m", "uvkerneld", "--state-dir", str(tmp_path), "--socket", str(tmp_path / "s.sock"),
-         "--cache-dir", str(tmp_path / "cache"), "--venvs-dir", str(tmp_path / "venvs"), "--pool-size", "0"],
+        [sys.executable, "-m", "uvkerneld", "--state-dir", str(tmp_path),
+         "--socket", str(tmp_path / "s.sock"), "--cache-dir", str(tmp_path / "cache"),
+         "--venvs-dir", str(tmp_path / "venvs"), "--pool-size", "0"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0
-    assert "has schema 99, newer than this uvkerneld understands (%d): upgrade uvkerneld" % SCHEMA_VERSION in result.stderr
+    assert ("has schema 99, newer than this uvkerneld understands (%d): upgrade uvkerneld"
+            % SCHEMA_VERSION) in result.stderr
     assert "Traceback" not in result.stderr
     assert path.read_bytes() == before
 
@@ -87,8 +90,10 @@ def test_a_store_from_a_newer_uvkerneld_is_refused_untouched(tmp_path: Path) -> 
 def test_rekey_refuses_a_key_that_is_taken(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
     try:
-        first = store.insert_creating("e-000000000001", tmp_path / "e1", "spec", "python3", 1000, EnvKey("notebook", "/a.ipynb"))
-        store.insert_creating("e-000000000002", tmp_path / "e2", "spec", "python3", 1000, EnvKey("notebook", "/b.ipynb"))
+        first = store.insert_creating("e-000000000001", tmp_path / "e1", "spec", "python3", 1000,
+                                      EnvKey("notebook", "/a.ipynb"))
+        store.insert_creating("e-000000000002", tmp_path / "e2", "spec", "python3", 1000,
+                              EnvKey("notebook", "/b.ipynb"))
         assert store.rekey(first.id, EnvKey("notebook", "/b.ipynb")) is None
         assert store.get(first.id).key == EnvKey("notebook", "/a.ipynb")
         moved = store.rekey(first.id, EnvKey("notebook", "/c.ipynb"))
@@ -118,8 +123,8 @@ _SCHEMA_2_ENVS = SCHEMA_1_ENVS.replace("error TEXT,", "error TEXT, notebook_file
 _ENVS_BY_NOTEBOOK_FILE = "CREATE INDEX envs_by_notebook_file ON envs (owner_uid, notebook_file)"
 
 _FIRST = [_META, SCHEMA_1_ENVS, _ENVS_BY_STATE]
-_WITH_INSTALLS = _FIRST + [_INSTALLS, _INSTALLS_BY_ENV, _REQUIREMENTS]
-_WITH_KERNELS = _WITH_INSTALLS + [_KERNELS]
+_WITH_INSTALLS = [*_FIRST, _INSTALLS, _INSTALLS_BY_ENV, _REQUIREMENTS]
+_WITH_KERNELS = [*_WITH_INSTALLS, _KERNELS]
 _SCHEMA_2 = [_META, _SCHEMA_2_ENVS, _ENVS_BY_STATE, _INSTALLS, _INSTALLS_BY_ENV, _KERNELS, _REQUIREMENTS,
              _ENVS_BY_NOTEBOOK_FILE]
 # The commit that introduced the shape: (its meta schema_version, its statements), oldest first.

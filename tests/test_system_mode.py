@@ -15,8 +15,9 @@ import signal
 import subprocess
 import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from helpers import wait_until
@@ -72,7 +73,9 @@ class Host:
             **dict({"UVKERNELD_DAEMON_USER": str(DAEMON_UID)}, **extra),
         )
 
-    def run_as(self, uid: int, argv: list[str], cwd: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    def run_as(
+        self, uid: int, argv: list[str], cwd: Path | None = None, **extra_env: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             argv, user=uid, group=uid, extra_groups=[], env=self.user_env(uid, **extra_env),
             cwd=str(cwd or self.home(uid)), capture_output=True, text=True, timeout=600,
@@ -131,11 +134,13 @@ def host(uv_cache: Path) -> Iterator[Host]:
     uv = find_uv(None)
     uv_env = dict(os.environ, UV_CACHE_DIR=str(uv_cache))
     # The admin's install: a system-wide venv holding uvkerneld and its dependencies.
-    subprocess.run([uv, "venv", "-q", "--python", SYSTEM_PYTHON, str(host.venv)], env=uv_env, check=True, timeout=300)
+    subprocess.run([uv, "venv", "-q", "--python", SYSTEM_PYTHON, str(host.venv)],
+                   env=uv_env, check=True, timeout=300)
     subprocess.run([uv, "pip", "install", "-q", "--compile-bytecode", "--python", host.python, str(REPO)],
                    env=uv_env, check=True, timeout=600)
     subprocess.run([host.python, "-m", "uvkerneld.ctl", "install-kernelspec", "--prefix", str(root),
-                    "--socket", str(host.socket), "--daemon-user", str(DAEMON_UID)], check=True, capture_output=True, timeout=120)
+                    "--socket", str(host.socket), "--daemon-user", str(DAEMON_UID)],
+                   check=True, capture_output=True, timeout=120)
     (root / "kernel_probe.py").write_text(KERNEL_PROBE)
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
     # What systemd's StateDirectory=/CacheDirectory=/RuntimeDirectory= would create for User=.
@@ -167,7 +172,8 @@ def env_of(host: Host, uid: int, notebook: str) -> str:
     return host.python_as(uid, """
         import json, sys
         from uvkerneld import client
-        print(json.dumps(client.request(sys.argv[1], "acquire", {"key": {"kind": "notebook", "value": sys.argv[2]}}, 600)["path"]))
+        key = {"kind": "notebook", "value": sys.argv[2]}
+        print(json.dumps(client.request(sys.argv[1], "acquire", {"key": key}, 600)["path"]))
         """, str(host.socket), str(host.home(uid) / notebook))
 
 
@@ -221,7 +227,8 @@ print(json.dumps(facts))
     assert facts["prefix"].startswith(str(host.venvs_dir) + "/")
     assert facts["venv_file"] == facts["venv_dir"] == facts["cache"] == "denied"
     # %pip still works: the daemon installs on the user's behalf, into the user's env only.
-    result = host.kernel_as(UID_A, "a.ipynb", "%pip install six==1.16.0\nimport six; print('six', six.__version__)")
+    result = host.kernel_as(UID_A, "a.ipynb",
+                            "%pip install six==1.16.0\nimport six; print('six', six.__version__)")
     assert "six 1.16.0" in result["output"], result
 
 
@@ -234,7 +241,8 @@ def test_users_cannot_touch_each_others_envs(host: Host) -> None:
                      ("installs", {"env": env_a}),
                      ("remove", {"env": env_a})):
         error = protocol_error_as(host, UID_B, op, args)
-        assert error["code"] == "not_found" and "uid %d does not own an env at %s" % (UID_B, env_a) in error["message"]
+        assert error["code"] == "not_found"
+        assert "uid %d does not own an env at %s" % (UID_B, env_a) in error["message"]
     # The shim in A's env, run by B, is refused the same way.
     result = host.run_as(UID_B, [env_a + "/bin/pip", "install", "six"])
     assert result.returncode == 2 and "does not own an env" in result.stderr
@@ -244,7 +252,8 @@ def test_users_cannot_touch_each_others_envs(host: Host) -> None:
 def test_hardlinked_cache_files_are_writable_by_neither_user(host: Host) -> None:
     env_a = env_of(host, UID_A, "links.ipynb")
     linked = next(
-        str(path) for path in Path(env_a).glob("lib/python*/site-packages/**/*.py") if path.stat().st_nlink > 1
+        str(path) for path in Path(env_a).glob("lib/python*/site-packages/**/*.py")
+        if path.stat().st_nlink > 1
     )
     for uid in (UID_A, UID_B):
         verdict = host.python_as(uid, """
@@ -325,7 +334,8 @@ with open(notebook, "a") as handle:
 st = os.stat(notebook)
 saved = "%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 def show():
-    body = json.dumps({"v": 1, "id": 1, "op": "show", "args": {"key": {"kind": "notebook", "value": notebook}}}).encode()
+    key = {"kind": "notebook", "value": notebook}
+    body = json.dumps({"v": 1, "id": 1, "op": "show", "args": {"key": key}}).encode()
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(os.environ["UVKERNELD_SOCKET"])
         sock.sendall(struct.pack(">I", len(body)) + body)
@@ -356,7 +366,8 @@ def test_a_notebook_saved_then_renamed_keeps_its_env_in_system_mode(host: Host) 
     # Reports are authorized like everything else: B cannot set the identity of A's env.
     error = protocol_error_as(host, UID_B, "notebook_saved",
                               {"env": prefix, "file": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4}})
-    assert error["code"] == "not_found" and "uid %d does not own an env at %s" % (UID_B, prefix) in error["message"]
+    assert error["code"] == "not_found"
+    assert "uid %d does not own an env at %s" % (UID_B, prefix) in error["message"]
 
 
 # --- issue 9: what a user's %pip may make the daemon do ---------------------------------------------
@@ -370,7 +381,9 @@ import tarfile  # noqa: E402
 import zipfile  # noqa: E402
 
 
-def make_wheel(directory: Path, name: str, version: str, module_text: str, extra: dict[str, str] | None = None) -> Path:
+def make_wheel(
+    directory: Path, name: str, version: str, module_text: str, extra: dict[str, str] | None = None
+) -> Path:
     """A minimal pure-Python wheel (module ``name`` with ``module_text``, plus ``extra`` files
     at the top of site-packages), built by hand."""
     module = name.replace("-", "_")
@@ -378,7 +391,9 @@ def make_wheel(directory: Path, name: str, version: str, module_text: str, extra
     files = {
         "%s/__init__.py" % module: module_text,
         "%s/METADATA" % dist_info: "Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (name, version),
-        "%s/WHEEL" % dist_info: "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "%s/WHEEL" % dist_info: (
+            "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
         **(extra or {}),
     }
     record = []
@@ -449,7 +464,8 @@ def write_simple_index(root: Path, distributions: list[Path]) -> None:
                         % (d.name, hashlib.sha256(d.read_bytes()).hexdigest(), d.name) for d in dists)
         (page / "index.html").write_text("<!DOCTYPE html><html><body>\n%s</body></html>\n" % links)
     (root / "simple" / "index.html").write_text(
-        "<!DOCTYPE html><html><body>%s</body></html>" % "".join('<a href="%s/">%s</a>' % (n, n) for n in projects))
+        "<!DOCTYPE html><html><body>%s</body></html>"
+        % "".join('<a href="%s/">%s</a>' % (n, n) for n in projects))
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
 
 
@@ -461,7 +477,8 @@ class IndexServer:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(self.port)],
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
+             str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, 30, "the local index on port %d" % self.port)
@@ -490,12 +507,14 @@ def attack_files(host: Host) -> Iterator[dict[str, Any]]:
     build.mkdir()
     marker = drop / "built-by"
     sdist = make_malicious_sdist(build, marker, host.venvs_dir)
-    local_wheel = make_wheel(build, "localpkg", "1.0", "WHERE = 'a file only the daemon should never read for you'\n")
+    local_wheel = make_wheel(build, "localpkg", "1.0",
+                             "WHERE = 'a file only the daemon should never read for you'\n")
     write_simple_index(base / "index", [sdist, local_wheel])
     subprocess.run(["chmod", "-R", "a+rX", str(build)], check=True)
     server = IndexServer(base / "index")
     try:
-        yield {"marker": marker, "index": server.url, "sdist_url": "http://127.0.0.1:%d/files/%s" % (server.port, sdist.name),
+        yield {"marker": marker, "index": server.url,
+               "sdist_url": "http://127.0.0.1:%d/files/%s" % (server.port, sdist.name),
                "wheel": local_wheel, "file_index": "file://%s/simple" % (base / "index")}
     finally:
         server.stop()
@@ -511,7 +530,9 @@ def test_a_users_sdist_never_builds_with_the_daemons_rights(host: Host, attack_f
     marker = attack_files["marker"]
     env_a = env_of(host, UID_A, "sdist.ipynb")
     requirements = host.home(UID_A) / "sdist-req.txt"
-    host.run_as(UID_A, ["sh", "-c", "printf -- '--index-url %s\\nevilpkg\\n' > %s" % (attack_files["index"], requirements)])
+    index = attack_files["index"]
+    write_requirements = "printf -- '--index-url %s\\nevilpkg\\n' > %s" % (index, requirements)
+    host.run_as(UID_A, ["sh", "-c", write_requirements])
     attempts = {
         "index": (["install", "-i", attack_files["index"], "evilpkg"], 1, "wheels only"),
         "requirements file": (["install", "-r", str(requirements)], 1, "wheels only"),
@@ -520,7 +541,8 @@ def test_a_users_sdist_never_builds_with_the_daemons_rights(host: Host, attack_f
     }
     for what, (argv, status, message) in attempts.items():
         result = host.run_as(UID_A, [env_a + "/bin/pip", *argv])
-        print("%s: exit %d; %s" % (what, result.returncode, (result.stdout + result.stderr).strip().splitlines()[-1:]))
+        last_line = (result.stdout + result.stderr).strip().splitlines()[-1:]
+        print("%s: exit %d; %s" % (what, result.returncode, last_line))
         assert not marker.exists(), "%s: the build backend ran as uid %s" % (what, marker.read_text())
         assert result.returncode == status, result.stdout + result.stderr
         assert message in result.stdout + result.stderr
@@ -530,7 +552,9 @@ def test_a_users_sdist_never_builds_with_the_daemons_rights(host: Host, attack_f
     assert cache_entries_named(host, "evilpkg") == [], "the sdist reached the shared cache"
 
 
-def test_local_paths_hidden_in_urls_and_requirement_files_are_refused(host: Host, attack_files: dict[str, Any]) -> None:
+def test_local_paths_hidden_in_urls_and_requirement_files_are_refused(
+    host: Host, attack_files: dict[str, Any]
+) -> None:
     """Each of these made the daemon read a path a user named (a wheel anyone may read, here)."""
     env_b = env_of(host, UID_B, "paths.ipynb")
     home = host.home(UID_B)
@@ -580,7 +604,8 @@ def test_local_paths_hidden_in_urls_and_requirement_files_are_refused(host: Host
                           ("six\r--index-url %s\n" % file_index, "--index-url must be an http(s) URL"),
                           ("six \\\n  -i=%s\n" % file_index, "only --hash=ALGORITHM:DIGEST may follow"),
                           ("six\u2028-i %s\n" % file_index, "control character")):
-        error = protocol_error_as(host, UID_B, "pip", {"env": env_b, "argv": ["install", "-r", "r.txt"], "files": [text]})
+        error = protocol_error_as(host, UID_B, "pip",
+                                  {"env": env_b, "argv": ["install", "-r", "r.txt"], "files": [text]})
         assert error["code"] in ("bad_request", "not_allowed") and message in error["message"], (text, error)
     assert not list(Path(env_b).glob("lib/python*/site-packages/localpkg*"))
 
@@ -593,8 +618,8 @@ def test_no_user_can_open_the_shared_cache(host: Host) -> None:
     verdict = host.python_as(UID_B, """
         import fcntl, json, os, sys
         facts = {}
-        for name, action in (("lock", lambda: fcntl.flock(open(sys.argv[1], "rb"), fcntl.LOCK_EX | fcntl.LOCK_NB)),
-                             ("list", lambda: os.listdir(sys.argv[2]))):
+        lock = lambda: fcntl.flock(open(sys.argv[1], "rb"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for name, action in (("lock", lock), ("list", lambda: os.listdir(sys.argv[2]))):
             try:
                 action()
                 facts[name] = "allowed"
@@ -626,11 +651,13 @@ def test_a_users_index_beats_the_daemons_default_index(host: Host) -> None:
     log = open(base / "daemon.log", "wb")
     # The admin's default index is the local one; PyPI (as an extra index) still serves ipykernel.
     daemon = subprocess.Popen(
-        [host.python, "-m", "uvkerneld", "--mode", "system", "--socket", str(sock), "--state-dir", str(base / "state"),
-         "--cache-dir", str(host.cache_dir), "--venvs-dir", str(base / "state" / "venvs"), "--pool-size", "0"],
+        [host.python, "-m", "uvkerneld", "--mode", "system", "--socket", str(sock),
+         "--state-dir", str(base / "state"), "--cache-dir", str(host.cache_dir),
+         "--venvs-dir", str(base / "state" / "venvs"), "--pool-size", "0"],
         user=DAEMON_UID, group=DAEMON_UID, extra_groups=[], cwd="/", stdin=subprocess.DEVNULL, stdout=log,
-        stderr=subprocess.STDOUT, env=dict(host.base_env(), HOME=str(base / "state"), UV_DEFAULT_INDEX=daemon_index,
-                                           UV_INDEX="https://pypi.org/simple"),
+        stderr=subprocess.STDOUT,
+        env=dict(host.base_env(), HOME=str(base / "state"), UV_DEFAULT_INDEX=daemon_index,
+                 UV_INDEX="https://pypi.org/simple"),
     )
     log.close()
     try:
@@ -638,12 +665,14 @@ def test_a_users_index_beats_the_daemons_default_index(host: Host) -> None:
 
         def as_user(argv: list[str]) -> subprocess.CompletedProcess[str]:
             env = dict(host.user_env(UID_A), UVKERNELD_SOCKET=str(sock))
-            return subprocess.run(argv, user=UID_A, group=UID_A, extra_groups=[], env=env, cwd=str(host.home(UID_A)),
-                                  capture_output=True, text=True, timeout=600)
+            return subprocess.run(argv, user=UID_A, group=UID_A, extra_groups=[], env=env,
+                                  cwd=str(host.home(UID_A)), capture_output=True, text=True, timeout=600)
 
         def env_for(notebook: str) -> str:
-            result = as_user([host.python, "-c", "import json, sys; from uvkerneld import client; print(client.request("
-                              "sys.argv[1], 'acquire', {'key': {'kind': 'notebook', 'value': sys.argv[2]}}, 600)['path'])",
+            result = as_user([host.python, "-c",
+                              "import json, sys; from uvkerneld import client; print(client.request("
+                              "sys.argv[1], 'acquire', {'key': {'kind': 'notebook', 'value': sys.argv[2]}}, "
+                              "600)['path'])",
                               str(sock), str(host.home(UID_A) / notebook)])
             assert result.returncode == 0, result.stdout + result.stderr + (base / "daemon.log").read_text()
             return result.stdout.strip().splitlines()[-1]
@@ -664,7 +693,8 @@ def test_a_users_index_beats_the_daemons_default_index(host: Host) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         assert installed_source(explicit) == "user index"
         requirements = host.home(UID_A) / "precedence.txt"
-        as_user(["sh", "-c", "printf -- '--index-url %s\\nuvk-i9-probe==2.0\\n' > %s" % (user_index, requirements)])
+        as_user(["sh", "-c",
+                 "printf -- '--index-url %s\\nuvk-i9-probe==2.0\\n' > %s" % (user_index, requirements)])
         result = as_user([plain + "/bin/pip", "install", "-r", str(requirements)])
         assert result.returncode == 0, result.stdout + result.stderr
         assert installed_source(plain) == "user index"
@@ -694,7 +724,9 @@ def test_doctor_as_a_user_looks_past_the_private_cache(host: Host) -> None:
     assert found == str(private)  # it exists; what is inside it cannot be looked at
 
 
-def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(host: Host, attack_files: dict[str, Any]) -> None:
+def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(
+    host: Host, attack_files: dict[str, Any]
+) -> None:
     """uv runs an env's own Python (site-packages and all) whenever its interpreter cache misses:
     a wheel's .pth or sitecustomize then ran as the daemon. Wheels are allowed; their hooks are not."""
     drop = attack_files["marker"].parent
@@ -713,8 +745,8 @@ def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(host: Host, atta
         env_b = env_of(host, UID_B, "hooks.ipynb")
         result = host.run_as(UID_B, [env_b + "/bin/pip", "install", "-i", server.url, "hookpkg"])
         assert result.returncode == 0, result.stdout + result.stderr
-        assert ("removed sitecustomize.py, zz_hookpkg.pth, zz_outside.pth from this env: code that runs at every "
-                "Python start is not allowed on a shared host") in result.stdout
+        assert ("removed sitecustomize.py, zz_hookpkg.pth, zz_outside.pth from this env: "
+                "code that runs at every Python start is not allowed on a shared host") in result.stdout
         site = next(Path(env_b).glob("lib/python*/site-packages"))
         assert sorted(path.name for path in site.glob("*.pth")) == ["zz_inside.pth"]
         assert (site / "hookpkg" / "__init__.py").exists()
@@ -739,8 +771,10 @@ def test_a_wheels_pyvenv_cfg_or_pth_folder_with_a_sitecustomize_never_runs_as_th
     marker = drop / "hook-ran"
     run_hook = "import os; open(%r, 'a').write('%%s:%%d ' %% (__name__, os.getuid()))\n" % str(marker)
     fake = drop / "fake"  # a Python home: the real stdlib, entry by entry, plus a sitecustomize
-    stdlib = Path(subprocess.run([SYSTEM_PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
-                                 capture_output=True, text=True, check=True, timeout=60).stdout.strip())
+    stdlib = Path(subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip())
     (fake / "bin").mkdir(parents=True)
     (fake / "lib" / stdlib.name).mkdir(parents=True)
     for entry in stdlib.iterdir():
@@ -752,7 +786,8 @@ def test_a_wheels_pyvenv_cfg_or_pth_folder_with_a_sitecustomize_never_runs_as_th
     base = host.root / "hooks2"
     (base / "build").mkdir(parents=True)
     cfg_wheel = make_wheel(base / "build", "cfgpkg", "1.0", "X = 1\n", extra={
-        "cfgpkg-1.0.data/data/pyvenv.cfg": "home = %s\ninclude-system-site-packages = false\n" % (fake / "bin"),
+        "cfgpkg-1.0.data/data/pyvenv.cfg":
+            "home = %s\ninclude-system-site-packages = false\n" % (fake / "bin"),
     })
     pth_wheel = make_wheel(base / "build", "evilpth", "1.0", "X = 1\n", extra={
         "evilpth.pth": "evilpth\n", "evilpth/sitecustomize.py": run_hook,

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from helpers import Daemon, Layout, ctl, wait_until
 
-
 pytestmark = pytest.mark.skipif(
     not shutil.which("systemd-analyze") or not shutil.which("systemd-socket-activate"),
     reason="needs systemd's tools (apt-get install systemd)",
@@ -28,14 +27,16 @@ def test_system_units_verify_and_report_their_security_score(layout: Layout) -> 
     service = (units / "uvkerneld.service").read_text()
     assert "ExecStart=%s -m uvkerneld --mode system" % sys.executable in service
     for directive in ("Type=notify", "User=uvkerneld", "StateDirectory=uvkerneld", "CacheDirectory=uvkerneld",
-                      "RuntimeDirectory=uvkerneld", "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes"):
+                      "RuntimeDirectory=uvkerneld", "ProtectSystem=strict", "NoNewPrivileges=yes",
+                      "PrivateTmp=yes"):
         assert directive in service.splitlines(), directive
     assert not any(line.startswith("DynamicUser=") for line in service.splitlines())
     assert "SocketMode=0666" in (units / "uvkerneld.socket").read_text()
     assert (layout.root / "sd" / "etc" / "sysusers.d" / "uvkerneld.conf").read_text().startswith("#")
     verify = subprocess.run(["systemd-analyze", "verify", "uvkerneld.socket", "uvkerneld.service"],
                             cwd=units, capture_output=True, text=True, timeout=120)
-    print("systemd-analyze verify (system units): rc=%d %s%s" % (verify.returncode, verify.stdout, verify.stderr))
+    print("systemd-analyze verify (system units): rc=%d %s%s"
+          % (verify.returncode, verify.stdout, verify.stderr))
     assert verify.returncode == 0 and "uvkerneld" not in verify.stdout + verify.stderr
     security = subprocess.run(["systemd-analyze", "security", "--offline=yes", "uvkerneld.service"],
                               cwd=units, capture_output=True, text=True, timeout=120)
@@ -67,15 +68,19 @@ def test_system_install_refuses_an_interpreter_users_cannot_reach(layout: Layout
 # What uv needs to reach the package index from this machine (CA bundle, proxies), the way an
 # admin would add them to the service with `systemctl edit uvkerneld.service`.
 NETWORK_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY",
-                     "https_proxy", "http_proxy", "no_proxy", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "HOME", "PATH")
+                     "https_proxy", "http_proxy", "no_proxy", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "HOME",
+                     "PATH")
 
 
-def socket_activated_daemon(layout: Layout, *extra: str, activate: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+def socket_activated_daemon(
+    layout: Layout, *extra: str, activate: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     log = open(layout.root / "activated.log", "wb")
     # systemd-socket-activate passes only the variables named with -E: settings go as flags.
     passed = [arg for name in NETWORK_VARIABLES if name in os.environ for arg in ("-E", name)]
     process = subprocess.Popen(
-        ["systemd-socket-activate", *activate, *passed, "-l", str(layout.socket), sys.executable, "-m", "uvkerneld",
+        ["systemd-socket-activate", *activate, *passed, "-l", str(layout.socket),
+         sys.executable, "-m", "uvkerneld",
          "--state-dir", str(layout.state_dir), "--venvs-dir", str(layout.venvs_dir),
          "--cache-dir", str(layout.cache_dir), "--log-level", "debug", *extra],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -112,7 +117,9 @@ def test_socket_activation_answers_the_first_connection(layout: Layout) -> None:
     # ... or to Accept=yes, which hands each connection to a new daemon:
     (("--accept",), "fd 3 is not a listening socket; set Accept=no in uvkerneld.socket"),
 ])
-def test_a_wrong_socket_from_systemd_is_refused_with_the_fix(layout: Layout, activate: tuple[str, ...], message: str) -> None:
+def test_a_wrong_socket_from_systemd_is_refused_with_the_fix(
+    layout: Layout, activate: tuple[str, ...], message: str
+) -> None:
     process = socket_activated_daemon(layout, "--pool-size", "0", activate=activate)
     log_path = layout.root / "activated.log"
     try:

@@ -11,8 +11,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from helpers import Daemon, Layout, ctl, process_alive, processes_matching, running_kernel, wait_until
@@ -76,7 +76,8 @@ def fake_daemon(shared_tmp: Path) -> Iterator[Path]:
     script.chmod(0o644)
     socket_path = shared_tmp / "uvkerneld.sock"
     process = subprocess.Popen([SYSTEM_PYTHON, str(script), str(socket_path)], user=ATTACKER, group=ATTACKER,
-                               extra_groups=[], cwd="/", stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+                               extra_groups=[], cwd="/", stdin=subprocess.DEVNULL,
+                               env={"PATH": "/usr/bin:/bin"})
     try:
         wait_until(socket_path.exists, 30, "the fake daemon's socket")
         assert socket_path.lstat().st_uid == ATTACKER
@@ -86,7 +87,9 @@ def fake_daemon(shared_tmp: Path) -> Iterator[Path]:
         process.wait(30)
 
 
-def test_a_root_kernel_refuses_a_fake_daemon_and_shows_why(layout: Layout, kernelspec: str, fake_daemon: Path) -> None:
+def test_a_root_kernel_refuses_a_fake_daemon_and_shows_why(
+    layout: Layout, kernelspec: str, fake_daemon: Path
+) -> None:
     folder = fake_daemon.parent
     with running_kernel(layout, kernelspec, UVKERNELD_SOCKET=str(fake_daemon), wait=False) as (_, kernel):
         try:
@@ -100,7 +103,9 @@ def test_a_root_kernel_refuses_a_fake_daemon_and_shows_why(layout: Layout, kerne
     assert (folder / "received").read_bytes() == b"", "the stub told the fake daemon something"
 
 
-def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(layout: Layout, fake_daemon: Path) -> None:
+def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(
+    layout: Layout, fake_daemon: Path
+) -> None:
     env = dict(layout.env, UVKERNELD_SOCKET=str(fake_daemon))
     for command in (["status"], ["list"], ["rm", "e-000000000001"]):
         result = ctl(layout, *command, env=env)
@@ -108,7 +113,8 @@ def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(layo
         assert "uvkernelctl: refusing to use %s: the process answering there runs as uid %d" % (
             fake_daemon, ATTACKER) in result.stderr
     shim = subprocess.run(
-        [sys.executable, "-c", "import sys; from uvkerneld import shim; sys.exit(shim.main('pip', sys.argv[1], sys.argv[2:]))",
+        [sys.executable, "-c",
+         "import sys; from uvkerneld import shim; sys.exit(shim.main('pip', sys.argv[1], sys.argv[2:]))",
          str(layout.venvs_dir / "e-1"), "install", "six"],
         env=env, capture_output=True, text=True, timeout=60,
     )
@@ -129,11 +135,13 @@ def test_uvkernelctl_the_shim_and_the_kernel_extension_refuse_a_fake_daemon(layo
 def test_install_kernelspec_writes_the_daemon_user_and_refuses_an_unknown_one(layout: Layout) -> None:
     import json
 
-    result = ctl(layout, "install-kernelspec", "--prefix", str(layout.kernel_prefix), "--daemon-user", "61000")
+    prefix = str(layout.kernel_prefix)
+    result = ctl(layout, "install-kernelspec", "--prefix", prefix, "--daemon-user", "61000")
     assert result.returncode == 0, result.stderr
-    spec = json.loads((layout.kernel_prefix / "share" / "jupyter" / "kernels" / "uv" / "kernel.json").read_text())
+    spec_file = layout.kernel_prefix / "share" / "jupyter" / "kernels" / "uv" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
     assert spec["env"]["UVKERNELD_DAEMON_USER"] == "61000"
-    result = ctl(layout, "install-kernelspec", "--prefix", str(layout.kernel_prefix), "--daemon-user", "no-such-user-x")
+    result = ctl(layout, "install-kernelspec", "--prefix", prefix, "--daemon-user", "no-such-user-x")
     assert result.returncode == 2
     assert "--daemon-user 'no-such-user-x' is neither a uid nor a user on this host" in result.stderr
 
@@ -144,8 +152,9 @@ def test_install_kernelspec_writes_the_daemon_user_and_refuses_an_unknown_one(la
 def daemon_refuses(layout: Layout, *flags: str) -> str:
     """Run the daemon, expect it to refuse to start at once; return what it said."""
     try:
-        result = subprocess.run([sys.executable, "-m", "uvkerneld", "--pool-size", "0", *flags], env=layout.env,
-                                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        result = subprocess.run([sys.executable, "-m", "uvkerneld", "--pool-size", "0", *flags],
+                                env=layout.env, capture_output=True, text=True, timeout=30,
+                                stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise AssertionError("the daemon started instead of refusing") from None
     assert result.returncode == 1, result.stderr
@@ -177,7 +186,8 @@ def mode_of(path: Path) -> int:
 
 def test_a_sticky_shared_socket_folder_is_used_as_it_is(layout: Layout, shared_tmp: Path) -> None:
     socket_path = shared_tmp / "mine.sock"
-    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0", "--socket", str(socket_path)).start()
+    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0",
+                    "--socket", str(socket_path)).start()
     try:
         assert mode_of(shared_tmp) == 0o1777, "the daemon changed the mode of a folder it did not make"
         assert socket_path.lstat().st_uid == 0
@@ -188,7 +198,8 @@ def test_a_sticky_shared_socket_folder_is_used_as_it_is(layout: Layout, shared_t
     taken.write_text("")
     os.chown(taken, ATTACKER, ATTACKER)
     said = daemon_refuses(layout, "--socket", str(taken))
-    assert ("refusing to use %s as the socket folder: it is writable by everyone and %s there belongs to uid %d"
+    assert ("refusing to use %s as the socket folder: "
+            "it is writable by everyone and %s there belongs to uid %d"
             % (shared_tmp, taken, ATTACKER)) in said
     assert taken.lstat().st_uid == ATTACKER and mode_of(shared_tmp) == 0o1777
 
@@ -205,7 +216,8 @@ def test_a_socket_folder_another_user_owns_or_links_is_refused(layout: Layout) -
     target.chmod(0o755)
     link = attackers_symlink(layout.root / "linked", target)
     said = daemon_refuses(layout, "--socket", str(link / "d.sock"))
-    assert "refusing to use %s as the socket folder: %s is a symlink owned by uid %d" % (link, link, ATTACKER) in said
+    assert ("refusing to use %s as the socket folder: %s is a symlink owned by uid %d"
+            % (link, link, ATTACKER)) in said
     assert mode_of(target) == 0o755 and os.listdir(target) == []
     # Below a folder another user owns, even a folder of ours is not safe (they can rename it).
     ours = layout.root / "theirs-too"
@@ -236,7 +248,8 @@ def test_a_state_folder_or_database_another_user_controls_is_refused(layout: Lay
 
 def test_a_fresh_daemon_makes_its_folders_private(layout: Layout) -> None:
     socket_path = layout.root / "run" / "uvkerneld" / "d.sock"
-    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0", "--socket", str(socket_path)).start()
+    daemon = Daemon(with_socket(layout, socket_path), "--pool-size", "0",
+                    "--socket", str(socket_path)).start()
     try:
         for made in (layout.state_dir, socket_path.parent, socket_path.parent.parent):
             assert mode_of(made) == 0o700, made
@@ -244,7 +257,9 @@ def test_a_fresh_daemon_makes_its_folders_private(layout: Layout) -> None:
         daemon.stop()
 
 
-def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(layout: Layout, kernelspec: str) -> None:
+def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(
+    layout: Layout, kernelspec: str
+) -> None:
     theirs = owned_by_attacker(layout.root / "their-run")
     socket_path = theirs / "uvkerneld.sock"
     with running_kernel(layout, kernelspec, UVKERNELD_SOCKET=str(socket_path)) as (_, kernel):
@@ -259,10 +274,12 @@ def test_the_stub_does_not_start_a_daemon_in_a_folder_another_user_owns(layout: 
 # --- a stub never starts another daemon in place of one started by hand ----------------------------
 
 
-def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings(layout: Layout, kernelspec: str) -> None:
+def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings(
+    layout: Layout, kernelspec: str
+) -> None:
     from test_pool import gated_uv
 
-    gate, fake_uv, env = gated_uv(layout)
+    _gate, fake_uv, env = gated_uv(layout)
     # The daemon the user started by hand, with directories of their own; the kernelspec names only
     # the socket, so a daemon a kernel started would use other ones (here: the layout's).
     hand_flags = ("--pool-size", "0", "--state-dir", str(layout.root / "hand-state"),
@@ -270,13 +287,15 @@ def test_a_stub_that_loses_a_hand_started_daemon_starts_none_with_other_settings
     hand = Daemon(layout, *hand_flags, env=env).start()
     with running_kernel(layout, kernelspec, UVKERNEL_ENV="mid-acquire", wait=False) as (_, kernel):
         # The acquire is building the env (uv held at the gate): now the daemon dies.
-        builds = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60, "the env build of the acquire")
+        builds = wait_until(lambda: processes_matching(str(fake_uv), "pip install"), 60,
+                            "the env build of the acquire")
         assert hand.process is not None
         hand.process.kill()
         hand.process.wait(30)
         # uv dies with its daemon (PR_SET_PDEATHSIG, tests/test_nothing_lost.py): nothing is left
         # to release the gate, so the stub's retry is what this test sees.
-        wait_until(lambda: not any(process_alive(pid) for pid in builds), 30, "the gated uv to die with its daemon")
+        wait_until(lambda: not any(process_alive(pid) for pid in builds), 30,
+                   "the gated uv to die with its daemon")
         kernel.wait_for_ready(timeout=120)
         reply = kernel.execute_interactive("1 + 1", timeout=60)
     assert reply["content"]["ename"] == "EnvironmentUnavailable"
