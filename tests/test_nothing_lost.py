@@ -182,7 +182,7 @@ def test_after_kill_9_no_uv_outlives_the_daemon_and_the_restart_is_consistent(
         try:
             # What uv had started is gone too, before recovery looked at the venvs dir.
             # Only the restarted daemon kills it: its parent uv had died, and it ignores the daemon's death.
-            wait_until(lambda: not process_alive(grandchild[0]), 10, "uv's child to be stopped")
+            wait_until(lambda: not process_alive(grandchild[0]), 30, "uv's child to be stopped")
             status = layout.status()
             assert status["envs"]["by_state"]["creating"] == 0
             assert env_dirs(layout) == [] and status["quarantine"] == []
