@@ -171,3 +171,27 @@ def test_a_failed_tree_worker_is_an_os_error_that_says_what_failed(tmp_path: Pat
             await diskusage._python_child("uvkerneld.treework", ["neither", "/"])
 
     asyncio.run(scenario())
+
+
+def test_walks_and_removals_still_happen_when_the_tree_worker_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real child that fails, as after a package upgrade under the running daemon: the daemon
+    # starts `python -m uvkerneld.treework` from _PACKAGE_PARENT, here a folder whose treework exits 1.
+    broken = tmp_path / "broken" / "uvkerneld"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("")
+    (broken / "treework.py").write_text("import sys\nsys.exit(1)\n")
+    monkeypatch.setattr(diskusage, "_PACKAGE_PARENT", str(broken.parent))
+    tree = tmp_path / "venv"
+    (tree / "lib").mkdir(parents=True)
+    (tree / "lib" / "module.py").write_bytes(b"y" * 9000)
+
+    async def scenario() -> None:
+        with pytest.raises(OSError):
+            await diskusage._python_child("uvkerneld.treework", ["unshared", str(tree)])
+        assert await diskusage.unshared_bytes(tree) == diskusage.scan_tree(tree).unshared > 0
+        await diskusage.remove_tree(tree)  # before: OSError, and start-up recovery died of it
+        assert not tree.exists()
+
+    asyncio.run(scenario())

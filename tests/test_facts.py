@@ -92,6 +92,29 @@ def test_a_zombie_is_dead_a_running_process_alive(zombie: int) -> None:
     assert procs.pid_alive(os.getpid()) and procs.pid_alive(1)
 
 
+# The main thread ends (pthread_exit, as a C program may do) while another thread runs on.
+MAIN_THREAD_EXITS = """
+import ctypes, sys, threading, time
+threading.Thread(target=time.sleep, args=(120,)).start()
+print("started", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_whose_main_thread_exited_is_alive_while_another_thread_runs() -> None:
+    with subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS], stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"started\n"
+            # /proc/<pid>/stat shows the main thread: Z once it has exited.
+            wait_until(lambda: (procs.stat_fields(child.pid) or ["?"])[0] == "Z", 30,
+                       "the main thread to exit")
+            assert procs.pid_alive(child.pid)
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+    assert not procs.pid_alive(child.pid)
+
+
 def test_a_reaped_pid_and_impossible_pids_are_dead() -> None:
     child = subprocess.Popen(["true"])
     child.wait(timeout=10)

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,15 +62,27 @@ async def unshared_bytes(root: Path) -> int:
     """What deleting ``root`` would free (``TreeUsage.unshared``). The walk stats every file (a
     venv has ~10,000: 0.1-0.3 s), so it runs in a child process (treework.py), never in the
     daemon: not on the event loop, and not in a thread that takes the loop's GIL."""
-    output = await _python_child("uvkerneld.treework", ["unshared", str(root)])
-    return int(output)
+    try:
+        output = await _python_child("uvkerneld.treework", ["unshared", str(root)])
+        return int(output)
+    except (OSError, ValueError) as exc:
+        # No child (EMFILE, EAGAIN under TasksMax, a package upgraded under the running daemon):
+        # slower for the loop, but a gc or rm must not fail for it.
+        log.warning("walking %s in a child process failed (%s); walking it in a thread", root, exc)
+        return (await asyncio.to_thread(scan_tree, root)).unshared
 
 
 async def remove_tree(root: Path) -> None:
     """``shutil.rmtree(root, ignore_errors=True)`` in a child process, for the reason above.
     Cancelled, the child is killed and the tree may be half gone: the caller's store row says
     ``deleting`` by then, and start-up recovery finishes such a removal."""
-    await _python_child("uvkerneld.treework", ["remove", str(root)])
+    try:
+        await _python_child("uvkerneld.treework", ["remove", str(root)])
+    except OSError as exc:
+        # As above: a removal that cannot get its child still happens (start-up recovery and
+        # kernel starts wait for a `deleting` env to be gone).
+        log.warning("removing %s in a child process failed (%s); removing it in a thread", root, exc)
+        await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
 
 
 class DiskUsage:

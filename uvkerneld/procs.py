@@ -27,13 +27,31 @@ def is_exited(fields: list[str]) -> bool:
     return fields[0] in _EXITED_STATES
 
 
+def _other_thread_runs(pid: int) -> bool:
+    """/proc/<pid>/stat shows the main thread: a process whose main thread exited while others
+    run shows Z there too. It is alive while any of its threads has not exited."""
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in _EXITED_STATES:
+            return True
+    return False
+
+
 def pid_alive(pid: int) -> bool:
     """A process with this pid exists and has not exited (a zombie is dead), whoever owns it."""
     if pid <= 0:
         return False  # os.kill would address a process group, or every process
     fields = stat_fields(pid)
     if fields is not None:
-        return not is_exited(fields)
+        return not is_exited(fields) or _other_thread_runs(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
