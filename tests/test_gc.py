@@ -3,6 +3,7 @@ daemon; then scheduled gc in a real daemon. ``uvkernelctl gc`` runs against one 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -211,3 +212,41 @@ def test_scheduled_gc_keeps_a_notebook_renamed_while_no_daemon_watched(layout: L
         assert rows[envs[kept]]["key"] == {"kind": "notebook", "value": str(kept)}  # moves at its next start
     finally:
         assert second.stop() == 0
+
+
+def test_an_env_a_kernel_start_took_while_removal_waited_for_its_lock_is_kept(envs: Envs) -> None:
+    """gc and rm judge an env, then wait for its key's lock, which a kernel start may hold; the
+    start hands the env out and makes it live before the removal gets the lock."""
+    from uvkerneld.buildslots import BuildSlots
+    from uvkerneld.config import load_config
+    from uvkerneld.envs import EnvManager
+    from uvkerneld.uv import Uv
+
+    key = EnvKey("notebook", "/home/u/old.ipynb")
+    record = envs.add(key, days_unused=40)
+    policy = gc.Policy(30 * DAY, uid=None)
+    config = load_config({"state_dir": str(envs.root), "venvs_dir": str(envs.root / "venvs"),
+                          "cache_dir": str(envs.root / "cache")}, {})
+    live: set[str] = set()
+
+    async def scenario() -> tuple[bool, bool]:
+        manager = EnvManager(config, envs.store, Uv("uv", str(config.cache_dir), "hardlink", sys.executable),
+                             BuildSlots(1, lambda: (0, 0)), refill_pool=lambda: None)
+        assert gc.judge(envs.store.get(record.id), time.time(), policy, live, set()) is not None
+        lock = manager._key_locks[(OWNER, key)]
+        await lock.acquire()  # a kernel start for this notebook is under way
+        removal = asyncio.create_task(manager.remove(record, lambda current: gc._still_garbage(
+            current, time.time(), policy, live, set())))
+        await asyncio.sleep(0)  # the removal now waits for the lock
+        live.add(record.id)  # the start handed the env out: its lifeline is registered
+        lock.release()
+        kept = not await removal
+        # Without a start in the way, the same call removes it.
+        live.clear()
+        removed = await manager.remove(record, lambda current: gc._still_garbage(
+            current, time.time(), policy, live, set()))
+        return kept, removed
+
+    kept, removed = asyncio.run(scenario())
+    assert kept and removed
+    assert envs.store.get(record.id) is None and not record.path.exists()

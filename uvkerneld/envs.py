@@ -409,13 +409,20 @@ class EnvManager:
                 report.append({"folder": str(folder), "free_bytes": free, "needed_bytes": needed})
         return report
 
-    async def remove(self, record: EnvRecord) -> None:
-        """Delete an env on request. Callers check ownership and that no kernel uses it."""
+    async def remove(
+        self, record: EnvRecord, still_removable: Callable[[EnvRecord], bool] = lambda current: True
+    ) -> bool:
+        """Delete an env on request; False when it is gone or no longer removable. Callers check
+        ownership first. A kernel start for the same key may hold the key's lock while we wait
+        for it: ``still_removable`` judges the env again once we hold it (a start that just
+        got this env has made it live by then), and may raise to say why not."""
         lock = self._key_locks[(record.owner_uid, record.key)] if record.key else contextlib.nullcontext()
         async with lock:
             current = self.store.get(record.id)
-            if current is not None:
-                await self.delete_files_and_row(current)
+            if current is None or not still_removable(current):
+                return False
+            await self.delete_files_and_row(current)
+            return True
 
     async def delete_files_and_row(self, record: EnvRecord | None) -> None:
         if record is None:

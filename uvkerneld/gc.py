@@ -126,6 +126,13 @@ def renamed_notebook(old_path: str, notebook_file: str | None) -> str | None:
 # --- removing -----------------------------------------------------------------------------------
 
 
+def _still_garbage(
+    record: EnvRecord, now: float, policy: Policy, live: set[str], orphan_ids: set[str]
+) -> bool:
+    verdict = judge(record, now, policy, live, orphan_ids)
+    return verdict is not None and not verdict.live
+
+
 async def collect(
     services: Services, policy: Policy, orphan_ids: set[str], dry_run: bool,
     progress: Callable[[str], None] = lambda line: None,
@@ -148,8 +155,9 @@ async def collect(
         progress("%s %s (%s): %s, %s" % (
             "would remove" if dry_run else "removing", record.id, record.key, current.reason,
             format_bytes(freed)))
-        if not dry_run:
-            await services.envs.remove(record)
+        if not dry_run and not await services.envs.remove(record, lambda now_record: _still_garbage(
+                now_record, now, policy, lifelines.live_env_ids(), orphan_ids)):
+            continue  # a kernel start took it while we waited for its lock
         removed.append({"env_id": record.id, "key": key, "reason": current.reason, "freed_bytes": freed})
     prune: dict[str, Any] = {"ran": False}
     if not dry_run:

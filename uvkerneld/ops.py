@@ -217,7 +217,13 @@ class Operations:
         freed = await unshared_bytes(record.path)
         # Other requests ran during the walk: a kernel may have started in the env meanwhile.
         self._check_removable(self.store.get(record.id) or record)
-        await self.services.envs.remove(record)
+
+        def still_removable(current: EnvRecord) -> bool:
+            self._check_removable(current)  # raises NotAllowed, saying why
+            return True
+
+        if not await self.services.envs.remove(record, still_removable):
+            raise protocol.NotFound("env %s was removed meanwhile" % record.id)
         self.services.disk.mark_dirty()
         log.info("removed env %s (%s) for uid %d", record.id, record.key, peer.uid)
         return {"env_id": record.id, "removed": True, "freed_bytes": freed}
