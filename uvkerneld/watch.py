@@ -96,8 +96,9 @@ class NotebookWatcher:
         self._folders.changed.set()
         await cancel_and_wait(self._task)
 
-    def _add_tracked_folders(self) -> None:
-        for record in self.store.all():
+    async def _add_tracked_folders(self) -> None:
+        # Every env's row: read off the loop (Store.scan), which runs this at each new folder.
+        for record in await self.store.scan():
             if (record.key and record.key.kind == "notebook"
                     and record.state in states.SETTLED_NOTEBOOK_STATES):
                 self._folders.paths.add(os.path.dirname(record.key.value))
@@ -106,7 +107,7 @@ class NotebookWatcher:
         delay = RETRY_DELAY
         restart = self._folders.changed
         while True:
-            self._add_tracked_folders()
+            await self._add_tracked_folders()
             folders = list(self.folders)
             # Cleared before the check runs off the loop: a folder added meanwhile sets it again.
             restart.clear()
