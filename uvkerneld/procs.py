@@ -14,8 +14,12 @@ _EXITED_STATES = ("Z", "X")
 def stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/<pid>/stat after the command name (state first, so index = field - 3);
     None when there is no such process or /proc does not show it."""
+    return _fields_of("/proc/%d/stat" % pid)
+
+
+def _fields_of(stat_path: str) -> list[str] | None:
     try:
-        with open("/proc/%d/stat" % pid) as handle:
+        with open(stat_path) as handle:
             # The command name is in parentheses and may itself hold ") ": split at the last one.
             return handle.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -35,12 +39,8 @@ def _other_thread_runs(pid: int) -> bool:
     except OSError:
         return False
     for tid in tids:
-        try:
-            with open("/proc/%d/task/%s/stat" % (pid, tid)) as handle:
-                state = handle.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in _EXITED_STATES:
+        fields = _fields_of("/proc/%d/task/%s/stat" % (pid, tid))
+        if fields is not None and not is_exited(fields):
             return True
     return False
 
