@@ -750,15 +750,19 @@ def test_startup_hooks_in_a_users_wheel_never_run_as_the_daemon(
         site = next(Path(env_b).glob("lib/python*/site-packages"))
         assert sorted(path.name for path in site.glob("*.pth")) == ["zz_inside.pth"]
         assert (site / "hookpkg" / "__init__.py").exists()
-        # What a uv upgrade (a new interpreter cache bucket) or `uv cache clean` does: uv queries
-        # every env's Python again, as the daemon.
-        for bucket in host.cache_dir.glob("interpreter-v*"):
-            shutil.rmtree(bucket)
-        result = host.run_as(UID_B, [env_b + "/bin/pip", "list"])
-        assert result.returncode == 0 and "hookpkg" in result.stdout, result.stdout + result.stderr
-        assert not marker.exists(), "a startup hook ran as the daemon: " + marker.read_text()
+        assert_uv_requerying_the_env_runs_no_hook(host, env_b, "hookpkg", marker)
     finally:
         server.stop()
+
+
+def assert_uv_requerying_the_env_runs_no_hook(host: Host, env: str, package: str, marker: Path) -> None:
+    # What a uv upgrade (a new interpreter cache bucket) or `uv cache clean` does: uv queries
+    # every env's Python again, as the daemon.
+    for bucket in host.cache_dir.glob("interpreter-v*"):
+        shutil.rmtree(bucket)
+    result = host.run_as(UID_B, [env + "/bin/pip", "list"])
+    assert result.returncode == 0 and package in result.stdout, result.stdout + result.stderr
+    assert not marker.exists(), "a startup hook ran as the daemon: " + marker.read_text()
 
 
 def test_a_wheels_pyvenv_cfg_or_pth_folder_with_a_sitecustomize_never_runs_as_the_daemon(
@@ -800,10 +804,6 @@ def test_a_wheels_pyvenv_cfg_or_pth_folder_with_a_sitecustomize_never_runs_as_th
         assert result.returncode == 0, result.stdout + result.stderr
         assert "removed evilpth.pth, pyvenv.cfg from this env" in result.stdout, result.stdout
         assert str(fake) not in (Path(env_b) / "pyvenv.cfg").read_text()
-        for bucket in host.cache_dir.glob("interpreter-v*"):
-            shutil.rmtree(bucket)
-        result = host.run_as(UID_B, [env_b + "/bin/pip", "list"])
-        assert result.returncode == 0 and "evilpth" in result.stdout, result.stdout + result.stderr
-        assert not marker.exists(), "a startup hook ran as the daemon: " + marker.read_text()
+        assert_uv_requerying_the_env_runs_no_hook(host, env_b, "evilpth", marker)
     finally:
         server.stop()
