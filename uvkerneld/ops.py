@@ -215,11 +215,11 @@ class Operations:
         record = self._resolve(args, peer, admin_may=True)
         self._check_removable(record)
         freed = await unshared_bytes(record.path)
-        # Other requests ran during the walk: a kernel may have started in the env meanwhile.
-        self._check_removable(self.store.get(record.id) or record)
 
         def still_removable(current: EnvRecord) -> bool:
-            self._check_removable(current)  # raises NotAllowed, saying why
+            # Other requests ran during the walk and while we waited for the env's lock: a
+            # kernel may have started in it meanwhile. Raises NotAllowed, saying why.
+            self._check_removable(current)
             return True
 
         if not await self.services.envs.remove(record, still_removable):
