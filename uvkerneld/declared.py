@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tomllib
 from typing import Any
 
+import tomllib
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
@@ -127,7 +127,7 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
     unknown = sorted(set(tool_uv) - set(TOOL_UV_KEYS))
     if unknown:
         raise BadDeclaration(
-            "%s: [tool.uv] %s not supported by uvkerneld (supported: %s); remove %s"
+            "%s: [tool.uv] %s %s not supported by uvkerneld (supported: %s); remove %s"
             % (place, ", ".join(unknown), "is" if len(unknown) == 1 else "are", ", ".join(TOOL_UV_KEYS),
                "it" if len(unknown) == 1 else "them"))
     extra = tool_uv.get("extra-index-url", [])
@@ -211,7 +211,8 @@ def _prerelease(value: Any, where: str) -> str | None:
     if value is None:
         return None
     if value not in PRERELEASE_VALUES:
-        raise BadDeclaration("%s must be one of %s, got %s" % (where, ", ".join(PRERELEASE_VALUES), _short(value)))
+        raise BadDeclaration(
+            "%s must be one of %s, got %s" % (where, ", ".join(PRERELEASE_VALUES), _short(value)))
     return str(value)
 
 
@@ -322,8 +323,8 @@ def _toml_string(text: str) -> str:
 
 
 def _type(value: Any) -> str:
-    return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), "a number")
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return "null" if value is None else names.get(type(value), "a number")
 
 
 def _short(value: Any) -> str:

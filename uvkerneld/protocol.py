@@ -338,9 +338,9 @@ def validate_sync(args):
             raise BadRequest('"declaration.%s" must be text or null' % name)
     _check_texts([text for text in (declaration["script"], declaration["lock"]) if text], '"declaration"')
     cell = declaration["script_cell"]
-    if (declaration["script"] is None) != (cell is None) or cell is not None and (
-            isinstance(cell, bool) or not isinstance(cell, int) or cell < 1):
-        raise BadRequest('"declaration.script_cell" must be the script cell\'s number (from 1), with "script"')
+    if (declaration["script"] is None) != (cell is None) or (cell is not None and (
+            isinstance(cell, bool) or not isinstance(cell, int) or cell < 1)):
+        raise BadRequest('"declaration.script_cell" must be the number (from 1) of the cell with "script"')
     if declaration["uv_key"] not in (None, *DECLARATION_PLACES) or (
             declaration["uv"] is not None and declaration["uv_key"] is None):
         raise BadRequest('"declaration.uv_key" must be one of %s, with "uv"' % ", ".join(DECLARATION_PLACES))

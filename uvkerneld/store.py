@@ -29,8 +29,8 @@ log = logging.getLogger("uvkerneld.store")
 
 class EnvRecord:
     __slots__ = (
-        "created_at", "declared_digest", "error", "id", "key", "last_used_at", "notebook_file", "owner_uid", "path", "python",
-        "spec", "state",
+        "created_at", "declared_digest", "error", "id", "key", "last_used_at", "notebook_file", "owner_uid",
+        "path", "python", "spec", "state",
     )
 
     def __init__(self, row: sqlite3.Row) -> None:
