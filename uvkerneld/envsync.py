@@ -125,9 +125,12 @@ async def _sync_locked(
         flags = ["--quiet", "--no-header", "-o", target, *parsed.uv_flags(with_exclude_newer=not parsed.lock)]
         returncode, output = await uv.run_unchecked(uv.pip_argv(venv, "compile", flags, [wanted], False))
         if returncode != 0:
+            asked = [*parsed.dependencies, *kept.values()]
             raise protocol.BadDeclaration(
-                "%s: the declared packages do not resolve together with the kernel's own (%s): %s"
-                % (parsed.place, ", ".join(config.kernel_packages), _uv_lines(output, uv.shared_host)))
+                "%s: %s %s not resolve (with this kernel's own %s): %s"
+                % (parsed.place, ", ".join(map(repr, asked)) or "the declaration",
+                   "do" if len(asked) > 1 else "does",
+                   " ".join(config.kernel_packages), _uv_lines(output, uv.shared_host)))
         started = time.monotonic()
         argv = uv.pip_argv(venv, "sync", [], [target], compile_bytecode=config.bytecode == "per-env")
         returncode, output = await uv.run_unchecked(argv, on_line=send_line)
