@@ -117,6 +117,8 @@ def test_the_cell_wins_and_both_places_must_agree() -> None:
      "metadata.runt.uv.prerelease must be one of disallow, allow,"),
     (wire(uv={"dependencies": ["x @ ${HOME}/x.whl"]}, uv_key=nbdecl.RUNT_UV_KEY),
      "metadata.runt.uv.dependencies[0]: requirement 'x @ ${HOME}/x.whl' uses ${...}"),
+    (wire(uv={"dependencies": ["pkg @ ./pkg"]}, uv_key=nbdecl.RUNT_UV_KEY),
+     "metadata.runt.uv.dependencies[0]: the path in 'pkg @ ./pkg' must be absolute (or a file:// URL)"),
     (wire(lock="version = 1\n"),
      'metadata "uv.lock" holds a lock but the notebook declares no dependencies to go with it'),
     (wire(JUV_CELL, lock={"not": "text"}), 'metadata "uv.lock" must be the text of a uv lockfile'),

@@ -107,6 +107,9 @@ def test_nteract_notebooks_get_their_packages_and_conflicting_versions_each_thei
     # What was declared is what the env records (uvkernelctl show/export read it).
     requirements = layout.request("installs", {"key": {"kind": "notebook", "value": current}})["requirements"]
     assert requirements == ["iniconfig==1.1.1", "tabulate"]
+    # The env's own record (what rebuilds a lost store) knows what was declared too.
+    record = json.loads((layout.venvs_dir / ".records" / (os.path.basename(prefix) + ".json")).read_text())
+    assert record["declared"] == ["iniconfig==1.1.1", "tabulate"] and len(record["declared_digest"]) == 64
 
 
 def test_a_juv_notebook_imports_exactly_the_locked_versions(
@@ -124,8 +127,13 @@ def test_a_juv_notebook_imports_exactly_the_locked_versions(
     pinned = {package["name"]: package["version"] for package in tomllib.loads(lock)["package"]}
     assert pinned["iniconfig"] == "2.0.0" and pinned["toolz"] == "0.12.1"
     notebook = write_notebook(layout.notebooks / "juv.ipynb", cell, {"uv.lock": lock})
+    # What a daemon killed during a sync left behind goes at this daemon's first sync.
+    leftover = layout.state_dir / "sync-scratch" / "sync-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "notebook.py.lock").write_text(lock)
     got, _ = kernel_versions(layout, notebook)
     assert {name: got[name] for name in pinned} == pinned
+    assert not leftover.exists() and list((layout.state_dir / "sync-scratch").iterdir()) == []
 
 
 def test_editing_the_declaration_syncs_at_restart_and_pip_installs_outside_it_survive(

@@ -179,12 +179,15 @@ def _requirements(values: list[Any], where: str, shared_host: bool) -> tuple[str
         except pipargs.PipUsageError as exc:
             raise BadDeclaration("%s: %s" % (at, exc)) from None
         try:
-            Requirement(value)
+            url = Requirement(value).url
         except InvalidRequirement as exc:
             reason = str(exc).splitlines()[0]
             raise BadDeclaration(
                 "%s: %r is not a requirement: %s; write it as NAME or NAME SPECIFIER, such as 'numpy>=1.26'"
                 % (at, value, reason)) from None
+        if url and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url) and not url.startswith("/"):
+            # Relative to what? The daemon reads the declaration far from the notebook's folder.
+            raise BadDeclaration("%s: the path in %r must be absolute (or a file:// URL)" % (at, value))
         if shared_host:
             refusal = pipargs.shared_host_refusal(value)
             if refusal:

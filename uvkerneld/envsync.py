@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -111,7 +112,7 @@ async def _sync_locked(
     declared_now = declared.requirement_names(parsed.dependencies)
     kept = {name: text for name, text in recorded.items()
             if name not in declared_before and name not in declared_now}
-    with tempfile.TemporaryDirectory(prefix="sync-", dir=config.state_dir) as scratch:
+    with tempfile.TemporaryDirectory(prefix="sync-", dir=await _scratch_root(config.state_dir)) as scratch:
         pins = list(parsed.dependencies)
         if parsed.lock:
             pins = await _locked_pins(services, parsed, scratch)
@@ -138,6 +139,28 @@ async def _sync_locked(
     if returncode != 0:
         return None, NO_CHANGES
     return {**declared_now, **kept}, changed_distributions(output)
+
+
+_SCRATCH = "sync-scratch"
+_swept: set[str] = set()
+
+
+async def _scratch_root(state_dir: Path) -> str:
+    """``<state_dir>/sync-scratch``, private: each sync's files (the declaration as a script, its
+    lock, uv's pins) live in a folder of their own inside it. What a daemon killed mid-sync left
+    there is removed at this daemon's first sync (one daemon per state dir)."""
+    root = os.path.join(state_dir, _SCRATCH)
+    if root not in _swept:
+        await asyncio.to_thread(_sweep, root)
+        _swept.add(root)
+    return root
+
+
+def _sweep(root: str) -> None:
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    for entry in os.listdir(root):
+        if entry.startswith("sync-"):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def _write_files(files: dict[str, list[str]]) -> None:
