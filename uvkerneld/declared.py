@@ -293,6 +293,36 @@ def requirement_names(requirements: list[str] | tuple[str, ...]) -> dict[str, st
     return {pipargs.requirement_name(text) or text: text for text in requirements}
 
 
+def check_lock(text: str, shared_host: bool) -> None:
+    """A ``"uv.lock"`` text before uv reads it: TOML, and on a shared host every package from an
+    http(s) index (uv checking a lock would otherwise look at the paths and repositories it names,
+    as the daemon). Parses the whole lock: call it off the event loop. Raises BadDeclaration."""
+    try:
+        lock = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadDeclaration('metadata "uv.lock" is not a uv lockfile (invalid TOML: %s); %s'
+                             % (exc, LOCK_HINT)) from None
+    packages = lock.get("package", [])
+    if not isinstance(packages, list):
+        raise BadDeclaration('metadata "uv.lock" is not a uv lockfile ([[package]] tables); %s' % LOCK_HINT)
+    if not shared_host:
+        return
+    for package in packages:
+        source = package.get("source") if isinstance(package, dict) else None
+        name = str(package.get("name", "?")) if isinstance(package, dict) else "?"
+        kind, value = next(iter(source.items())) if isinstance(source, dict) and source else ("?", "")
+        if kind == "registry" and isinstance(value, str) and value.lower().startswith(("https://", "http://")):
+            continue
+        if kind == "url" and isinstance(value, str):
+            refusal = pipargs.shared_host_refusal("%s @ %s" % (name, value))
+        elif kind in ("git", "url"):
+            refusal = pipargs.BUILD_REFUSED % name
+        else:
+            refusal = pipargs.LOCAL_PATH_REFUSED % ("%s from %s %s" % (name, kind, value))
+        if refusal:
+            raise BadDeclaration('metadata "uv.lock": %s' % refusal)
+
+
 def script_text(parsed: Parsed) -> str:
     """A PEP 723 script holding ``parsed`` for uv (``uv lock --script``, ``uv export --script``)."""
     lines = ["# /// script"]

@@ -177,6 +177,7 @@ def _read(path: str) -> str:
 async def _locked_pins(services: Services, parsed: Parsed, scratch: str) -> list[str]:
     """The lock's pins, checked against the declaration by uv itself (``--locked``)."""
     uv = services.uv
+    await asyncio.to_thread(declared.check_lock, parsed.lock or "", uv.shared_host)
     script = os.path.join(scratch, "notebook.py")
     await asyncio.to_thread(_write_files, {
         script: declared.script_text(parsed).splitlines(), script + ".lock": [parsed.lock or ""]})
