@@ -852,6 +852,16 @@ def test_a_declaration_is_held_to_pips_rules_on_a_shared_host(
     assert error["code"] == "bad_declaration", error
     assert "cell 1 (PEP 723 block): [tool.uv] index-url: URL must be an http(s) URL, got 'file://" \
         in error["message"]
+    # A lock naming a file on the host (uv checking it would read that path as the daemon).
+    lock = ('version = 1\nrequires-python = ">=3.8"\n\n[manifest]\nrequirements = [{ name = "localpkg" }]\n\n'
+            '[[package]]\nname = "localpkg"\nversion = "1.0"\nsource = { path = "%s" }\n' % wheel)
+    script = '# /// script\n# dependencies = ["localpkg"]\n# ///\n'
+    error = protocol_error_as(host, UID_A, "sync", {
+        "key": {"kind": "notebook", "value": notebook},
+        "declaration": {"script": script, "script_cell": 1, "lock": lock}})
+    assert error["code"] == "bad_declaration", error
+    assert error["message"].startswith(
+        'metadata "uv.lock": installing from a local path (localpkg from path /'), error
     assert sorted(os.listdir(next(Path(env).glob("lib/python*/site-packages")))) == before
 
 
