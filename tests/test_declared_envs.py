@@ -232,3 +232,30 @@ def test_the_sync_op_refuses_a_declaration_of_the_wrong_shape(bare_daemon: Daemo
     with pytest.raises(protocol.BadRequest, match="sync needs a notebook key"):
         client.request(
             str(layout.socket), "sync", {"key": {"kind": "env", "value": "x"}, "declaration": {}}, 30)
+
+
+def test_requires_python_another_interpreter_on_the_host_matches_is_a_clear_error(
+    bare_daemon: Daemon, layout: Layout
+) -> None:
+    """Moving a notebook's env to another interpreter is not done yet: the error names what the
+    notebook asked for, the env's Python and the host's interpreter that would match."""
+    listed = subprocess.run([UV, "python", "list", "--only-installed", "--output-format", "json"],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, UV_PYTHON_DOWNLOADS="never"))
+    key = {"kind": "notebook", "value": str(layout.notebook("rp.ipynb"))}
+    acquired = layout.request("acquire", {"key": key}, timeout=300)
+    probe = [acquired["python"], "-c", "import platform; print(platform.python_version())"]
+    env_version = subprocess.run(
+        probe, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    host_versions = {entry["version"] for entry in json.loads(listed.stdout.splitlines()[-1])}
+    others = sorted(host_versions - {env_version})
+    if not others:
+        pytest.skip("this host has no interpreter other than the env's Python %s" % env_version)
+    declaration = {"uv": {"dependencies": [], "requires-python": "==" + others[0]},
+                   "uv_key": "metadata.runt.uv"}
+    with pytest.raises(protocol.BadDeclaration) as caught:
+        layout.request("sync", {"key": acquired["key"], "declaration": declaration}, timeout=120)
+    message = caught.value.message
+    assert message.startswith("metadata.runt.uv: requires-python '==%s' does not match this notebook's env "
+                              "(Python %s); the host has %s (" % (others[0], env_version, others[0])), message
+    assert "does not yet move a notebook's env to another interpreter" in message
