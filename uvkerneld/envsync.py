@@ -45,6 +45,7 @@ from .store import EnvRecord
 log = logging.getLogger("uvkerneld.envsync")
 
 NO_CHANGES: dict[str, list[str]] = {"added": [], "removed": []}
+_BIG_LOCK = 64 * 1024
 _UV_NOISE = re.compile(r"^(Using Python|Resolved|Prepared|Installed|Uninstalled|Audited|Checked) ")
 
 
@@ -54,7 +55,9 @@ async def sync(
 ) -> dict[str, Any]:
     """Sync the declaration ``wire`` (nbdecl's wire form) into ``record``'s env, owned by ``uid``.
     Returns {"synced": uv ran, "changes": {"added", "removed"}}; raises BadDeclaration."""
-    digest = nbdecl.digest(wire)
+    # Hashing a big lock's JSON takes ~15 ms per MB: off the loop then.
+    big = len(wire.get("lock") or "") > _BIG_LOCK
+    digest = await asyncio.to_thread(nbdecl.digest, wire) if big else nbdecl.digest(wire)
     if not force and record.declared_digest == digest:
         return {"synced": False, "changes": NO_CHANGES}
     parsed = declared.interpret(wire, services.uv.shared_host) or Parsed(place="the notebook")
