@@ -60,3 +60,26 @@ def register_envs(state_dir: Path, venvs_dir: Path, count: int, template: Path |
     finally:
         store.close()
     return names
+
+
+def cache_with_new_entries(source: Path, target: Path, projects: list[str]) -> list[Path]:
+    """A uv cache at ``target`` whose files are hardlinks of ``source``'s (a second, no extra disk),
+    where the archive entries of ``projects`` (``name-version`` as in a ``.dist-info`` name, e.g.
+    ``six-1.16.0``) have no bytecode: to a daemon on ``target`` they look newly unpacked. The
+    stripped ``__pycache__`` folders are the copy's own, so compiling them never writes into
+    ``source``; so is uv's lock file. Returns those entries."""
+    subprocess.run(["cp", "-al", str(source), str(target)], check=True, timeout=300)
+    lock = target / ".lock"
+    if lock.exists():
+        lock.unlink()
+        lock.touch()
+    entries = []
+    for project in projects:
+        found = sorted(path.parent for path in (target / "archive-v0").glob("*/%s.dist-info" % project))
+        if not found:
+            raise AssertionError("no cache entry holds %s in %s" % (project, source))
+        for entry in found:
+            for pycache in list(entry.rglob("__pycache__")):
+                subprocess.run(["rm", "-rf", str(pycache)], check=True, timeout=60)
+            entries.append(entry)
+    return entries

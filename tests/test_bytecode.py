@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import marshal
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import Daemon, Layout
+from helpers import Daemon, Layout, ctl, processes_matching, run_code, running_kernel, wait_until
 
-from uvkerneld.bytecode import SharedBytecode
+from bench.fixtures import cache_with_new_entries
+from uvkerneld import compilequeue, compilework, envvars
+from uvkerneld.bytecode import link_bytecode
 from uvkerneld.uv import find_uv
 
 # Counts modules compiled from source during the imports, by wrapping the one function the
@@ -55,6 +59,16 @@ def acquire(layout: Layout, name: str) -> str:
     return layout.request("acquire", {"key": {"kind": "env", "value": name}}, timeout=300)["path"]
 
 
+def compiled_and_linked(layout: Layout, timeout: float = 300) -> dict[str, Any]:
+    """Wait until the background compiler has nothing left to compile or link; its status."""
+    def drained() -> dict[str, Any] | None:
+        queue = layout.status()["bytecode"]
+        left = queue["waiting"] + queue["compiling"] + queue["envs_to_link"]
+        return None if left else queue
+
+    return wait_until(drained, timeout, "the bytecode queue to drain", interval=0.1)
+
+
 def test_pool_venvs_import_ipykernel_without_compiling_anything(pooled: Daemon, layout: Layout) -> None:
     env_path = acquire(layout, "fast")
     probe = import_probe(env_path, "ipykernel.kernelapp", "IPython", "zmq", "tornado.ioloop")
@@ -82,13 +96,15 @@ def test_tracebacks_name_the_venv_not_the_cache(pooled: Daemon, layout: Layout) 
     kernelapp_file, six_file = output.stdout.split()
     assert kernelapp_file.startswith(env_path + "/") and six_file.startswith(env_path + "/")
     assert str(layout.cache_dir) not in output.stdout
-    assert import_probe(env_path, "six")["compiled"] == []  # six's bytecode was shared at install
+    compiled_and_linked(layout)
+    assert import_probe(env_path, "six")["compiled"] == []  # six's bytecode is shared
 
 
 def test_uninstall_and_cache_prune_leave_nothing_broken(pooled: Daemon, layout: Layout) -> None:
     env_path = acquire(layout, "prune")
     installed = layout.request("pip", {"env": env_path, "argv": ["install", "six==1.16.0"]}, timeout=300)
     assert installed["exit_status"] == 0
+    compiled_and_linked(layout)
     site = next(Path(env_path).glob("lib/python*/site-packages"))
     assert list((site / "__pycache__").glob("six.*.pyc"))
     uninstalled = layout.request("pip", {"env": env_path, "argv": ["uninstall", "six"]}, timeout=300)
@@ -130,14 +146,18 @@ def test_two_compiles_of_the_same_cache_entries_at_once(layout: Layout) -> None:
         subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
                         "six==1.16.0", "idna==3.10"],
                        env=uv_env, check=True, timeout=300)
-
-    async def both() -> list[int]:
-        # Two independent compilers (as two daemons would be) racing on the same entries.
-        return await asyncio.gather(
-            *(SharedBytecode(cache, sys.executable).share(venv, 0.0) for venv in venvs))
-
-    assert asyncio.run(both()) == [2, 2]
+    entries = [str(entry) for entry in (cache / "archive-v0").iterdir()]
+    # Two compilers (as two daemons on one cache would be) racing on the same entries, each with
+    # two workers: every .pyc is written atomically, so both finish and every .pyc is whole.
+    compilers = [subprocess.Popen(
+        [sys.executable, "-I", "-S", compilework.__file__, str(os.getpid()), "2", "-", *entries],
+        stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for compiler in compilers:
+        output, _ = compiler.communicate(timeout=300)
+        assert compiler.returncode == 0
+        assert sorted(output.split()) == sorted(["done"] * len(entries) + [Path(e).name for e in entries])
     for venv in venvs:
+        assert link_bytecode([Path(entry) for entry in entries], venv) > 0
         assert import_probe(str(venv), "six", "idna")["compiled"] == []
 
 
@@ -160,7 +180,136 @@ def test_concurrent_installs_into_two_envs_both_get_bytecode(layout: Layout) -> 
         for thread in threads:
             thread.join(300)
         assert [result["exit_status"] for result in results] == [0, 0]
+        compiled_and_linked(layout)  # since issue 13 the install returns before the compile
         for path in envs:
             assert import_probe(path, "six", "idna", "ipykernel.kernelapp")["compiled"] == []
     finally:
         daemon.stop()
+
+
+# --- issue 13: compiled in the background, after the install returned ---------------------------
+
+NEW = ["six-1.16.0", "idna-3.10"]
+
+
+@pytest.fixture
+def new_entries(layout: Layout) -> list[Path]:
+    """A cache of the test's own in which six and idna were just unpacked (no bytecode yet)."""
+    uv = find_uv(None)
+    scratch = layout.root / "scratch-venv"
+    uv_env = dict(os.environ, UV_CACHE_DIR=str(layout.cache_dir))
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(scratch)], env=uv_env, check=True,
+                   timeout=120)
+    subprocess.run([uv, "pip", "install", "-q", "--python", str(scratch / "bin" / "python"),
+                    *[project.replace("-", "==") for project in NEW]], env=uv_env, check=True, timeout=300)
+    return cache_with_new_entries(layout.cache_dir, layout.root / "own-cache", NEW)
+
+
+def gated_env(layout: Layout) -> dict[str, str]:
+    """The daemon's environment: the test's own cache, and a compiler held at the gate file."""
+    return dict(layout.env, UVKERNELD_CACHE_DIR=str(layout.root / "own-cache"),
+                UVKERNELD_TEST_COMPILE_GATE=str(layout.root / "gate"))
+
+
+def site_of(env_path: str | Path) -> Path:
+    return next(Path(env_path).glob("lib/python*/site-packages"))
+
+
+def linked_into(env_path: str | Path, entry: Path) -> bool:
+    """Whether every .pyc of the cache entry is in the env as a hardlink of the same file."""
+    compiled = sorted(entry.rglob("*.pyc"))
+    site = site_of(env_path)
+    return bool(compiled) and all(
+        (site / pyc.relative_to(entry)).exists() and os.path.samefile(site / pyc.relative_to(entry), pyc)
+        for pyc in compiled)
+
+
+def test_pip_install_returns_before_the_compile_and_the_env_then_gets_the_shared_pyc(
+    layout: Layout, kernelspec: str, new_entries: list[Path]
+) -> None:
+    env = gated_env(layout)
+    daemon = Daemon(layout, "--pool-size", "0", env=env).start()
+    try:
+        with running_kernel(layout, JPY_SESSION_NAME=str(layout.notebook("compile.ipynb")),
+                            UVKERNELD_CACHE_DIR=env["UVKERNELD_CACHE_DIR"]) as (_, kernel):
+            output = run_code(kernel, "%pip install six==1.16.0 idna==3.10", timeout=300)
+            # The cell is done while the compiler is held at the gate, with at most one entry compiled.
+            queue = layout.status()["bytecode"]
+            assert queue["waiting"] + queue["compiling"] >= 1, queue
+            assert "compiling bytecode for 2 new package(s) in the background" in output
+            prefix = run_code(kernel, "import sys; print(sys.prefix)").strip()
+            assert run_code(kernel, "import six, idna; print(six.__version__, idna.__version__)").split() == [
+                "1.16.0", "3.10"]
+            assert not all(linked_into(prefix, entry) for entry in new_entries)
+            shown = ctl(layout, "status")
+            assert shown.returncode == 0 and "bytecode" in shown.stdout and "compiling" in shown.stdout
+            as_json = json.loads(ctl(layout, "status", "--json").stdout)["bytecode"]
+            assert set(as_json) >= {"waiting", "compiling", "done", "envs_to_link", "workers"}
+            (layout.root / "gate").touch()
+            done = compiled_and_linked(layout)
+            assert done["done"] >= 2
+            for entry in new_entries:
+                assert linked_into(prefix, entry), entry  # the cache's own .pyc, same inode
+            assert import_probe(prefix, "six", "idna")["compiled"] == []
+            assert run_code(kernel, "import six; print(six.__version__)").strip() == "1.16.0"
+    finally:
+        daemon.stop()
+
+
+def test_kill_9_mid_compile_leaves_no_partial_pyc_and_the_next_start_finishes(
+    layout: Layout, new_entries: list[Path]
+) -> None:
+    env = gated_env(layout)
+    own_cache = env["UVKERNELD_CACHE_DIR"]
+    daemon = Daemon(layout, "--pool-size", "0", env=env).start()
+    env_path = acquire(layout, "killed")
+    result = layout.request("pip", {"env": env_path, "argv": ["install", "six==1.16.0", "idna==3.10"]},
+                            timeout=300)
+    assert result["exit_status"] == 0
+    wait_until(lambda: layout.status()["bytecode"]["compiling"] == 1, 120,
+               "the compiler to stop at the gate after its first entry")
+    held = [entry for entry in new_entries if not list(entry.rglob("*.pyc"))]
+    assert len(held) == 1
+    # What a kill in the middle of writing a .pyc leaves: importlib's temp file beside it.
+    source = sorted(held[0].rglob("*.py"))[0]
+    tag = sys.implementation.cache_tag
+    partial = source.parent / "__pycache__" / ("%s.%s.pyc.140000" % (source.stem, tag))
+    partial.parent.mkdir(exist_ok=True)
+    partial.write_bytes(b"half a .pyc")
+    assert processes_matching("compilework.py", own_cache)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait(30)
+    wait_until(lambda: not processes_matching("compilework.py", own_cache), 30,
+               "the compiler and its workers to die with the daemon")
+    site = site_of(env_path)
+    assert [path for path in site.rglob("*") if ".pyc." in path.name] == []
+    for pyc in site.rglob("*.pyc"):
+        marshal.loads(pyc.read_bytes()[16:])  # each one whole
+    assert not linked_into(env_path, held[0])
+
+    (layout.root / "gate").touch()
+    daemon = Daemon(layout, "--pool-size", "0", env=env).start()
+    try:
+        compiled_and_linked(layout)
+        assert "was interrupted: compiling again" in daemon.log
+        assert not partial.exists()
+        for entry in new_entries:
+            assert linked_into(env_path, entry), entry
+        assert import_probe(env_path, "six", "idna")["compiled"] == []
+    finally:
+        daemon.stop()
+
+
+def test_the_compile_gate_is_a_test_setting_never_honoured_on_a_shared_host() -> None:
+    environ = {envvars.TEST_COMPILE_GATE: "/tmp/gate"}
+    assert compilequeue.compile_gate("user", environ) == "/tmp/gate"
+    assert compilequeue.compile_gate("system", environ) is None
+    assert compilequeue.compile_gate("user", {}) is None
+
+
+def test_what_uv_said_it_installed() -> None:
+    output = ("Resolved 2 packages in 3ms\nInstalled 2 packages in 4ms\n + Six==1.16.0\n - idna==3.9\n"
+              " + idna==3.10\n ~ localpkg==1.0 (from file:///tmp/localpkg)\n + thing @ https://x/y.whl\n")
+    assert compilequeue.installed_distributions(output) == {
+        ("six", "1.16.0"), ("idna", "3.10"), ("localpkg", "1.0"), ("thing", "")}

@@ -9,12 +9,12 @@ time. Python accepts them there: a timestamp ``.pyc`` records the source's mtime
 the hardlinked ``.py`` shares (same inode), and the import system rewrites ``co_filename`` to the
 path it imported from, so tracebacks name the venv, not the cache.
 
-After each uv install, ``share(venv, since)`` compiles the archive entries that are new since
-the last time (with the venvs' interpreter, so the cache tag matches), then links into the venv
-that was just installed the ``.pyc`` of every entry compiled since its install began: uv linked
-its files before those ``.pyc`` existed, whether this call compiled them or a concurrent install
-into another venv did. ``compileall`` writes each file atomically, so two compiles of one entry are harmless;
-``uv cache prune`` deletes whole entries, which venvs keep alive through their own links.
+After each uv install the daemon queues the entries the install used that have no bytecode yet
+and returns; compilequeue.py compiles them in the background and then links each entry's
+``.pyc`` into every env that got the entry's files before they existed (``link_bytecode``). A
+``.pyc`` is only ever linked under its final name, which ``compileall`` writes atomically
+(compilework.py); ``uv cache prune`` deletes whole entries, which venvs keep alive through their
+own links.
 
 The cache belongs to the daemon (system mode: its own user), so no user can write a ``.pyc`` that
 another user's kernel then runs.
@@ -27,11 +27,10 @@ import functools
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from .children import die_with_parent, stop_group
+from .children import die_with_parent
+from .pipargs import normalize_name
 from .venvfiles import site_packages
 
 log = logging.getLogger("uvkerneld.bytecode")
@@ -39,92 +38,48 @@ log = logging.getLogger("uvkerneld.bytecode")
 ARCHIVE_DIR = "archive-v0"
 
 
-class SharedBytecode:
-    def __init__(self, cache_dir: Path, python: str) -> None:
-        self.archive = cache_dir / ARCHIVE_DIR
-        self.python = python
-        self._compiled: dict[str, float] = {}  # entry name -> time.monotonic() it was compiled
-        self._lock = asyncio.Lock()
-        self._seeded = False
-        self._cache_tag: str | None = None
-
-    def _entries(self) -> list[Path]:
-        try:
-            return [
-                entry for entry in self.archive.iterdir() if entry.is_dir() and not entry.name.startswith(".")
-            ]
-        except FileNotFoundError:
-            return []
-
-    async def share(
-        self, venv: Path, since: float, progress: Callable[[str], None] = lambda line: None
-    ) -> int:
-        """Compile new cache entries, link bytecode compiled at or after ``since`` (a
-        ``time.monotonic()`` taken before the venv's uv install) into ``venv``; returns entries compiled."""
-        async with self._lock:
-            if not self._seeded:
-                self._cache_tag = await self._interpreter_cache_tag()
-                # Entries compiled by an earlier daemon run already hold bytecode; compileall
-                # would skip them file by file anyway, but not walking them saves the time.
-                for name in await asyncio.to_thread(_already_compiled, self._entries(), self._cache_tag):
-                    self._compiled[name] = 0.0
-                self._seeded = True
-            entries = self._entries()
-            new = [entry for entry in entries if entry.name not in self._compiled]
-            if new:
-                progress("Compiling bytecode for %d new package(s), shared by every env" % len(new))
-                await self._compile(new)
-                now = time.monotonic()
-                for entry in new:
-                    self._compiled[entry.name] = now
-            fresh = [entry for entry in entries if self._compiled.get(entry.name, 0.0) >= since]
-            linked = await asyncio.to_thread(link_bytecode, fresh, venv)
-            if new:
-                log.info("compiled %d cache entr%s, linked %d .pyc into %s",
-                         len(new), "y" if len(new) == 1 else "ies", linked, venv.name)
-            return len(new)
-
-    async def _interpreter_cache_tag(self) -> str:
-        process = await asyncio.create_subprocess_exec(
-            self.python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
-        )
-        output, _ = await process.communicate()
-        return output.decode().strip() or sys.implementation.cache_tag
-
-    async def _compile(self, entries: list[Path]) -> None:
-        argv = [self.python, "-m", "compileall", "-q", "-j", "0", *[str(entry) for entry in entries]]
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, cwd="/",
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""},  # irrelevant to compileall; explicit
-            preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
-            start_new_session=True,  # so a cancel stops compileall's -j 0 workers too
-        )
-        try:
-            output, _ = await process.communicate()
-        except BaseException:
-            await stop_group(process, what="compileall")
-            raise
-        if process.returncode != 0:
-            # Some wheels ship files that are not valid Python for this version (templates,
-            # py2 examples). Their modules compile at import as they always did; the rest share.
-            log.info("compileall reported files it could not compile (status %d): %s",
-                     process.returncode, output.decode(errors="replace").strip().splitlines()[-1:])
+def list_entries(archive: Path) -> list[str]:
+    """The names of the unpacked wheels in the cache's ``archive-v0`` (uv renames each into
+    place once unpacked, so a listed entry is complete)."""
+    try:
+        with os.scandir(archive) as entries:
+            return [entry.name for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+    except FileNotFoundError:
+        return []
 
 
-def _already_compiled(entries: list[Path], tag: str) -> list[str]:
-    done = []
-    for entry in entries:
-        for pycache in entry.glob("**/__pycache__"):
-            if any(name.endswith(".pyc") and tag in name for name in os.listdir(pycache)):
-                done.append(entry.name)
-                break
-        else:
-            if not any(entry.glob("**/*.py")):
-                done.append(entry.name)  # nothing to compile (data-only or extension-only)
-    return done
+def distributions_in(entry: Path) -> frozenset[tuple[str, str]]:
+    """(normalized project name, version) of each ``*.dist-info`` at the top of a cache entry."""
+    found = set()
+    try:
+        names = os.listdir(entry)
+    except OSError:
+        return frozenset()
+    for name in names:
+        if name.endswith(".dist-info") and "-" in name:
+            project, version = name[: -len(".dist-info")].rsplit("-", 1)
+            found.add((normalize_name(project), version))
+    return frozenset(found)
+
+
+def has_bytecode(entry: Path, tag: str) -> bool:
+    """Whether ``entry`` needs no compile: it holds bytecode for ``tag`` (an earlier daemon, or an
+    earlier release that compiled synchronously, made it) or no Python source at all."""
+    for pycache in entry.glob("**/__pycache__"):
+        if any(name.endswith(".pyc") and tag in name for name in os.listdir(pycache)):
+            return True
+    return not any(entry.glob("**/*.py"))
+
+
+async def interpreter_cache_tag(python: str) -> str:
+    """The cache tag (``cpython-311``) of the venvs' interpreter, whose .pyc names kernels look for."""
+    process = await asyncio.create_subprocess_exec(
+        python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
+    )
+    output, _ = await process.communicate()
+    return output.decode().strip() or sys.implementation.cache_tag
 
 
 def link_bytecode(entries: list[Path], venv: Path) -> int:

@@ -58,6 +58,7 @@ class Config:
     kernel_packages: tuple[str, ...]
     max_parallel_creates: int
     max_parallel_installs: int
+    max_parallel_compiles: int  # processes compiling shared bytecode in the background
     bytecode: str
     uv: str | None
     admin_group: str | None
@@ -137,8 +138,8 @@ def default_config_file(mode: str) -> Path:
 _PATH_KEYS = ("socket", "state_dir", "cache_dir", "venvs_dir")
 _KEYS = (
     "mode", *_PATH_KEYS, "pool_size", "link_mode", "python", "log_level", "kernel_packages",
-    "max_parallel_creates", "max_parallel_installs", "bytecode", "uv", "admin_group", "gc_interval",
-    "gc_older_than", "idle_exit",
+    "max_parallel_creates", "max_parallel_installs", "max_parallel_compiles", "bytecode", "uv", "admin_group",
+    "gc_interval", "gc_older_than", "idle_exit",
 )
 # How long a daemon that a kernel started (not systemd, not a person) stays up with nothing to do.
 # Long enough that a user's working day never sees the restart; the pool stays on disk anyway.
@@ -185,6 +186,8 @@ def load_config(
         # cache instead of 105 MB, dedup 1.0x). On a warm cache a build takes ~0.6 s.
         "max_parallel_creates": 1,
         "max_parallel_installs": max(1, os.cpu_count() or 1),
+        # At idle priority: compiles use the cores nobody else wants, so all of them by default.
+        "max_parallel_compiles": max(1, os.cpu_count() or 1),
         "bytecode": "shared",
         "uv": None,
         "admin_group": None,
@@ -215,6 +218,9 @@ def load_config(
     )
     values["max_parallel_installs"] = _int(
         "max_parallel_installs", values["max_parallel_installs"], source("max_parallel_installs"), 1, 64
+    )
+    values["max_parallel_compiles"] = _int(
+        "max_parallel_compiles", values["max_parallel_compiles"], source("max_parallel_compiles"), 1, 64
     )
     _check_choice("link_mode", values["link_mode"], LINK_MODES, source("link_mode"))
     values["log_level"] = str(values["log_level"]).lower()

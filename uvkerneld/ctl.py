@@ -216,6 +216,10 @@ def format_status(status: dict[str, Any]) -> str:
           if status.get("notebook_watch") else []),
         ("installs", "%d running, %d queued (at most %s in parallel)" % (
             installs.get("running", 0), installs.get("queued", 0), installs.get("max_parallel", "?"))),
+        *([("bytecode", "%d package(s) waiting, %d compiling, %d done (%s worker(s), idle priority)%s" % (
+            status["bytecode"]["waiting"], status["bytecode"]["compiling"], status["bytecode"]["done"],
+            status["bytecode"]["workers"], "; %d env(s) to link" % status["bytecode"]["envs_to_link"]
+            if status["bytecode"]["envs_to_link"] else ""))] if status.get("bytecode") else []),
         ("venvs", paths.get("venvs_dir", "?")),
         ("uv cache", paths.get("cache_dir", "?")),
     ]

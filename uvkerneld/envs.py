@@ -38,7 +38,7 @@ from pathlib import Path
 
 from . import envid, states, venvsdir
 from .buildslots import BuildSlot, BuildSlots
-from .bytecode import SharedBytecode
+from .compilequeue import CompileQueue
 from .config import Config
 from .diskusage import remove_tree, scan_tree
 from .pipargs import requirement_name
@@ -67,7 +67,7 @@ def env_spec(config: Config) -> str:
 
 class EnvManager:
     def __init__(
-        self, config: Config, store: Store, uv: Uv, slots: BuildSlots, bytecode: SharedBytecode | None = None,
+        self, config: Config, store: Store, uv: Uv, slots: BuildSlots, bytecode: CompileQueue | None = None,
         *, refill_pool: Callable[[], None], watch_notebook: Callable[[str], None] | None = None,
     ) -> None:
         """``refill_pool`` is called when a pooled venv was taken (the pool filler's wake-up);
@@ -297,9 +297,9 @@ class EnvManager:
             )
             try:
                 install_started = time.monotonic()
-                await self.uv.run(argv)
-                if self.bytecode is not None:
-                    await self.bytecode.share(fresh.path, install_started)
+                output = await self.uv.run(argv)
+                if self.bytecode is not None:  # compiled in the background: the kernel start goes on
+                    await self.bytecode.after_install(fresh.id, fresh.path, output, install_started)
             except UvFailed as exc:
                 self.store.transition(fresh.id, states.BROKEN, "rebuild failed: %s" % exc)
                 self.record_error("rebuilding env %s for %r failed: %s" % (fresh.id, key, exc))
@@ -334,13 +334,15 @@ class EnvManager:
             install_started = time.monotonic()
             await self.uv.run(self.uv.venv_argv(str(path)), low_priority=slot.low_priority)
             write_kernel_files(path)
-            await self.uv.run(
+            output = await self.uv.run(
                 self.uv.pip_argv(
                     str(path), "install", [], self.config.kernel_packages, self.config.bytecode == "per-env"),
                 low_priority=slot.low_priority,
             )
             if self.bytecode is not None:
-                await self.bytecode.share(path, install_started)
+                # A pool venv is ready once what it ships has bytecode; a kernel start waits for none.
+                await self.bytecode.after_install(
+                    env_id, path, output, install_started, wait=owner_uid is None)
         except (UvFailed, OSError) as exc:
             half_made = await self._discard_failed_build(record)
             if _is_disk_full(exc):

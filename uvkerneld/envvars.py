@@ -35,6 +35,9 @@ IDLE_TIMEOUT = "UVKERNELD_IDLE_TIMEOUT"
 FRAME_TIMEOUT = "UVKERNELD_FRAME_TIMEOUT"
 FRAME_BUFFER_BUDGET = "UVKERNELD_FRAME_BUFFER_BUDGET"
 
+# --- tests only: a file the background bytecode compiler waits for (compilequeue.compile_gate) -----
+TEST_COMPILE_GATE = "UVKERNELD_TEST_COMPILE_GATE"
+
 # --- a kernel's: which env it gets (set by the user or a batch tool) ------------------------------
 ENV = "UVKERNEL_ENV"  # an env by name
 NOTEBOOK = "UVKERNEL_NOTEBOOK"  # the notebook a kernel runs (papermill, nbconvert)

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from . import pipargs, protocol, startuphooks, states
-from .bytecode import SharedBytecode, sweep_orphaned_bytecode
+from .bytecode import sweep_orphaned_bytecode
 from .children import ChildRegistry, die_with_parent, stop_group
+from .compilequeue import CompileQueue
 from .config import Config
 from .store import EnvRecord, Store
 from .uv import Uv
@@ -101,7 +102,7 @@ class Validated:
 
 
 class InstallManager:
-    def __init__(self, config: Config, store: Store, uv: Uv, bytecode: SharedBytecode | None = None) -> None:
+    def __init__(self, config: Config, store: Store, uv: Uv, bytecode: CompileQueue | None = None) -> None:
         self.config = config
         self.store = store
         self.uv = uv
@@ -125,6 +126,10 @@ class InstallManager:
         install_id = self.store.insert_install(record.id, uid, command.subcommand, argv)
         async with self.turn(record.id):
             return await self._run_locked(record, validated, install_id, send_line)
+
+    def env_lock(self, env_id: str) -> asyncio.Lock:
+        """The lock every change to this env holds (``turn``); the bytecode compiler links under it."""
+        return self._env_locks[env_id]
 
     @contextlib.asynccontextmanager
     async def turn(self, env_id: str) -> AsyncIterator[None]:
@@ -239,7 +244,8 @@ class InstallManager:
         send_line: Callable[[str], None],
     ) -> None:
         """What follows a uv run that changed ``venv`` (``installed``: it may have added files):
-        on a shared host, say why a build was refused and strip startup hooks; then bytecode."""
+        on a shared host, say why a build was refused and strip startup hooks; then queue the new
+        packages' bytecode (compiled in the background: this does not wait for it)."""
         if returncode != 0 and self.uv.shared_host and _BUILD_DISABLED.search(output):
             send_line("uvkerneld: " + pipargs.BUILD_REFUSED % "the package named above")
         if self.uv.shared_host:
@@ -252,7 +258,13 @@ class InstallManager:
             await _compile_without_site(self.config.python, venv, self.uv.children)
         if returncode == 0:
             if self.bytecode is not None and installed:
-                await self.bytecode.share(venv, install_started, send_line)
+                record = self.store.find_by_path(str(venv))
+                queued = await self.bytecode.after_install(
+                    record.id if record else None, venv, output, install_started)
+                if queued:
+                    # Not waited for: the packages import now, compiling in memory until then.
+                    send_line("uvkerneld: compiling bytecode for %d new package(s) in the background, "
+                              "shared by every env (`uvkernelctl status` shows it)" % queued)
             sweep_orphaned_bytecode(venv)
 
     @staticmethod

@@ -302,6 +302,7 @@ class Operations:
             "kernels_started": dict(self.kernels_started),
             "notebook_watch": services.notebook_watch(),
             "installs": services.installs.status(),
+            "bytecode": None if services.installs.bytecode is None else services.installs.bytecode.status(),
             "disk": dict(services.disk.figures, scanning=services.disk.scanning),
             "link_fallback_seen": services.uv.link_fallback_seen,
             "paths": config.public_summary(),

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 from . import __version__, cachedir, connlimits, framing, fsafety, gc, handstart, protocol
 from .buildslots import BuildSlots
-from .bytecode import SharedBytecode
 from .children import ChildRegistry
+from .compilequeue import CompileQueue
 from .config import Config, ConfigError, load_config
 from .diskusage import DiskUsage
 from .envs import EnvManager
@@ -187,7 +187,7 @@ class Daemon:
         self._closing.callback(store.close)
         uv = Uv(uv_binary, str(config.cache_dir), config.link_mode, config.python,
                 shared_host=config.mode == "system", children=ChildRegistry(config.state_dir))
-        bytecode = SharedBytecode(config.cache_dir, config.python) if config.bytecode == "shared" else None
+        bytecode = CompileQueue(config, store, uv.children) if config.bytecode == "shared" else None
         slots = BuildSlots(config.max_parallel_creates, uv.raise_priority)
         pool_wake = asyncio.Event()
         # A system daemon may not read users' folders; it follows renames at kernel start only.
@@ -195,10 +195,14 @@ class Daemon:
         envs = EnvManager(config, store, uv, slots, bytecode, refill_pool=pool_wake.set,
                           watch_notebook=folders.notebook_seen if folders is not None else None)
         await envs.recover(adopt=adopt)
+        if bytecode is not None:
+            await bytecode.recover()
         lifelines = Lifelines(store)
         lifelines.forget_dead_kernels()
         pool = WarmPool(envs, store, slots, config.pool_size, pool_wake)
         installs = InstallManager(config, store, uv, bytecode)
+        if bytecode is not None:
+            bytecode.start(installs.env_lock)
         disk = DiskUsage(config.cache_dir, config.venvs_dir)
         watcher = None
         if folders is not None:
@@ -230,6 +234,8 @@ class Daemon:
         pool.start()
         disk.start()
         self._running += [pool, disk]
+        if bytecode is not None:
+            self._running.append(bytecode)  # after the pool: a pool build may wait for it
         if watcher is not None:
             watcher.start()
             self._running.append(watcher)
@@ -518,6 +524,7 @@ class Daemon:
         return (
             not self._connections and not services.lifelines.live_env_ids() and not services.pool.filling
             and not services.envs.creating and not installs["running"] and not installs["queued"]
+            and not (services.installs.bytecode is not None and services.installs.bytecode.busy())
         )
 
     async def _exit_when_idle(self) -> None:

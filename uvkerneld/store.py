@@ -511,6 +511,90 @@ class Store:
                 )
             db.execute("DELETE FROM envs WHERE id=?", (env_id,))  # its other rows go with it (CASCADE)
 
+    # --- the shared-bytecode queue (compilequeue.py) ------------------------------------------
+
+    def bytecode_states(self, entries: list[str]) -> dict[str, str]:
+        """entry -> its state, for the entries the queue knows of."""
+        found: dict[str, str] = {}
+        for start in range(0, len(entries), 500):  # SQLite's bound on query parameters
+            chunk = entries[start:start + 500]
+            rows = self._db.execute(
+                "SELECT entry, state FROM bytecode WHERE entry IN (%s)" % ",".join("?" * len(chunk)), chunk)
+            found.update((row["entry"], row["state"]) for row in rows)
+        return found
+
+    def bytecode_enqueue(self, env_id: str | None, new: dict[str, str], link: list[str]) -> None:
+        """Add entries the queue did not know (``new``: entry -> state) and, for ``env_id``, the
+        entries whose bytecode it is to get once they are compiled, in one transaction."""
+        now = time.time()
+        with self._transaction() as db:
+            for entry, state in new.items():
+                db.execute("INSERT OR IGNORE INTO bytecode (entry, state, queued_at) VALUES (?,?,?)",
+                           (entry, state, now))
+            if env_id is not None:
+                for entry in link:
+                    db.execute("INSERT OR IGNORE INTO bytecode_links (entry, env_id) VALUES (?,?)",
+                               (entry, env_id))
+
+    def bytecode_waiting(self) -> list[str]:
+        return [row["entry"] for row in self._db.execute(
+            "SELECT entry FROM bytecode WHERE state=? ORDER BY queued_at, entry", (BYTECODE_WAITING,))]
+
+    def bytecode_set_state(self, entries: list[str], state: str) -> None:
+        with self._transaction() as db:
+            db.executemany("UPDATE bytecode SET state=? WHERE entry=?", [(state, entry) for entry in entries])
+
+    def bytecode_interrupted(self) -> list[str]:
+        """Entries a stopped or killed daemon was compiling: waiting again (the compile is redone)."""
+        entries = [row["entry"] for row in self._db.execute(
+            "SELECT entry FROM bytecode WHERE state=?", (BYTECODE_COMPILING,))]
+        if entries:
+            self.bytecode_set_state(entries, BYTECODE_WAITING)
+        return entries
+
+    def bytecode_forget(self, entries: list[str]) -> None:
+        """Entries gone from the cache (``uv cache prune``): their rows and links go too."""
+        with self._transaction() as db:
+            db.executemany("DELETE FROM bytecode WHERE entry=?", [(entry,) for entry in entries])
+
+    def bytecode_entries(self) -> list[str]:
+        return [row["entry"] for row in self._db.execute("SELECT entry FROM bytecode")]
+
+    def bytecode_links_ready(self, env_id: str | None = None) -> dict[str, list[str]]:
+        """env id -> entries compiled whose bytecode that env still has to get (one env's only,
+        with ``env_id``)."""
+        ready: dict[str, list[str]] = {}
+        query = ("SELECT l.env_id, l.entry FROM bytecode_links l JOIN bytecode b ON b.entry = l.entry"
+                 " WHERE b.state=?")
+        args: tuple[str, ...] = (BYTECODE_DONE,)
+        if env_id is not None:
+            query, args = query + " AND l.env_id=?", (BYTECODE_DONE, env_id)
+        for row in self._db.execute(query, args):
+            ready.setdefault(row["env_id"], []).append(row["entry"])
+        return ready
+
+    def bytecode_linked(self, env_id: str, entries: list[str]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM bytecode_links WHERE env_id=? AND entry=?",
+                           [(env_id, entry) for entry in entries])
+
+    def bytecode_links_left(self, env_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) AS n FROM bytecode_links WHERE env_id=?", (env_id,)).fetchone()
+        return int(row["n"])
+
+    def bytecode_counts(self) -> dict[str, int]:
+        counts = {state: 0 for state in BYTECODE_STATES}
+        for row in self._db.execute("SELECT state, COUNT(*) AS n FROM bytecode GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        row = self._db.execute("SELECT COUNT(DISTINCT env_id) AS n FROM bytecode_links").fetchone()
+        counts["envs_to_link"] = int(row["n"])
+        return counts
+
+
+BYTECODE_WAITING, BYTECODE_COMPILING, BYTECODE_DONE = "waiting", "compiling", "done"
+BYTECODE_STATES = (BYTECODE_WAITING, BYTECODE_COMPILING, BYTECODE_DONE)
+
 
 class _ReadConnections:
     """One read-only connection per worker thread for ``Store.scan`` (opening one costs more than

@@ -139,6 +139,25 @@ def _step_5_declared(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE envs ADD COLUMN declared TEXT")
 
 
+def _step_6_bytecode_queue(db: sqlite3.Connection) -> None:
+    """Shared bytecode is compiled in the background (issue 13; compilequeue.py): which uv cache
+    entries wait for it, are being compiled or are done, and which envs get an entry's ``.pyc``
+    once it is compiled. In the store, so a compile a crash or stop cut short is done at the
+    next start."""
+    db.execute("""CREATE TABLE bytecode (
+        entry         TEXT PRIMARY KEY,          -- a directory name in <uv cache>/archive-v0
+        state         TEXT NOT NULL,             -- waiting, compiling or done
+        queued_at     REAL NOT NULL
+    )""")
+    db.execute("CREATE INDEX bytecode_by_state ON bytecode (state, queued_at)")
+    db.execute("""CREATE TABLE bytecode_links (
+        entry         TEXT NOT NULL REFERENCES bytecode (entry) ON DELETE CASCADE,
+        env_id        TEXT NOT NULL REFERENCES envs (id) ON DELETE CASCADE,
+        PRIMARY KEY (entry, env_id)
+    )""")
+    db.execute("CREATE INDEX bytecode_links_by_env ON bytecode_links (env_id)")
+
+
 def _rebuild(db: sqlite3.Connection, table: str, definition: str, columns: tuple[str, ...]) -> None:
     """Re-create ``table`` as ``definition`` keeping ``columns`` of its rows (SQLite's documented
     way: new table, copy, drop, rename; foreign keys are off meanwhile). Rows of a table with an
@@ -176,6 +195,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _step_3_store_id,
     _step_4_foreign_keys,
     _step_5_declared,
+    _step_6_bytecode_queue,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
