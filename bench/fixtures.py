@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -68,11 +69,15 @@ def cache_with_new_entries(source: Path, target: Path, projects: list[str]) -> l
     ``six-1.16.0``) have no bytecode: to a daemon on ``target`` they look newly unpacked. The
     stripped ``__pycache__`` folders are the copy's own, so compiling them never writes into
     ``source``; so is uv's lock file. Returns those entries."""
-    subprocess.run(["cp", "-al", str(source), str(target)], check=True, timeout=300)
-    lock = target / ".lock"
-    if lock.exists():
-        lock.unlink()
-        lock.touch()
+    try:
+        # uv's temp folders (.tmpXXXX) come and go while other runs use ``source``: not copied.
+        shutil.copytree(source, target, copy_function=os.link, symlinks=True,
+                        ignore=shutil.ignore_patterns(".tmp*", ".lock"))
+    except shutil.Error as exc:
+        vanished = [error for error in exc.args[0] if not os.path.lexists(error[0])]
+        if len(vanished) != len(exc.args[0]):
+            raise
+    (target / ".lock").touch()
     entries = []
     for project in projects:
         found = sorted(path.parent for path in (target / "archive-v0").glob("*/%s.dist-info" % project))
