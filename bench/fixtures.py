@@ -63,12 +63,15 @@ def register_envs(state_dir: Path, venvs_dir: Path, count: int, template: Path |
     return names
 
 
-def cache_with_new_entries(source: Path, target: Path, projects: list[str]) -> list[Path]:
+def cache_with_new_entries(source: Path, target: Path, distributions: list[str]) -> list[Path]:
     """A uv cache at ``target`` whose files are hardlinks of ``source``'s (a second, no extra disk),
-    where the archive entries of ``projects`` (``name-version`` as in a ``.dist-info`` name, e.g.
-    ``six-1.16.0``) have no bytecode: to a daemon on ``target`` they look newly unpacked. The
-    stripped ``__pycache__`` folders are the copy's own, so compiling them never writes into
-    ``source``; so is uv's lock file. Returns those entries."""
+    where the archive entries of ``distributions`` (``name==version``) have no bytecode: to a
+    daemon on ``target`` they look newly unpacked. The stripped ``__pycache__`` folders are the
+    copy's own, so compiling them never writes into ``source``; so is uv's lock file. Returns
+    those entries."""
+    from uvkerneld.bytecode import distributions_in
+    from uvkerneld.pipargs import normalize_name
+
     try:
         # uv's temp folders (.tmpXXXX) come and go while other runs use ``source``: not copied.
         shutil.copytree(source, target, copy_function=os.link, symlinks=True,
@@ -78,13 +81,14 @@ def cache_with_new_entries(source: Path, target: Path, projects: list[str]) -> l
         if len(vanished) != len(exc.args[0]):
             raise
     (target / ".lock").touch()
-    entries = []
-    for project in projects:
-        found = sorted(path.parent for path in (target / "archive-v0").glob("*/%s.dist-info" % project))
-        if not found:
-            raise AssertionError("no cache entry holds %s in %s" % (project, source))
-        for entry in found:
-            for pycache in list(entry.rglob("__pycache__")):
-                subprocess.run(["rm", "-rf", str(pycache)], check=True, timeout=60)
-            entries.append(entry)
+    wanted = {(normalize_name(name), version) for name, version in
+              (distribution.split("==", 1) for distribution in distributions)}
+    entries = sorted(entry for entry in (target / "archive-v0").iterdir()
+                     if entry.is_dir() and distributions_in(entry) & wanted)
+    found = set().union(*(distributions_in(entry) for entry in entries)) & wanted
+    if found != wanted:
+        raise AssertionError("no cache entry holds %s in %s" % (sorted(wanted - found), source))
+    for entry in entries:
+        for pycache in list(entry.rglob("__pycache__")):
+            shutil.rmtree(pycache)
     return entries

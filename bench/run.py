@@ -532,6 +532,10 @@ def format_report(result: dict[str, Any]) -> str:
         from bench.latency import format_latency
 
         lines += format_latency(result["latency"])
+    if result.get("pip_install"):
+        from bench.pipinstall import format_pip_install
+
+        lines += format_pip_install(result["pip_install"])
     return "\n".join(lines)
 
 
@@ -547,14 +551,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", type=int, default=10,
                         help="numpy notebooks for the disk figures (default 10)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse", "latency"],
+                        choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse", "latency",
+                                 "pip"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--cache-dir", type=Path,
                         help="reuse this uv cache (default: a fresh one, downloaded once)")
+    parser.add_argument("--pip-package", default="pandas", metavar="REQ",
+                        help="what the `pip` section installs (default pandas; --quick: tabulate)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.envs, args.notebooks = 1, 50, 2
+        if args.pip_package == "pandas":
+            args.pip_package = "tabulate==0.9.0"
         args.skip.append("seed")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -581,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.latency import bench_latency  # it builds on this module's Workspace
 
             result["latency"] = bench_latency(ws, args.envs, *((3, 2, 50) if args.quick else ()))
+        if "pip" not in args.skip:
+            from bench.pipinstall import bench_pip_install
+
+            module = args.pip_package.split("==")[0].split("[")[0].replace("-", "_")
+            result["pip_install"] = bench_pip_install(ws, args.runs, args.pip_package, module)
     except TimedOut as exc:
         raise SystemExit("bench: %s" % exc) from None
     finally:

@@ -189,7 +189,7 @@ def test_concurrent_installs_into_two_envs_both_get_bytecode(layout: Layout) -> 
 
 # --- issue 13: compiled in the background, after the install returned ---------------------------
 
-NEW = ["six-1.16.0", "idna-3.10"]
+NEW = ["six==1.16.0", "idna==3.10"]
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def new_entries(layout: Layout) -> list[Path]:
     subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(scratch)], env=uv_env, check=True,
                    timeout=120)
     subprocess.run([uv, "pip", "install", "-q", "--python", str(scratch / "bin" / "python"),
-                    *[project.replace("-", "==") for project in NEW]], env=uv_env, check=True, timeout=300)
+                    *NEW], env=uv_env, check=True, timeout=300)
     return cache_with_new_entries(layout.cache_dir, layout.root / "own-cache", NEW)
 
 
@@ -224,14 +224,27 @@ def linked_into(env_path: str | Path, entry: Path) -> bool:
         for pyc in compiled)
 
 
+def written_by_the_kernel(env_path: str | Path, entry: Path) -> bool:
+    """Whether the env has a .pyc of its own (not from the cache) for a module of ``entry``."""
+    site = site_of(env_path)
+    for source in entry.rglob("*.py"):
+        relative = source.relative_to(entry)
+        if list((site / relative.parent / "__pycache__").glob(relative.stem + ".*.pyc")):
+            return True
+    return False
+
+
 def test_pip_install_returns_before_the_compile_and_the_env_then_gets_the_shared_pyc(
     layout: Layout, kernelspec: str, new_entries: list[Path]
 ) -> None:
     env = gated_env(layout)
     daemon = Daemon(layout, "--pool-size", "0", env=env).start()
     try:
+        # A kernel that writes bytecode (PYTHONDONTWRITEBYTECODE empty): its own .pyc of what it
+        # imports before the compile finished are replaced by the shared ones.
         with running_kernel(layout, JPY_SESSION_NAME=str(layout.notebook("compile.ipynb")),
-                            UVKERNELD_CACHE_DIR=env["UVKERNELD_CACHE_DIR"]) as (_, kernel):
+                            UVKERNELD_CACHE_DIR=env["UVKERNELD_CACHE_DIR"],
+                            PYTHONDONTWRITEBYTECODE="") as (_, kernel):
             output = run_code(kernel, "%pip install six==1.16.0 idna==3.10", timeout=300)
             # The cell is done while the compiler is held at the gate, with at most one entry compiled.
             queue = layout.status()["bytecode"]
@@ -241,6 +254,8 @@ def test_pip_install_returns_before_the_compile_and_the_env_then_gets_the_shared
             assert run_code(kernel, "import six, idna; print(six.__version__, idna.__version__)").split() == [
                 "1.16.0", "3.10"]
             assert not all(linked_into(prefix, entry) for entry in new_entries)
+            held = [entry for entry in new_entries if not list(entry.rglob("*.pyc"))]
+            assert held and all(written_by_the_kernel(prefix, entry) for entry in held)
             shown = ctl(layout, "status")
             assert shown.returncode == 0 and "bytecode" in shown.stdout and "compiling" in shown.stdout
             as_json = json.loads(ctl(layout, "status", "--json").stdout)["bytecode"]

@@ -108,13 +108,27 @@ def link_bytecode(entries: list[Path], venv: Path) -> int:
         for compiled in cache_dir.glob(relative.stem + ".*.pyc"):
             target_dir.mkdir(exist_ok=True)
             try:
-                os.link(compiled, target_dir / compiled.name)
-                linked += 1
-            except FileExistsError:
-                pass
+                linked += _link_one(compiled, target_dir / compiled.name)
             except OSError:
                 break  # another filesystem: the venv keeps compiling at import, as before
     return linked
+
+
+def _link_one(compiled: Path, target: Path) -> int:
+    """Link ``compiled`` at ``target``; 1 if a link was made. A ``.pyc`` Python wrote there itself
+    (a kernel imported the package before the compile finished, in a venv it may write) is
+    replaced by the shared one, atomically: a temp link renamed over it."""
+    try:
+        os.link(compiled, target)
+        return 1
+    except FileExistsError:
+        if os.path.samefile(compiled, target):
+            return 0
+    temp = target.with_name(".%s.uvkerneld-link" % target.name)  # never a name Python imports
+    temp.unlink(missing_ok=True)
+    os.link(compiled, temp)
+    os.replace(temp, target)
+    return 1
 
 
 def sweep_orphaned_bytecode(venv: Path) -> int:
