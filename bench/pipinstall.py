@@ -133,8 +133,9 @@ def _time_uvkerneld(ws: Workspace, number: int, cache: Path, package: str, modul
     ws.use("pip-%d" % number, cache_dir=cache)
     ws.start_daemon(pool_size=1)
     ws.wait_quiet()
-    notebook = str(ws.notebooks / ("pip-%d.ipynb" % number))
-    env = dict(ws.env, JPY_SESSION_NAME=notebook)
+    notebook = ws.notebooks / ("pip-%d.ipynb" % number)
+    notebook.write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    env = dict(ws.env, JPY_SESSION_NAME=str(notebook))
     kernel = _Kernel("uvpip", env, str(ws.notebooks))
     try:
         started = time.perf_counter()

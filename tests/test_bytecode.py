@@ -18,6 +18,7 @@ from helpers import Daemon, Layout, ctl, processes_matching, run_code, running_k
 from bench.fixtures import cache_with_new_entries
 from uvkerneld import compilequeue, compilework, envvars
 from uvkerneld.bytecode import link_bytecode
+from uvkerneld.config import default_kernel_packages
 from uvkerneld.uv import find_uv
 
 # Counts modules compiled from source during the imports, by wrapping the one function the
@@ -328,3 +329,58 @@ def test_what_uv_said_it_installed() -> None:
               " + idna==3.10\n ~ localpkg==1.0 (from file:///tmp/localpkg)\n + thing @ https://x/y.whl\n")
     assert compilequeue.installed_distributions(output) == {
         ("six", "1.16.0"), ("idna", "3.10"), ("localpkg", "1.0"), ("thing", "")}
+
+
+# Of what a pool venv ships (ipykernel and its dependencies), these are new to the test's cache.
+KERNEL_PART = ["ipykernel", "comm", "traitlets"]
+
+
+@pytest.fixture
+def new_kernel_entries(layout: Layout) -> list[Path]:
+    uv = find_uv(None)
+    scratch = layout.root / "scratch-venv"
+    uv_env = dict(os.environ, UV_CACHE_DIR=str(layout.cache_dir))
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(scratch)], env=uv_env, check=True,
+                   timeout=120)
+    output = subprocess.run([uv, "pip", "install", "--python", str(scratch / "bin" / "python"),
+                             *default_kernel_packages()], env=uv_env, check=True, timeout=300,
+                            capture_output=True, text=True).stderr
+    wanted = ["%s==%s" % (name, version) for name, version in compilequeue.installed_distributions(output)
+              if name in KERNEL_PART]
+    assert len(wanted) == len(KERNEL_PART), output
+    return cache_with_new_entries(layout.cache_dir, layout.root / "own-cache", wanted)
+
+
+def test_a_pool_venv_is_pooled_only_once_what_it_ships_has_bytecode(
+    layout: Layout, new_kernel_entries: list[Path]
+) -> None:
+    daemon = Daemon(layout, "--pool-size", "1", env=gated_env(layout)).start()
+    try:
+        wait_until(lambda: layout.status()["bytecode"]["compiling"], 120, "the pool build's compile")
+        status = layout.status()
+        assert status["pool"]["ready"] == 0 and status["pool"]["filling"] == 1  # held at the gate
+        (layout.root / "gate").touch()
+        daemon.wait_pool_full()
+        assert layout.status()["bytecode"]["envs_to_link"] == 0
+        env_path = acquire(layout, "from-the-pool")
+        for entry in new_kernel_entries:
+            assert linked_into(env_path, entry), entry
+        assert import_probe(env_path, "ipykernel.kernelapp")["compiled"] == []
+    finally:
+        daemon.stop()
+
+
+def test_a_kernel_start_never_waits_for_a_compile(layout: Layout, new_kernel_entries: list[Path]) -> None:
+    daemon = Daemon(layout, "--pool-size", "0", env=gated_env(layout)).start()
+    try:
+        env_path = acquire(layout, "built-on-demand")  # the compile of its new entries is held
+        queue = layout.status()["bytecode"]
+        assert queue["waiting"] + queue["compiling"] >= 2 and queue["envs_to_link"] == 1, queue
+        assert not all(linked_into(env_path, entry) for entry in new_kernel_entries)
+        probe = import_probe(env_path, "ipykernel.kernelapp")  # imports now, compiling in memory
+        assert any("/ipykernel/" in path for path in probe["compiled"])
+        (layout.root / "gate").touch()
+        compiled_and_linked(layout)
+        assert import_probe(env_path, "ipykernel.kernelapp")["compiled"] == []
+    finally:
+        daemon.stop()

@@ -399,6 +399,8 @@ def rewrite_as_release_619b985(path: Path) -> None:
         db.execute("BEGIN")
         for table in reversed(tables):
             db.execute("DROP TABLE %s" % table)
+        for table in ("bytecode_links", "bytecode"):  # tables that release did not have yet
+            db.execute("DROP TABLE %s" % table)
         for statement in LEGACY_SHAPES["619b985-store-id"][1]:
             db.execute(statement)
         added = {"envs": {"from_pool": 0}, "kernels": {"started_at": 1.0}, "requirements": {"added_at": 1.0}}
