@@ -64,11 +64,16 @@ def distributions_in(entry: Path) -> frozenset[tuple[str, str]]:
 
 def has_bytecode(entry: Path, tag: str) -> bool:
     """Whether ``entry`` needs no compile: it holds bytecode for ``tag`` (an earlier daemon, or an
-    earlier release that compiled synchronously, made it) or no Python source at all."""
-    for pycache in entry.glob("**/__pycache__"):
-        if any(name.endswith(".pyc") and tag in name for name in os.listdir(pycache)):
-            return True
-    return not any(entry.glob("**/*.py"))
+    earlier release that compiled synchronously, made it) or no Python source at all. One walk,
+    which stops at the first bytecode it finds."""
+    sources = False
+    for directory, _, files in os.walk(entry):
+        if os.path.basename(directory) == "__pycache__":
+            if any(name.endswith(".pyc") and tag in name for name in files):
+                return True
+        elif not sources:
+            sources = any(name.endswith(".py") for name in files)
+    return not sources
 
 
 async def interpreter_cache_tag(python: str) -> str:

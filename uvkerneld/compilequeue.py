@@ -113,6 +113,7 @@ class CompileQueue:
         if interrupted:
             log.warning("compiling bytecode for %d cache entr%s was interrupted: compiling again",
                         len(interrupted), "y" if len(interrupted) == 1 else "ies")
+        self._cache_tag = await interpreter_cache_tag(self.python)  # here, not in an install's reply
         present = set(await asyncio.to_thread(list_entries, self.archive))
         gone = [entry for entry in self._store.bytecode_entries() if entry not in present]
         if gone:
@@ -165,6 +166,8 @@ class CompileQueue:
             if self._cache_tag is None:
                 self._cache_tag = await interpreter_cache_tag(self.python)
             tag = self._cache_tag
+            # A full walk of a large entry that has no bytecode yet (tens of ms for pandas), in
+            # the install's reply: the price of knowing for sure.
             ready = set(await asyncio.to_thread(
                 lambda: [entry for entry in unknown if has_bytecode(self.archive / entry, tag)]))
         # Read again with no await before the write: the compiler may have moved on meanwhile.
