@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     out = layout.root / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--cache-dir", str(layout.cache_dir), "--json", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--skip", "pip", "--cache-dir", str(layout.cache_dir),
+         "--json", str(out)],
         cwd=str(ROOT), capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -45,3 +46,24 @@ def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     for case in ("idle", "gc", "rm"):
         assert latency[case]["samples"] > 0 and 0 < latency[case]["p50_ms"] <= latency[case]["max_ms"], case
     assert "uvkernelctl gc --older-than 0s (3 envs)" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_pip_install_section(layout: Layout) -> None:
+    """The `pip` section alone (issue 13), one round with a small package."""
+    out = layout.root / "bench.json"
+    sections = ["starts", "stub", "many", "parallel", "disk", "abuse", "latency"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", *[arg for name in sections for arg in ("--skip", name)],
+         "--cache-dir", str(layout.cache_dir), "--json", str(out)],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())["pip_install"]
+    assert figures["package"] == "tabulate==0.9.0" and figures["new_distributions"] == 1
+    for name in ("uvkerneld_s", "uv_s", "pip_s", "import_right_after_s", "import_after_compile_s"):
+        assert 0 < figures[name] < 600, name
+    assert figures["linked_s"] >= figures["uvkerneld_s"]
+    assert math.isfinite(figures["vs_uv"]) and math.isfinite(figures["vs_pip"])
+    assert "%pip install tabulate==0.9.0" in result.stdout and "bytecode is linked" in result.stdout

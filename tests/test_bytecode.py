@@ -359,13 +359,18 @@ def test_a_pool_venv_is_pooled_only_once_what_it_ships_has_bytecode(
         wait_until(lambda: layout.status()["bytecode"]["compiling"], 120, "the pool build's compile")
         status = layout.status()
         assert status["pool"]["ready"] == 0 and status["pool"]["filling"] == 1  # held at the gate
+        # A kernel start that needs the build's slot gets the venv at once: it never waits for a
+        # compile (the venv gets its .pyc later, like an install's).
+        hurried = layout.request("acquire", {"key": {"kind": "env", "value": "hurried"}}, timeout=60)
+        assert hurried["source"] == "pool" and layout.status()["bytecode"]["compiling"]
         (layout.root / "gate").touch()
         daemon.wait_pool_full()
         assert layout.status()["bytecode"]["envs_to_link"] == 0
         env_path = acquire(layout, "from-the-pool")
-        for entry in new_kernel_entries:
-            assert linked_into(env_path, entry), entry
-        assert import_probe(env_path, "ipykernel.kernelapp")["compiled"] == []
+        for path in (env_path, hurried["path"]):
+            for entry in new_kernel_entries:
+                assert linked_into(path, entry), entry
+            assert import_probe(path, "ipykernel.kernelapp")["compiled"] == []
     finally:
         daemon.stop()
 

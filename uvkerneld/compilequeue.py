@@ -26,13 +26,15 @@ removes the temp files a kill mid-write left, and ``compileall`` never leaves ha
 under a ``.pyc`` name (compilework.py), the only names ``link_bytecode`` links.
 
 A pool venv is ``pooled`` only once what it ships has bytecode: its build waits for its records
-to be linked (``wait=True``). A kernel start never waits: an on-demand build or a rebuild queues
-and goes on.
+to be linked (``wait_while``). A kernel start never waits: an on-demand build or a rebuild queues
+and goes on, and a start that needs the build slot of a pool build waiting for its bytecode
+takes that venv at once (its ``.pyc`` are linked when ready, as after an install).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -60,6 +62,7 @@ from .tasks import cancel_and_wait
 log = logging.getLogger("uvkerneld.compilequeue")
 
 WORKER = Path(__file__).resolve().with_name("compilework.py")
+WAIT_CHECK_S = 0.1  # how often a pool build waiting for its bytecode looks whether a start needs its slot
 # uv's line for a distribution it installed: " + six==1.16.0", " ~ pkg==1.0 (from file:///...)".
 _INSTALLED = re.compile(r"^ [+~] ([A-Za-z0-9][A-Za-z0-9._-]*)(?:==([^\s]+))?")
 
@@ -142,12 +145,14 @@ class CompileQueue:
     # --- after an install -----------------------------------------------------------------------
 
     async def after_install(
-        self, env_id: str | None, venv: Path, output: str, since: float, wait: bool = False
+        self, env_id: str | None, venv: Path, output: str, since: float,
+        wait_while: Callable[[], bool] | None = None,
     ) -> int:
         """uv installed into ``venv`` (row ``env_id``; its run began at ``since``, a
         ``time.monotonic()``) and printed ``output``: queue what it used that has no bytecode,
-        record what this env is to get. ``wait``: return only once the env has it (pool builds).
-        Returns how many entries were queued."""
+        record what this env is to get. ``wait_while``: return only once the env has it, or once
+        this says False (a pool build: a kernel start now waits for its build slot, and a kernel
+        start never waits for a compile). Returns how many entries were queued."""
         installed = installed_distributions(output)
         if installed:
             used = await asyncio.to_thread(self._entries_holding, installed)
@@ -182,9 +187,11 @@ class CompileQueue:
         queued = sum(1 for state in new.values() if state == BYTECODE_WAITING)
         if link:
             self._wake.set()
-        if wait and link and env_id is not None:
+        if wait_while is not None and link and env_id is not None:
             async with self._linked:
-                await self._linked.wait_for(lambda: not self._store.bytecode_links_left(env_id))
+                while wait_while() and self._store.bytecode_links_left(env_id):
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._linked.wait(), WAIT_CHECK_S)
         return queued
 
     def _entries_holding(self, installed: set[tuple[str, str]]) -> list[str]:

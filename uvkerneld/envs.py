@@ -340,9 +340,11 @@ class EnvManager:
                 low_priority=slot.low_priority,
             )
             if self.bytecode is not None:
-                # A pool venv is ready once what it ships has bytecode; a kernel start waits for none.
+                # A pool venv is ready once what it ships has bytecode, unless a kernel start
+                # needs this slot meanwhile: a kernel start never waits for a compile.
                 await self.bytecode.after_install(
-                    env_id, path, output, install_started, wait=owner_uid is None)
+                    env_id, path, output, install_started,
+                    wait_while=(lambda: slot.low_priority) if owner_uid is None else None)
         except (UvFailed, OSError) as exc:
             half_made = await self._discard_failed_build(record)
             if _is_disk_full(exc):
