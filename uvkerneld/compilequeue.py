@@ -153,6 +153,7 @@ class CompileQueue:
         record what this env is to get. ``wait_while``: return only once the env has it, or once
         this says False (a pool build: a kernel start now waits for its build slot, and a kernel
         start never waits for a compile). Returns how many entries were queued."""
+        began = time.monotonic()
         installed = installed_distributions(output)
         if installed:
             used = await asyncio.to_thread(self._entries_holding, installed)
@@ -185,6 +186,8 @@ class CompileQueue:
                 if state_of[entry] != BYTECODE_DONE or self._done_at.get(entry, -math.inf) >= since]
         self._store.bytecode_enqueue(env_id, new, link if env_id is not None else [])
         queued = sum(1 for state in new.values() if state == BYTECODE_WAITING)
+        log.debug("bytecode: %d cache entr%s used, %d new to the queue, %d to link (%.1f ms)", len(used),
+                  "y" if len(used) == 1 else "ies", queued, len(link), (time.monotonic() - began) * 1000)
         if link:
             self._wake.set()
         if wait_while is not None and link and env_id is not None:

@@ -21,26 +21,28 @@ import tempfile
 
 
 def _imported_top_level_names(distributions):
-    """Top-level modules of these distributions that are already imported in this kernel."""
+    """Top-level modules of these distributions that are already imported in this kernel. Reads
+    only these distributions' metadata: packages_distributions() reads every installed one's,
+    about 0.1 s with pandas installed, on every %pip cell."""
     if not distributions:
         return []
     try:
-        from importlib.metadata import packages_distributions
-
-        mapping = packages_distributions()
-    except Exception:  # pragma: no cover - metadata problems must never break %pip
+        from importlib.metadata import distribution
+    except ImportError:  # pragma: no cover - Python < 3.8
         return []
-    wanted = {_normalize(name) for name in distributions}
-    return sorted(
-        module for module, dists in mapping.items()
-        if module in sys.modules and any(_normalize(d) in wanted for d in dists)
-    )
-
-
-def _normalize(name):
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
+    modules = set()
+    for name in distributions:
+        try:
+            dist = distribution(name)
+            declared = dist.read_text("top_level.txt")
+            if declared:
+                modules.update(declared.split())
+            else:
+                modules.update(path.parts[0] if len(path.parts) > 1 else path.stem
+                               for path in dist.files or () if path.suffix == ".py")
+        except Exception:  # removed (its metadata went with it), or metadata problems: never break %pip
+            continue
+    return sorted(module for module in modules if module in sys.modules)
 
 
 def _run_shim(shell, program, line):
