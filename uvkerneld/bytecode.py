@@ -77,12 +77,16 @@ def has_bytecode(entry: Path, tag: str) -> bool:
 
 
 async def interpreter_cache_tag(python: str) -> str:
-    """The cache tag (``cpython-311``) of the venvs' interpreter, whose .pyc names kernels look for."""
-    process = await asyncio.create_subprocess_exec(
-        python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
-    )
+    """The cache tag (``cpython-311``) of the venvs' interpreter, whose .pyc names kernels look for
+    (the daemon's own if that interpreter cannot be run: uv then reports the error that matters)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            python, "-I", "-S", "-c", "import sys; print(sys.implementation.cache_tag)",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),  # never outlives the daemon
+        )
+    except OSError:
+        return sys.implementation.cache_tag
     output, _ = await process.communicate()
     return output.decode().strip() or sys.implementation.cache_tag
 

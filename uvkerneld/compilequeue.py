@@ -223,7 +223,13 @@ class CompileQueue:
             self._link_ready()
             batch = self._store.bytecode_waiting()
             if batch:
-                await self._compile(batch)
+                try:
+                    await self._compile(batch)
+                except OSError as exc:  # the interpreter cannot be run: not retried, no spinning
+                    log.error("cannot compile bytecode with %s: %s; modules compile at import instead",
+                              self.python, exc)
+                    self._finished(batch)
+                    self.compiling = 0
                 self._wake.set()  # entries queued while this batch compiled
 
     async def _compile(self, batch: list[str]) -> None:

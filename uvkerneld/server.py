@@ -203,6 +203,7 @@ class Daemon:
         installs = InstallManager(config, store, uv, bytecode)
         if bytecode is not None:
             bytecode.start(installs.env_lock)
+            self._running.append(bytecode)
         disk = DiskUsage(config.cache_dir, config.venvs_dir)
         watcher = None
         if folders is not None:
@@ -234,8 +235,6 @@ class Daemon:
         pool.start()
         disk.start()
         self._running += [pool, disk]
-        if bytecode is not None:
-            self._running.append(bytecode)  # after the pool: a pool build may wait for it
         if watcher is not None:
             watcher.start()
             self._running.append(watcher)
