@@ -107,7 +107,8 @@ def bench_pip_install(ws: Workspace, runs: int, package: str, module: str) -> di
         rounds.append(figures)
         ws.stop_daemon()
         subprocess.run(["rm", "-rf", str(cache)], check=True, timeout=300)
-    result: dict[str, Any] = {"package": package, "runs": runs, "new_distributions": len(added)}
+    result: dict[str, Any] = {"package": package, "runs": runs, "new_distributions": len(added),
+                              "rounds": rounds, "load_average": os.getloadavg()[0]}
     for name in rounds[0]:
         result[name] = _median([figures[name] for figures in rounds])
     result["vs_uv"] = _median([figures["uvkerneld_s"] / figures["uv_s"] for figures in rounds])
@@ -182,6 +183,7 @@ def format_pip_install(figures: dict[str, Any]) -> list[str]:
         "",
         "%%pip install %s (%d new distributions, warm uv cache, entries new to the daemon), medians of %d"
         % (figures["package"], figures["new_distributions"], figures["runs"]),
+        "  (load average at the end: %.1f; per-round figures in the JSON)" % figures["load_average"],
         "  uvkerneld kernel, execute -> execute_reply:   %6.2f s" % figures["uvkerneld_s"],
         "  uv pip install into a fresh venv, same cache:  %6.2f s   uvkerneld/uv  %.2fx  %s"
         % (figures["uv_s"], figures["vs_uv"], verdict(figures["vs_uv"], TARGETS["vs_uv"])),
