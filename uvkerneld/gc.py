@@ -197,8 +197,8 @@ async def run_on_schedule(services: Services) -> None:
                 services, Policy(config.gc_older_than, uid=None), await orphaned_env_ids(services),
                 dry_run=False, progress=lambda line: log.info("gc: %s", line),
             )
-            log.info("scheduled gc removed %d env(s), freed %d bytes",
-                     len(result["removed"]), result["freed_bytes"])
+            log.info("scheduled gc removed %d env(s), freed %s",
+                     len(result["removed"]), format_bytes(result["freed_bytes"]))
         except Exception:  # the schedule must survive a failed run
             log.exception("scheduled gc failed")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from . import states
 from .buildslots import BuildPreempted, BuildSlots
@@ -25,10 +26,12 @@ _MAX_BACKOFF = 300.0
 
 class WarmPool:
     def __init__(
-        self, envs: EnvManager, store: Store, slots: BuildSlots, target: int, wake: asyncio.Event
+        self, envs: EnvManager, store: Store, slots: BuildSlots, target: int, wake: asyncio.Event,
+        disk_changed: Callable[[], None] = lambda: None,
     ) -> None:
         """``wake`` is set whenever the pool may be short: by ``wake()``, and by ``envs`` when a
-        pooled venv was taken (its ``refill_pool``)."""
+        pooled venv was taken (its ``refill_pool``). ``disk_changed`` is called after each venv
+        the pool built or removed, so `status` does not show disk figures from before it."""
         self.envs = envs
         self.store = store
         self.slots = slots
@@ -37,6 +40,7 @@ class WarmPool:
         self.last_error: str | None = None
         self._wake = wake
         self._wake.set()
+        self._disk_changed = disk_changed
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -76,6 +80,7 @@ class WarmPool:
             record = self.store.transition(record.id, states.DELETING)
             log.info("pool: removing %s (%d ready, target %d)", record.id, self.ready, self.target)
             await self.envs.delete_files_and_row(record)
+            self._disk_changed()
 
     async def _run(self) -> None:
         backoff = 1.0
@@ -110,4 +115,5 @@ class WarmPool:
                     self.filling = 0
                 backoff = 1.0
                 self.last_error = None
+                self._disk_changed()
                 log.info("pool: %s ready (%d/%d)", record.id, self.ready, self.target)

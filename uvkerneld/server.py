@@ -197,9 +197,9 @@ class Daemon:
         await envs.recover(adopt=adopt)
         lifelines = Lifelines(store)
         lifelines.forget_dead_kernels()
-        pool = WarmPool(envs, store, slots, config.pool_size, pool_wake)
-        installs = InstallManager(config, store, uv, bytecode)
         disk = DiskUsage(config.cache_dir, config.venvs_dir)
+        pool = WarmPool(envs, store, slots, config.pool_size, pool_wake, disk_changed=disk.mark_dirty)
+        installs = InstallManager(config, store, uv, bytecode)
         watcher = None
         if folders is not None:
             watcher = NotebookWatcher(envs, store, folders, os.getuid())
