@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,12 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "# /// script\n# dependencies = [\"iniconfig\"]\n# ///\n"
 
 
-def write_notebook(path: Path, first_code: str = "print(1)", metadata: dict | None = None) -> Path:
+def write_notebook(path: Path, first_code: str = "print(1)", metadata: dict[str, Any] | None = None,
+                   outputs: tuple[str, ...] | list[str] = ()) -> Path:
     notebook = {
         "cells": [
             {"cell_type": "markdown", "id": "m1", "metadata": {}, "source": ["# Title"]},
-            {"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
-             "source": first_code},
+            {"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "source": first_code,
+             "outputs": [{"name": "stdout", "output_type": "stream", "text": text} for text in outputs]},
         ],
         "metadata": metadata or {"kernelspec": {"name": "uv", "display_name": "uv"}},
         "nbformat": 4, "nbformat_minor": 5,
@@ -73,10 +75,12 @@ def test_a_missing_notebook_declares_nothing(tmp_path: Path, capsys: pytest.Capt
     assert "No such file or directory" in capsys.readouterr().err
 
 
-def test_reading_a_plain_notebook_imports_no_json_re_or_hashlib(tmp_path: Path) -> None:
+@pytest.mark.parametrize("output_bytes", [0, 2 * nbdecl.SMALL_FILE])  # whole parse, fast path
+def test_reading_a_plain_notebook_imports_no_json_re_or_hashlib(tmp_path: Path, output_bytes: int) -> None:
     # What every kernel start of a notebook that declares nothing pays: as kernel.json runs the
     # stub (-I -S), reading the declaration must not pull in json, re or hashlib.
-    path = write_notebook(tmp_path / "plain.ipynb")
+    path = write_notebook(tmp_path / "plain.ipynb", outputs=["x" * 1000] * (output_bytes // 1000))
+    assert path.stat().st_size > output_bytes
     code = (
         "import sys; sys.path.insert(0, %r); from kernel_stub import stub; "
         "assert stub.declaration_to_sync(%r, {'declared_digest': None}) is None; "
