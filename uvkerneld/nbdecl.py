@@ -242,14 +242,15 @@ def read_laid_out(fd, size, chunk=CHUNK):
 
 
 def _decode_prefix(data):
-    """Text of ``data``, a prefix of a UTF-8 file; a character cut at its end is left out."""
+    """(text, bytes left over) of ``data``, a piece of a UTF-8 file: a character cut at its end
+    is left over for the next piece."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), b""
     except UnicodeDecodeError as exc:
         if exc.start < len(data) - 3 or exc.reason != "unexpected end of data":
             raise _NotLaidOut() from None
         try:
-            return data[: exc.start].decode("utf-8")
+            return data[: exc.start].decode("utf-8"), data[exc.start:]
         except UnicodeDecodeError:
             raise _NotLaidOut() from None
 
@@ -257,17 +258,20 @@ def _decode_prefix(data):
 class _Head:
     """The start of the file, decoded, read on (doubling) only as far as asked."""
 
-    __slots__ = ("fd", "length", "size", "text")
+    __slots__ = ("fd", "left_over", "length", "size", "text")
 
     def __init__(self, fd, size, chunk):
-        self.fd, self.size, self.length, self.text = fd, size, 0, ""
+        self.fd, self.size, self.length, self.text, self.left_over = fd, size, 0, "", b""
         self._read(min(chunk, size))
 
     def _read(self, length):
-        data = os.pread(self.fd, length, 0)
-        if len(data) < length:
+        """Read on up to ``length`` bytes from the start; only the new part is read and decoded."""
+        data = os.pread(self.fd, length - self.length, self.length)
+        if len(data) < length - self.length:
             raise _NotLaidOut()  # shorter than fstat said: changed meanwhile
-        self.length, self.text = length, _decode_prefix(data)
+        text, self.left_over = _decode_prefix(self.left_over + data)
+        self.length = length
+        self.text += text
 
     def _grow(self):
         if self.length >= self.size:
@@ -284,6 +288,8 @@ class _Head:
             found = self.text.find(marker, position)
             if found >= 0:
                 return found
+            # Search on from where this search ended, not again through a large output.
+            position = max(position, len(self.text) - len(marker) + 1)
             self._grow()
 
 
