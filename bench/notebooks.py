@@ -58,7 +58,7 @@ def write_big_notebook(path: Path, megabytes: float, seed: int = 0) -> int:
             text = "".join("%6d  %.6f  %.6f\n" % (i, rng.random(), rng.gauss(0, 1))
                            for i in range(rng.randrange(2000, 6000)))
             output = nbformat.v4.new_output("stream", name="stdout", text=text)
-            size += len(text)
+            size += len(text) + 11 * text.count("\n")  # nbformat writes a JSON string per line
         else:  # a DataFrame
             row = "<tr><th>%d</th><td>%.4f</td><td>%s</td></tr>\n"
             rows = "".join(row % (i, rng.random(), rng.choice("abc"))
@@ -66,7 +66,7 @@ def write_big_notebook(path: Path, megabytes: float, seed: int = 0) -> int:
             html = "<table border=\"1\" class=\"dataframe\">\n<tbody>\n%s</tbody>\n</table>" % rows
             output = nbformat.v4.new_output("execute_result", data={"text/html": html, "text/plain": "..."},
                                             execution_count=number)
-            size += len(html)
+            size += len(html) + 11 * html.count("\n")
         cell = nbformat.v4.new_code_cell("result_%d = step(%d)\nresult_%d" % (number, number, number))
         cell.execution_count = number
         cell.outputs = [output]
