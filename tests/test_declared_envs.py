@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import tomllib
 import uv as uv_package
-from helpers import Daemon, Layout, run_code, running_kernel
+from helpers import Daemon, Layout, ctl, run_code, running_kernel, wait_until
 
 from uvkerneld import client, protocol
 
@@ -234,28 +234,38 @@ def test_the_sync_op_refuses_a_declaration_of_the_wrong_shape(bare_daemon: Daemo
             str(layout.socket), "sync", {"key": {"kind": "env", "value": "x"}, "declaration": {}}, 30)
 
 
-def test_requires_python_another_interpreter_on_the_host_matches_is_a_clear_error(
+def test_requires_python_another_interpreter_on_the_host_matches_moves_the_notebook_to_it(
     bare_daemon: Daemon, layout: Layout
 ) -> None:
-    """Moving a notebook's env to another interpreter is not done yet: the error names what the
-    notebook asked for, the env's Python and the host's interpreter that would match."""
+    """Changed rule (issue 11, was: a clear error): when the env's Python does not satisfy
+    requires-python and another interpreter uv finds on the host does, the notebook moves to a
+    new env built on it; the old env, which no kernel uses, is removed."""
     listed = subprocess.run([UV, "python", "list", "--only-installed", "--output-format", "json"],
                             capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, UV_PYTHON_DOWNLOADS="never"))
     key = {"kind": "notebook", "value": str(layout.notebook("rp.ipynb"))}
     acquired = layout.request("acquire", {"key": key}, timeout=300)
-    probe = [acquired["python"], "-c", "import platform; print(platform.python_version())"]
-    env_version = subprocess.run(
-        probe, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    env_version = python_version(acquired["python"])
     host_versions = {entry["version"] for entry in json.loads(listed.stdout.splitlines()[-1])}
     others = sorted(host_versions - {env_version})
     if not others:
         pytest.skip("this host has no interpreter other than the env's Python %s" % env_version)
-    declaration = {"uv": {"dependencies": [], "requires-python": "==" + others[0]},
+    declaration = {"uv": {"dependencies": ["iniconfig==1.1.1"], "requires-python": "==" + others[0]},
                    "uv_key": "metadata.runt.uv"}
-    with pytest.raises(protocol.BadDeclaration) as caught:
-        layout.request("sync", {"key": acquired["key"], "declaration": declaration}, timeout=120)
-    message = caught.value.message
-    assert message.startswith("metadata.runt.uv: requires-python '==%s' does not match this notebook's env "
-                              "(Python %s); the host has %s (" % (others[0], env_version, others[0])), message
-    assert "does not yet move a notebook's env to another interpreter" in message
+    synced = layout.request("sync", {"key": acquired["key"], "declaration": declaration}, timeout=600)
+    assert synced["synced"] and synced["env_id"] != acquired["env_id"]
+    assert python_version(synced["python"]) == others[0]
+    # The old env's packages, re-resolved for the new interpreter, were kept where they fit:
+    # only the declared package is a change.
+    assert synced["changes"] == {"added": ["iniconfig"], "removed": []}
+    envs = wait_until(lambda: len(layout.request("list")["envs"]) == 1 and layout.request("list")["envs"],
+                      60, "the old env to be removed")
+    assert not os.path.exists(acquired["path"])
+    assert [env["env_id"] for env in envs] == [synced["env_id"]] and envs[0]["key"] == key
+    again = layout.request("sync", {"key": key, "declaration": declaration}, timeout=60)
+    assert not again["synced"] and again["env_id"] == synced["env_id"]
+
+
+def python_version(python: str) -> str:
+    probe = [python, "-c", "import platform; print(platform.python_version())"]
+    return subprocess.run(probe, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
