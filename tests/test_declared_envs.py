@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +270,80 @@ def test_requires_python_another_interpreter_on_the_host_matches_moves_the_noteb
 def python_version(python: str) -> str:
     probe = [python, "-c", "import platform; print(platform.python_version())"]
     return subprocess.run(probe, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+
+def newer_python() -> Path | None:
+    """A CPython newer than the daemon's on this host that uv does not find by itself (pyenv's
+    versions are reached only through shims uv cannot query), or None."""
+    here = sys.version_info[:2]
+    for found in sorted(Path("/root/.pyenv/versions").glob("3.*/bin/python3.*")):
+        minor = re.fullmatch(r"python3\.(\d+)", found.name)
+        if minor and (3, int(minor.group(1))) > here and os.access(found, os.X_OK):
+            return found
+    return None
+
+
+def test_requires_python_runs_the_kernel_on_a_matching_interpreter_and_back(
+    layout: Layout, kernelspec: str
+) -> None:
+    """A notebook asking for a newer Python than the pool's gets a kernel on it: a new env on the
+    best interpreter uv finds (here one put first on the daemon's PATH), its declared package in it.
+    The old env goes as soon as no kernel runs in it; the running kernel's env is live (gc keeps
+    it); a restart pays nothing; and asking for the old Python again moves the notebook back."""
+    python = newer_python()
+    if python is None:
+        pytest.skip("no CPython newer than %d.%d in /root/.pyenv/versions: nothing to move to"
+                    % sys.version_info[:2])
+    newer = python.name.removeprefix("python")
+    here = "%d.%d" % sys.version_info[:2]
+    env = dict(layout.env, PATH="%s:%s" % (python.parent, os.environ["PATH"]))
+    daemon = Daemon(layout, "--pool-size", "1", env=env).start()
+    try:
+        daemon.wait_pool_full()
+        path = layout.notebooks / "newer.ipynb"
+        cell = script("iniconfig==1.1.1", extra='# requires-python = ">=%s"\n' % newer)
+        notebook = write_notebook(path, cell)
+        key = {"kind": "notebook", "value": notebook}
+        probe = ("import sys, iniconfig, importlib.metadata as m; "
+                 "print(sys.version.split()[0], m.version('iniconfig'))")
+        with running_kernel(layout, "uv", JPY_SESSION_NAME=notebook) as (manager, kernel):
+            version, iniconfig = run_code(kernel, probe).split()
+            assert version.startswith(newer + ".") and iniconfig == "1.1.1"
+            moved = re.search(r"moved from env (\S+) to env (\S+) on Python", daemon.log)
+            assert moved, daemon.log
+            old_id, new_id = moved.groups()
+            # The pool venv the notebook got first is gone, though the stub that moved it had it.
+            wait_until(lambda: [row["env_id"] for row in layout.request("list")["envs"]] == [new_id], 60,
+                       "only the new env to be left")
+            assert not (layout.venvs_dir / old_id).exists()
+            status = layout.status()
+            assert status["envs"]["live"] == 1 and status["envs"]["by_state"]["retired"] == 0
+            listing = ctl(layout, "list").stdout
+            row = r"newer\.ipynb\s+\d+\s+%s\.\d+\s.*\byes\s+assigned" % re.escape(newer)
+            assert re.search(row, listing), listing
+            # The kernel's env is live: gc keeps it whatever the age limit.
+            collected = layout.request("gc", {"older_than_s": 0, "dry_run": False}, timeout=120)
+            assert [row["env_id"] for row in collected["kept_live"]] == [new_id] and not collected["removed"]
+            run_code(kernel, "%pip install tabulate", timeout=300)
+            # Unchanged declaration: the restart pays no sync and stays on the newer Python.
+            runs = uv_runs(daemon, new_id)
+            manager.restart_kernel(now=False)
+            kernel.wait_for_ready(timeout=120)
+            assert run_code(kernel, probe).split()[0].startswith(newer + ".")
+            assert len(syncs(layout, notebook)) == 1 and uv_runs(daemon, new_id) == runs
+            # Back to the daemon's Python: moved back, the declared package and %pip's kept.
+            write_notebook(path, script("iniconfig==1.1.1", extra='# requires-python = "==%s.*"\n' % here))
+            manager.restart_kernel(now=False)
+            kernel.wait_for_ready(timeout=300)
+            version, iniconfig = run_code(kernel, probe).split()
+            assert version.startswith(here + ".") and iniconfig == "1.1.1"
+            assert versions(kernel)["tabulate"] != "-"
+            back = layout.request("show", {"key": key})
+            assert back["env_id"] != new_id and back["live"] and back["requirement_list"] == [
+                "iniconfig==1.1.1", "tabulate"]
+            wait_until(lambda: not (layout.venvs_dir / new_id).exists(), 60, "the newer Python's env to go")
+            assert layout.status()["envs"]["live"] == 1
+        wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the kernel's lifeline to close")
+        assert [row["env_id"] for row in layout.request("list")["envs"]] == [back["env_id"]]
+    finally:
+        daemon.stop()
