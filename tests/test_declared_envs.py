@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -345,5 +346,94 @@ def test_requires_python_runs_the_kernel_on_a_matching_interpreter_and_back(
             assert layout.status()["envs"]["live"] == 1
         wait_until(lambda: layout.status()["envs"]["live"] == 0, 30, "the kernel's lifeline to close")
         assert [row["env_id"] for row in layout.request("list")["envs"]] == [back["env_id"]]
+    finally:
+        daemon.stop()
+
+
+def newer_python_daemon(layout: Layout, pool_size: str = "1") -> tuple[Daemon, str]:
+    """A daemon that finds a newer CPython first on its PATH, and that Python's X.Y (or a skip)."""
+    python = newer_python()
+    if python is None:
+        pytest.skip("no CPython newer than %d.%d in /root/.pyenv/versions: nothing to move to"
+                    % sys.version_info[:2])
+    env = dict(layout.env, PATH="%s:%s" % (python.parent, os.environ["PATH"]))
+    return Daemon(layout, "--pool-size", pool_size, env=env), python.name.removeprefix("python")
+
+
+def test_the_old_env_stays_while_another_kernel_runs_in_it(layout: Layout, kernelspec: str) -> None:
+    """Two kernels of one notebook: the second moves the notebook to a newer Python; the first
+    keeps running in the old env, which is retired (no key, live, kept by gc, no installs) and
+    removed when that kernel ends."""
+    daemon, newer = newer_python_daemon(layout)
+    daemon.start()
+    try:
+        path = layout.notebooks / "two.ipynb"
+        notebook = write_notebook(path)
+        with running_kernel(layout, "uv", JPY_SESSION_NAME=notebook) as (first_manager, first):
+            old = run_code(first, "import sys; print(sys.prefix)").strip()
+            write_notebook(path, script("iniconfig==1.1.1", extra='# requires-python = ">=%s"\n' % newer))
+            with running_kernel(layout, "uv", JPY_SESSION_NAME=notebook) as (_, second):
+                assert run_code(second, "import sys; print(sys.version)").startswith(newer + ".")
+                new = run_code(second, "import sys; print(sys.prefix)").strip()
+                rows = {row["env_id"]: row for row in layout.request("list")["envs"]}
+                retired = rows[os.path.basename(old)]
+                assert retired["state"] == "retired" and retired["key"] is None and retired["live"]
+                assert "replaced by env %s on Python %s." % (os.path.basename(new), newer) in retired["error"]
+                assert rows[os.path.basename(new)]["key"] == {"kind": "notebook", "value": notebook}
+                assert layout.status()["envs"]["live"] == 2
+                collected = layout.request("gc", {"older_than_s": 0, "dry_run": False}, timeout=120)
+                assert not collected["removed"] and len(collected["kept_live"]) == 2
+                refused = run_code(first, "%pip install tabulate", timeout=120)
+                assert "is retired: replaced by env %s" % os.path.basename(new) in refused, refused
+                first_manager.shutdown_kernel(now=True)
+                wait_until(lambda: not os.path.exists(old), 60, "the retired env to be removed")
+                assert layout.status()["envs"]["live"] == 1
+                assert [row["env_id"] for row in layout.request("list")["envs"]] == [os.path.basename(new)]
+    finally:
+        daemon.stop()
+
+
+def test_a_daemon_killed_during_the_move_leaves_the_notebook_in_its_old_env(layout: Layout) -> None:
+    """SIGKILL while the new env is being built: the next start removes the half-made env
+    (``creating``, keyless), the notebook still has its old env and exactly one, and a sync
+    moves it then."""
+    daemon, newer = newer_python_daemon(layout, pool_size="0")
+    daemon.start()
+    key = {"kind": "notebook", "value": str(layout.notebook("killed.ipynb"))}
+    old = layout.request("acquire", {"key": key}, timeout=300)
+    declaration = {"uv": {"dependencies": ["iniconfig==1.1.1"], "requires-python": ">=" + newer},
+                   "uv_key": "metadata.runt.uv"}
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            layout.request("sync", {"key": key, "declaration": declaration}, timeout=600)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    try:
+        building = wait_until(
+            lambda: [row for row in layout.request("list")["envs"] if row["state"] == "creating"], 120,
+            "the new env to be building", interval=0.05)
+    finally:
+        assert daemon.process is not None
+        daemon.process.kill()
+        daemon.process.wait(30)
+        asking.join(60)
+    assert outcome and not asking.is_alive()
+    [half_made] = building
+    assert half_made["key"] is None and half_made["env_id"] != old["env_id"]
+    daemon = Daemon(layout, "--pool-size", "0", env=daemon.env).start()
+    try:
+        rows = layout.request("list")["envs"]
+        assert [(row["env_id"], row["key"], row["state"]) for row in rows] == [
+            (old["env_id"], key, "assigned")]
+        assert not os.path.exists(half_made["path"])
+        records = layout.venvs_dir / ".records"
+        assert sorted(entry.name for entry in records.iterdir()) == [old["env_id"] + ".json"]
+        moved = layout.request("sync", {"key": key, "declaration": declaration}, timeout=600)
+        assert moved["env_id"] != old["env_id"] and python_version(moved["python"]).startswith(newer + ".")
     finally:
         daemon.stop()
