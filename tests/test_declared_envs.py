@@ -384,7 +384,8 @@ def test_the_old_env_stays_while_another_kernel_runs_in_it(layout: Layout, kerne
                 collected = layout.request("gc", {"older_than_s": 0, "dry_run": False}, timeout=120)
                 assert not collected["removed"] and len(collected["kept_live"]) == 2
                 refused = run_code(first, "%pip install tabulate", timeout=120)
-                assert "is retired (replaced by env %s on Python %s." % (os.path.basename(new), newer) in refused
+                why = "is retired (replaced by env %s on Python %s." % (os.path.basename(new), newer)
+                assert why in refused, refused
                 assert "restart the kernel to run in the notebook's env" in refused, refused
                 first_manager.shutdown_kernel(now=True)
                 wait_until(lambda: not os.path.exists(old), 60, "the retired env to be removed")
