@@ -136,7 +136,8 @@ def test_a_first_code_cell_with_5_mb_of_outputs(tmp_path: Path) -> None:
 def test_a_first_code_cell_without_a_block_is_not_decoded(tmp_path: Path, monkeypatch: Any) -> None:
     # A 5 MB plot in the first code cell of a notebook that declares nothing: the cell's bytes are
     # searched for the block's words, never decoded (the start-up cost of a big notebook).
-    nb = notebook([code("import numpy", [image_output(5_000_000)]), code("y")], {"language_info": {"name": "python"}})
+    nb = notebook([code("import numpy", [image_output(5_000_000)]), code("y")],
+                  {"language_info": {"name": "python"}})
     path = save(tmp_path / "nb.ipynb", nb)
     scanned: list[int] = []
     real_scan = nbdecl.fastjson.scan
