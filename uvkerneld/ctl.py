@@ -1,7 +1,8 @@
 """``uvkernelctl``: see and control the daemon. Only this module prints and exits.
 
 Exit status: 0 ok; 1 the daemon is not running (or what answers is not the daemon); 2 bad usage or
-bad input; 3 not allowed; 4 not found; 5 the daemon failed the request; 6 doctor found a FAIL.
+bad input; 3 not allowed; 4 not found; 5 the daemon failed the request; 6 doctor found a FAIL
+(or a notebook's drift).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ EXIT_USAGE = 2
 EXIT_NOT_ALLOWED = 3
 EXIT_NOT_FOUND = 4
 EXIT_DAEMON_ERROR = 5
-EXIT_CHECK_FAILED = 6  # doctor: at least one check FAILed
+EXIT_CHECK_FAILED = 6  # doctor: at least one check FAILed; deps --check / doctor NOTEBOOK: drift
 
 _EXIT_BY_CODE = {
     "not_allowed": EXIT_NOT_ALLOWED,
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uvkernelctl",
         description="Inspect and control uvkerneld, the per-notebook venv daemon.",
         epilog="exit status: 0 ok, 1 daemon not running, 2 bad usage or input, 3 not allowed, "
-        "4 not found, 5 the daemon failed the request, 6 doctor found a FAIL",
+        "4 not found, 5 the daemon failed the request, 6 doctor found a FAIL or deps --check drift",
     )
     parser.add_argument("--version", action="version", version="uvkernelctl " + __version__)
     parser.add_argument(
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--wait", action="store_true", help="with --fill: show progress until the pool is full")
     pool.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (default 900)")
 
-    doctor = commands.add_parser("doctor", help="check the setup; exit 0 only when nothing FAILs")
+    doctor = commands.add_parser(
+        "doctor", help="check the setup (or, given NOTEBOOK, its drift); exit 0 only when nothing FAILs")
+    doctor.add_argument("notebook", metavar="NOTEBOOK", nargs="?",
+                        help="report this notebook's drift, as `deps` does")
     doctor.add_argument("--kernel", default="uv", help="kernelspec name to check (default: uv)")
     doctor.add_argument("--json", action="store_true")
 
@@ -111,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     units.add_argument("--user", action="store_true", help="user units (systemctl --user), else system units")
     units.add_argument(
         "--prefix", metavar="DIR", help="write under DIR instead of / (or ~/.config with --user)")
+
+    from .nbcommands import add_parsers
+
+    add_parsers(commands)
 
     try_kernel = commands.add_parser(
         "try", help="start a kernel from the installed kernelspec, run code in it, stop it"
@@ -141,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gc": lambda: cmd_gc(socket_path, args),
         "pool": lambda: cmd_pool(socket_path, args),
         "doctor": lambda: cmd_doctor(socket_path, args),
+        "deps": lambda: notebook_command("cmd_deps", socket_path, args),
+        "lock": lambda: notebook_command("cmd_lock", socket_path, args),
+        "sync": lambda: notebook_command("cmd_sync", socket_path, args),
     }
     try:
         exit_code = handlers[args.command]()
@@ -418,7 +429,16 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def notebook_command(name: str, socket_path: str, args: argparse.Namespace) -> int:
+    from . import nbcommands
+
+    handler: Any = getattr(nbcommands, name)
+    return int(handler(socket_path, args))
+
+
 def cmd_doctor(socket_path: str, args: argparse.Namespace) -> int:
+    if args.notebook:
+        return notebook_command("cmd_doctor_notebook", socket_path, args)
     from .config import ConfigError, load_config
     from .doctor import FAIL, checks_json, format_checks, run_checks
 
@@ -533,4 +553,8 @@ def cmd_try(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run the imported module's main, not __main__'s: nbcommands imports uvkerneld.ctl, and two copies
+    # would mean two CtlError classes (its errors would escape main's handler as tracebacks).
+    from uvkerneld.ctl import main as imported_main
+
+    sys.exit(imported_main())
