@@ -10,9 +10,13 @@ How it works
    reusing the parent notebook's env.
 2. Connect to the daemon's socket. In user mode, if nobody listens, start the daemon ourselves:
    under an exclusive flock beside the socket, so ten stubs racing start exactly one daemon.
-3. ``acquire`` -> the venv path. Exec ``<venv>/bin/python -m ipykernel_launcher -f <file>``: the
-   kernel keeps our pid, so Jupyter's interrupt (SIGINT to the process group), restart and kill
-   reach ipykernel itself. The socket stays open across exec as the kernel's lifeline: the daemon
+3. ``acquire`` -> the venv path. For a notebook, read what the file declares (``nbdecl``: the
+   first code cell's PEP 723 block, the metadata's nteract object and ``uv.lock``; the head and
+   tail of the file, not all of it); when that differs from what the env was last synced to
+   (digests), ask the daemon to ``sync`` it first, its uv output on our stderr.
+   Exec ``<venv>/bin/python -m ipykernel_launcher -f <file>``: the kernel keeps our pid, so
+   Jupyter's interrupt (SIGINT to the process group), restart and kill reach ipykernel itself.
+   The socket stays open across exec as the kernel's lifeline: the daemon
    sees it close when the kernel exits.
 4. While we wait for the env (seconds when the pool is empty), hold the kernel's TCP ports from
    the connection file bound, so no other socket takes one of them in the meantime (see
@@ -27,7 +31,7 @@ import sys
 import time
 
 # Not json and socket: their imports cost 15 of the stub's 22 ms (see uvkerneld/fastjson.py).
-from uvkerneld import client, envvars, fastjson, locations, protocol
+from uvkerneld import client, envvars, fastjson, locations, nbdecl, protocol
 
 IDENTITY_VARS = (envvars.ENV, envvars.NOTEBOOK, "JPY_SESSION_NAME")
 IDENTITY_MARKER = envvars.KERNEL_IDENTITY
@@ -297,8 +301,8 @@ def _tail(path, lines=10):
         return "(no log)"
 
 
-def acquire(sock, kind, value, timeout):
-    """Ask the daemon for the env of this key; returns the acquire result."""
+def key_args(kind, value):
+    """The ``key`` (and for a notebook the ``file``) arguments of acquire and sync."""
     args = {"key": {"kind": kind, "value": value}}
     if kind == "notebook":
         # Stat as the user (a system daemon may not see the file): after a rename, the daemon
@@ -307,6 +311,12 @@ def acquire(sock, kind, value, timeout):
             args["file"] = protocol.file_identity(os.stat(value))
         except OSError:
             pass  # not saved yet (papermill output, a new UVKERNEL_NOTEBOOK): nothing to follow
+    return args
+
+
+def acquire(sock, kind, value, timeout):
+    """Ask the daemon for the env of this key; returns the acquire result."""
+    args = key_args(kind, value)
     try:
         return client.call(sock, "acquire", args, timeout)
     except TimeoutError:
@@ -317,6 +327,48 @@ def acquire(sock, kind, value, timeout):
         raise StubError(exc.message) from None
     except OSError as exc:
         raise DaemonGone("lost the connection to uvkerneld: %s" % exc) from None
+
+
+def declaration_to_sync(path, result):
+    """The notebook's declaration (wire dict) when the env must be synced to it, else None.
+
+    None when the notebook declares nothing (then nothing is hashed: hashlib costs start-up
+    time) or when the env was last synced to this very declaration. An unreadable notebook
+    counts as declaring nothing, with one line on stderr (the kernel's log): the kernel starts.
+    """
+    try:
+        declaration = nbdecl.read_declaration(path)
+    except nbdecl.NotebookUnreadable as exc:
+        sys.stderr.write("uvkerneld: not reading declared dependencies: %s\n" % exc)
+        return None
+    if declaration is None:
+        return None
+    wire = declaration.to_wire()
+    if nbdecl.digest(wire) == result.get("declared_digest"):
+        return None
+    return wire
+
+
+def _write_output(name, data):
+    if name == "output":
+        sys.stderr.write("%s\n" % data)
+        sys.stderr.flush()
+
+
+def sync(sock, kind, value, wire, timeout):
+    """Ask the daemon to make the notebook's env match ``wire``; returns the sync result (an
+    acquire result plus what changed). uv's output goes to our stderr, i.e. the kernel's log."""
+    args = dict(key_args(kind, value), declaration=wire)
+    try:
+        return client.call(sock, "sync", args, timeout, request_id=2, on_event=_write_output)
+    except TimeoutError:
+        raise StubError("uvkerneld did not sync the notebook's declared dependencies within %.0f s"
+                        % timeout) from None
+    except protocol.UvkError as exc:
+        raise StubError(exc.message) from None
+    except OSError as exc:
+        raise StubError("lost the connection to uvkerneld while it synced the notebook's declared "
+                        "dependencies: %s" % exc) from None
 
 
 def acquire_timeout(environ):
@@ -397,6 +449,10 @@ def main(argv=None):
             raise StubError(exc.message) from None
         timeout = acquire_timeout(environ)
         sock, result = connect_and_acquire(socket_path, environ, kind, value, timeout)
+        if kind == "notebook":
+            wire = declaration_to_sync(value, result)
+            if wire is not None:
+                result = sync(sock, kind, value, wire, timeout)
     except StubError as exc:
         exec_fallback(str(exc), connection_file, passthrough)
         return

@@ -33,7 +33,7 @@ ALLOWED_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset()
 STUB_ALLOWED_MODULES = frozenset({
     "kernel_stub", "kernel_stub.__main__", "kernel_stub.stub",
     "uvkerneld", "uvkerneld.client", "uvkerneld.protocol", "uvkerneld.locations", "uvkerneld.fastjson",
-    "uvkerneld.fsafety", "uvkerneld.envid", "uvkerneld.envvars", "uvkerneld.procs",
+    "uvkerneld.nbdecl", "uvkerneld.fsafety", "uvkerneld.envid", "uvkerneld.envvars", "uvkerneld.procs",
 })
 
 

@@ -277,7 +277,7 @@ def test_protocol_module_imports_only_the_standard_library() -> None:
     assert result.returncode == 0, result.stderr
     loaded = result.stdout.split()
     ours = {"kernel_stub", "kernel_stub.stub", "uvkerneld", "uvkerneld.protocol", "uvkerneld.client",
-            "uvkerneld.locations", "uvkerneld.fastjson", "uvkerneld.envid",
+            "uvkerneld.locations", "uvkerneld.fastjson", "uvkerneld.envid", "uvkerneld.nbdecl",
             "uvkerneld.envvars"}
     third_party = [
         name for name in loaded

@@ -389,7 +389,8 @@ def test_scan_keeps_one_connection_per_worker_thread_and_close_closes_them(tmp_p
 
 def rewrite_as_release_619b985(path: Path) -> None:
     """Turn a current state db back into the shape the last release before user_version wrote,
-    rows and store id kept (the columns that release had and this one dropped get defaults)."""
+    rows and store id kept (the columns that release had and this one dropped get defaults; the
+    ones added since are left out)."""
     db = sqlite3.connect(str(path), isolation_level=None)
     db.row_factory = sqlite3.Row
     try:
@@ -401,9 +402,12 @@ def rewrite_as_release_619b985(path: Path) -> None:
         for statement in LEGACY_SHAPES["619b985-store-id"][1]:
             db.execute(statement)
         added = {"envs": {"from_pool": 0}, "kernels": {"started_at": 1.0}, "requirements": {"added_at": 1.0}}
+        later = {"envs": ("declared_digest", "declared")}  # columns that release did not have yet
         for table in tables:
             for row in rows[table]:
                 row.update(added.get(table, {}))
+                for column in later.get(table, ()):
+                    del row[column]
                 columns, marks = ", ".join(row), ", ".join("?" * len(row))
                 db.execute("INSERT INTO %s (%s) VALUES (%s)" % (table, columns, marks), list(row.values()))
         db.execute("UPDATE meta SET value='2' WHERE name='schema_version'")

@@ -17,6 +17,7 @@ rebuilding the env from its recorded requirements.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,15 @@ async def _compile_without_site(python: str, venv: Path, children: ChildRegistry
             children.discard(process.pid)
 
 
+def check_changeable(record: EnvRecord) -> None:
+    """Packages change only in an env that is ``assigned`` (not broken, not being built)."""
+    if record.state != states.ASSIGNED:
+        raise protocol.EnvUnavailable(
+            "env %s is %s%s; restart the kernel to repair it"
+            % (record.id, record.state, ": " + record.error if record.error else "")
+        )
+
+
 class Validated:
     """A pip command and its requirement files, each checked, as uv will get them."""
 
@@ -113,16 +123,23 @@ class InstallManager:
         validated = self._validate(argv, files)
         command = validated.command
         install_id = self.store.insert_install(record.id, uid, command.subcommand, argv)
+        async with self.turn(record.id):
+            return await self._run_locked(record, validated, install_id, send_line)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, env_id: str) -> AsyncIterator[None]:
+        """Wait for this env's turn (its lock, first come first served), then for a slot: every
+        change to an env (``%pip``, a declaration's sync) runs inside one."""
         self.queued += 1
         dequeued = False
         try:
-            async with self._env_locks[record.id]:
+            async with self._env_locks[env_id]:
                 async with self._slots:
                     self.queued -= 1
                     dequeued = True
                     self.running += 1
                     try:
-                        return await self._run_locked(record, validated, install_id, send_line)
+                        yield
                     finally:
                         self.running -= 1
         finally:
@@ -178,11 +195,7 @@ class InstallManager:
         command = validated.command
         record = self.store.get(record.id) or record
         mutating = command.subcommand in MUTATING
-        if record.state != states.ASSIGNED:
-            raise protocol.EnvUnavailable(
-                "env %s is %s%s; restart the kernel to repair it"
-                % (record.id, record.state, ": " + record.error if record.error else "")
-            )
+        check_changeable(record)
         if mutating:
             self.store.transition(record.id, states.INSTALLING)
         self.store.install_started(install_id)
@@ -199,21 +212,10 @@ class InstallManager:
                 )
                 install_started = time.monotonic()
                 returncode, output = await self.uv.run_unchecked(argv, on_line=send_line)
-                if returncode != 0 and self.uv.shared_host and _BUILD_DISABLED.search(output):
-                    send_line("uvkerneld: " + pipargs.BUILD_REFUSED % "the package named above")
-                if mutating and self.uv.shared_host:
-                    removed = startuphooks.strip(str(record.path))
-                    if removed:
-                        send_line("uvkerneld: removed %s from this env: code that runs at every Python "
-                                  "start is not allowed on a shared host (the daemon runs this env's "
-                                  "Python too)" % ", ".join(removed))
-                if (returncode == 0 and command.subcommand == "install" and per_env_bytecode
-                        and self.uv.shared_host):
-                    await _compile_without_site(self.config.python, record.path, self.uv.children)
-                if returncode == 0 and mutating:
-                    if self.bytecode is not None and command.subcommand == "install":
-                        await self.bytecode.share(record.path, install_started, send_line)
-                    sweep_orphaned_bytecode(record.path)
+                if mutating:
+                    await self.after_change(
+                        record.path, returncode, output, command.subcommand == "install", install_started,
+                        send_line)
         except BaseException:
             # Cancelled (daemon shutdown) or failed to run uv: uv may have stopped half-way, so
             # the env is not trusted until rebuilt from its recorded requirements.
@@ -231,6 +233,27 @@ class InstallManager:
             self._record(record.id, validated, changes)
         log.info("pip %s in env %s finished with status %d", command.subcommand, record.id, returncode)
         return {"exit_status": returncode, "changed": changes, "install_id": install_id}
+
+    async def after_change(
+        self, venv: Path, returncode: int, output: str, installed: bool, install_started: float,
+        send_line: Callable[[str], None],
+    ) -> None:
+        """What follows a uv run that changed ``venv`` (``installed``: it may have added files):
+        on a shared host, say why a build was refused and strip startup hooks; then bytecode."""
+        if returncode != 0 and self.uv.shared_host and _BUILD_DISABLED.search(output):
+            send_line("uvkerneld: " + pipargs.BUILD_REFUSED % "the package named above")
+        if self.uv.shared_host:
+            removed = startuphooks.strip(str(venv))
+            if removed:
+                send_line("uvkerneld: removed %s from this env: code that runs at every Python "
+                          "start is not allowed on a shared host (the daemon runs this env's "
+                          "Python too)" % ", ".join(removed))
+        if returncode == 0 and installed and self.config.bytecode == "per-env" and self.uv.shared_host:
+            await _compile_without_site(self.config.python, venv, self.uv.children)
+        if returncode == 0:
+            if self.bytecode is not None and installed:
+                await self.bytecode.share(venv, install_started, send_line)
+            sweep_orphaned_bytecode(venv)
 
     @staticmethod
     def _materialize_files(validated: Validated, scratch: str) -> list[str]:

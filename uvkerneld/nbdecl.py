@@ -1,5 +1,9 @@
 """What a notebook file declares about its dependencies, read cheaply: the one reader.
 
+Cheaply: a notebook of many megabytes (outputs) is read only at its head, up to the first code
+cell, and its tail, the top-level metadata (``read_laid_out``); a notebook laid out otherwise
+than Jupyter writes them is parsed whole, with the same result (tests/test_nbdecl.py).
+
 Three places hold a declaration (issue 11; README "Notebooks that carry their dependencies"):
 - juv: a PEP 723 block (``# /// script`` ... ``# ///``) as the source of the first code cell,
   and the text of a uv lockfile in the notebook's top-level metadata under ``"uv.lock"``;
@@ -16,6 +20,7 @@ every kernel start.
 """
 
 import os
+import stat
 
 from uvkerneld import fastjson
 
@@ -101,7 +106,12 @@ def from_notebook(notebook):
                 if is_script_block(source):
                     found.script, found.script_cell = source, number
                 break  # only the first code cell can hold the block (juv puts it there)
-    metadata = notebook.get("metadata")
+    _metadata_declaration(notebook.get("metadata"), found)
+    return _or_none(found)
+
+
+def _metadata_declaration(metadata, found):
+    """Fill ``found`` from the notebook's top-level metadata (any JSON value)."""
     if isinstance(metadata, dict):
         runt = metadata.get("runt")
         if isinstance(runt, dict) and "uv" in runt:
@@ -110,20 +120,252 @@ def from_notebook(notebook):
             found.uv, found.uv_key = metadata["uv"], LEGACY_UV_KEY
         if LOCK_KEY in metadata:
             found.lock = metadata[LOCK_KEY]
+
+
+def _or_none(found):
     if found.script is None and found.uv is None and found.lock is None:
         return None
     return found
 
 
-def read_declaration(path):
-    """The Declaration in the notebook at ``path``, or None when it declares nothing."""
+# Files up to this size are parsed whole (a millisecond or less); larger ones through the fast path.
+SMALL_FILE = 256 * 1024
+# The first read of the head and of the tail; each grows by doubling while it is too short.
+CHUNK = 64 * 1024
+
+
+class _NotLaidOut(Exception):
+    """The file is not laid out as nbformat writes it: the fast path gives way to the full parse."""
+
+
+def read_declaration(path, chunk=CHUNK, small_file=SMALL_FILE):
+    """The Declaration in the notebook at ``path``, or None when it declares nothing.
+
+    Only the head (up to the first code cell) and the tail (the top-level metadata) of a large
+    notebook are read: see ``read_laid_out``. Whenever the file is not laid out as expected, the
+    whole file is parsed instead, with the same result.
+    """
+    fd = _open(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise NotebookUnreadable("cannot read %s: %s" % (path, os.strerror(exc.errno or 0))) from None
+        size = os.fstat(fd).st_size
+        if size > small_file:
+            try:
+                return read_laid_out(fd, size, chunk)
+            except _NotLaidOut:
+                pass
+            except OSError as exc:
+                raise NotebookUnreadable("cannot read %s: %s" % (path, os.strerror(exc.errno or 0))) from None
+        return parse_whole(_pread(fd, size, 0, path), path)
+    finally:
+        os.close(fd)
+
+
+def read_declaration_full(path):
+    """The reference reader: the whole file parsed. read_declaration equals it on every notebook."""
+    fd = _open(path)
+    try:
+        return parse_whole(_pread(fd, os.fstat(fd).st_size, 0, path), path)
+    finally:
+        os.close(fd)
+
+
+def parse_whole(data, path):
     try:
         notebook = fastjson.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise NotebookUnreadable("%s is not a notebook (not JSON: %s)" % (path, exc)) from None
     return from_notebook(notebook)
+
+
+def _open(path):
+    try:
+        # O_NONBLOCK: a FIFO named like a notebook must not hang the kernel start (no effect on files).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotebookUnreadable("cannot read %s: %s" % (path, os.strerror(exc.errno or 0))) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotebookUnreadable("cannot read %s: not a regular file" % path)
+    return fd
+
+
+def _pread(fd, length, offset, path):
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise NotebookUnreadable("cannot read %s: %s" % (path, os.strerror(exc.errno or 0))) from None
+    return data
+
+
+# --- the fast path -----------------------------------------------------------------------------------
+#
+# Jupyter and nbformat write ``json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False)``:
+#
+#   {
+#    "cells": [
+#     {
+#      "cell_type": "markdown",
+#      ...
+#     },
+#     {
+#      ...
+#     }
+#    ],
+#    "metadata": {
+#     ...
+#    },
+#    "nbformat": 4,
+#    "nbformat_minor": 5
+#   }
+#
+# A JSON string cannot hold a raw newline (it is written ``\n``), so a newline in the file is always
+# whitespace between tokens, and "newline, two spaces, }" ends a cell, "newline, one space, "metadata": "
+# starts a key. The head is decoded one cell at a time by the same C scanner as fastjson.loads,
+# reading on only while the cell's end is not yet in what we read; the tail from the last
+# ``\n "metadata": `` must be that object followed by exactly the nbformat/nbformat_minor keys
+# and the closing brace. That closing brace is the top-level object's (the file ends there), so the
+# key is a top-level key and the last "metadata" in it: the one a full parse keeps. Anything else
+# raises _NotLaidOut. Not checked: the cells between the first code cell and the metadata, which
+# this path never reads (a corrupt middle, or a second "cells" key there, goes unnoticed).
+
+
+def read_laid_out(fd, size, chunk=CHUNK):
+    """The Declaration from the head and tail of a file laid out as nbformat writes it.
+
+    Raises _NotLaidOut when the layout is not that, NotebookUnreadable when the file cannot be read.
+    """
+    script, script_cell = _first_code_cell(fd, size, chunk)
+    metadata = _top_level_metadata(fd, size, chunk)
+    found = Declaration(script, script_cell)
+    _metadata_declaration(metadata, found)
+    return _or_none(found)
+
+
+def _decode_prefix(data):
+    """Text of ``data``, a prefix of a UTF-8 file; a character cut at its end is left out."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(data) - 3 or exc.reason != "unexpected end of data":
+            raise _NotLaidOut() from None
+        try:
+            return data[: exc.start].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _NotLaidOut() from None
+
+
+class _Head:
+    """The start of the file, decoded, read on (doubling) only as far as asked."""
+
+    __slots__ = ("fd", "length", "size", "text")
+
+    def __init__(self, fd, size, chunk):
+        self.fd, self.size, self.length, self.text = fd, size, 0, ""
+        self._read(min(chunk, size))
+
+    def _read(self, length):
+        data = os.pread(self.fd, length, 0)
+        if len(data) < length:
+            raise _NotLaidOut()  # shorter than fstat said: changed meanwhile
+        self.length, self.text = length, _decode_prefix(data)
+
+    def _grow(self):
+        if self.length >= self.size:
+            raise _NotLaidOut()  # all read and still not as expected
+        self._read(min(self.size, self.length * 2))
+
+    def startswith(self, prefix, position):
+        while len(self.text) < position + len(prefix) and self.length < self.size:
+            self._grow()
+        return self.text.startswith(prefix, position)
+
+    def find(self, marker, position):
+        while True:
+            found = self.text.find(marker, position)
+            if found >= 0:
+                return found
+            self._grow()
+
+
+def _first_code_cell(fd, size, chunk):
+    """(script, script_cell) from the cells up to and including the first code cell."""
+    head = _Head(fd, size, chunk)
+    newline = "\r\n" if head.startswith("{\r\n", 0) else "\n"
+    opening = "{" + newline + ' "cells": ['
+    if not head.startswith(opening, 0):
+        raise _NotLaidOut()
+    position = len(opening)
+    if head.startswith("],", position):
+        return None, None  # no cells
+    cell_start = newline + "  {"
+    cell_end = newline + "  }"
+    number = 0
+    while True:
+        if not head.startswith(cell_start, position):
+            raise _NotLaidOut()
+        position += len(cell_start) - 1
+        # Scan only once the cell's end is in the text (the scanner imports json to report an error).
+        head.find(cell_end, position)
+        try:
+            cell, position = fastjson.scan(head.text, position)
+        except ValueError:
+            raise _NotLaidOut() from None
+        if not isinstance(cell, dict):
+            raise _NotLaidOut()
+        number += 1
+        if cell.get("cell_type") == "code":
+            source = cell_source(cell)
+            return (source, number) if is_script_block(source) else (None, None)
+        if head.startswith(",", position):
+            position += 1
+        elif head.startswith(newline + " ]", position):
+            return None, None  # no code cell
+        else:
+            raise _NotLaidOut()
+
+
+def _top_level_metadata(fd, size, chunk):
+    """The value of the top-level "metadata" key, from the tail of the file."""
+    length = min(chunk, size)
+    while True:
+        data = os.pread(fd, length, size - length)
+        if len(data) < length:
+            raise _NotLaidOut()  # shorter than fstat said: changed meanwhile
+        newline = b"\r\n" if data.endswith((b"\r\n", b"\r\n}")) else b"\n"
+        marker = data.rfind(newline + b' "metadata": ')
+        if marker >= 2:  # the two characters before it are checked below
+            break
+        if length >= size:
+            raise _NotLaidOut()
+        length = min(size, length * 2)
+    # The cells' closing bracket (or an empty list) right before the key.
+    if not data[:marker].endswith(b"],"):
+        raise _NotLaidOut()
+    try:
+        text = data[marker:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotLaidOut() from None
+    nl = newline.decode()
+    try:
+        metadata, position = fastjson.scan(text, len(nl) + len(' "metadata": '))
+    except ValueError:
+        raise _NotLaidOut() from None
+    if not _is_closing(text, position, nl):
+        raise _NotLaidOut()
+    return metadata
+
+
+def _is_closing(text, position, newline):
+    """Whether ``text[position:]`` is ``,\n "nbformat": N,\n "nbformat_minor": M\n}`` + whitespace."""
+    for key in ("nbformat", "nbformat_minor"):
+        prefix = "," + newline + ' "%s": ' % key
+        if not text.startswith(prefix, position):
+            return False
+        position += len(prefix)
+        digits = position
+        while position < len(text) and text[position] in "0123456789":
+            position += 1
+        if position == digits or (position - digits > 1 and text[digits] == "0"):
+            return False  # no number, or one JSON does not allow (a leading zero)
+    end = newline + "}"
+    return text.startswith(end, position) and not text[position + len(end):].strip(" \t\n\r")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from . import __version__, gc, protocol, states
+from . import __version__, envsync, gc, protocol, states
 from .diskusage import unshared_bytes
 from .peers import PeerCredentials
 from .services import Services
@@ -112,12 +112,31 @@ class Operations:
         )
         if source not in ("known", "renamed"):
             self.services.disk.mark_dirty()
+        return self._acquired(record, source)
+
+    def _acquired(self, record: EnvRecord, source: str) -> dict[str, Any]:
+        assert record.key is not None
         return {
             "env_id": record.id, "path": str(record.path), "python": str(record.interpreter),
-            "source": source, "key": key.to_wire(),
+            "source": source, "key": record.key.to_wire(),
             # No watcher here (system mode): the kernel reports its notebook's saves itself.
-            "report_notebook_saves": key.kind == "notebook" and self.services.notebook_watch() is None,
+            "report_notebook_saves": record.key.kind == "notebook" and self.services.notebook_watch() is None,
+            # The client syncs its notebook's declaration when this differs (nbdecl.digest).
+            "declared_digest": record.declared_digest,
         }
+
+    async def op_sync(
+        self, args: dict[str, Any], peer: PeerCredentials, send_event: Callable[[str, Any], None]
+    ) -> dict[str, Any]:
+        """acquire, then make the env match the notebook's declaration (envsync.py)."""
+        self._not_stopping("sync the notebook's env")
+        record, source = await self.services.envs.acquire(peer.uid, args["key"], args["file"])
+        if source not in ("known", "renamed"):
+            self.services.disk.mark_dirty()
+        outcome = await envsync.sync(
+            self.services, record, peer.uid, args["declaration"], args["force"],
+            lambda line: send_event("output", line))
+        return {**self._acquired(self.store.get(record.id) or record, source), **outcome}
 
     async def op_notebook_saved(
         self, args: dict[str, Any], peer: PeerCredentials, send_event: Any
@@ -305,6 +324,7 @@ class Op(NamedTuple):
 # In this order in the "unknown op" error.
 OPS: dict[str, Op] = {
     "acquire": Op(protocol.validate_acquire, Operations.op_acquire),
+    "sync": Op(protocol.validate_sync, Operations.op_sync),
     "status": Op(protocol.validate_status, Operations.op_status),
     "pip": Op(protocol.validate_pip, Operations.op_pip),
     "installs": Op(protocol.validate_target, Operations.op_installs),

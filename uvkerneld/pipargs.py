@@ -204,12 +204,19 @@ def _check_text(value, what):
         )
 
 
+# The same checks for a notebook's declared requirements and index URLs (declared.py).
+check_text = _check_text
+
+
 TWO_INDEXES = "-i/--index-url given more than once: name one index, add others with --extra-index-url"
 
 
 def _check_url(value, flag):
     if not value.startswith(("https://", "http://")):
         raise PipUsageError("%s must be an http(s) URL, got %r" % (flag, value[:200]))
+
+
+check_url = _check_url
 
 
 # --- requirement files --------------------------------------------------------------------------

@@ -97,6 +97,13 @@ class NotFound(ClientFault):
     code = "not_found"
 
 
+class BadDeclaration(ClientFault):
+    """A notebook's declared dependencies cannot be used as they are; the message names the cell or
+    metadata key, what is wrong and what to do. Nothing in the env changed."""
+
+    code = "bad_declaration"
+
+
 class DaemonFault(UvkError):
     """The daemon could not do what was asked; the message says why and what to do."""
 
@@ -127,7 +134,7 @@ ERROR_CLASSES: dict[str, type[UvkError]] = {
     cls.code: cls
     for cls in (
         FrameTooLarge, TruncatedFrame, NotJson, BadRequest, UnknownOp, UnsupportedVersion,
-        NotAllowed, NotFound, EnvUnavailable, ShuttingDown, InternalError, OverLimit,
+        NotAllowed, NotFound, BadDeclaration, EnvUnavailable, ShuttingDown, InternalError, OverLimit,
     )
 }
 
@@ -309,6 +316,36 @@ def validate_acquire(args):
         if validated["key"].kind != "notebook":
             raise BadRequest('"file" describes a notebook file; it is only valid with a notebook key')
         validated["file"] = parse_file_identity(args["file"])
+    return validated
+
+
+DECLARATION_FIELDS = ("script", "script_cell", "uv", "uv_key", "lock")
+DECLARATION_PLACES = ("metadata.runt.uv", "metadata.uv")
+
+
+def validate_sync(args):
+    """acquire's arguments, plus the notebook's declaration as the client read it (nbdecl's wire
+    form) and "force". What the declaration means is checked by the daemon (declared.py)."""
+    validated = validate_acquire(args)
+    if validated["key"].kind != "notebook":
+        raise BadRequest("sync needs a notebook key: only a notebook carries a declaration")
+    wire = args.get("declaration")
+    if not isinstance(wire, dict) or not set(wire) <= set(DECLARATION_FIELDS):
+        raise BadRequest('"declaration" must be an object with some of %s' % ", ".join(DECLARATION_FIELDS))
+    declaration = {name: wire.get(name) for name in DECLARATION_FIELDS}
+    for name in ("script", "lock"):
+        if declaration[name] is not None and not isinstance(declaration[name], str):
+            raise BadRequest('"declaration.%s" must be text or null' % name)
+    _check_texts([text for text in (declaration["script"], declaration["lock"]) if text], '"declaration"')
+    cell = declaration["script_cell"]
+    if (declaration["script"] is None) != (cell is None) or (cell is not None and (
+            isinstance(cell, bool) or not isinstance(cell, int) or cell < 1)):
+        raise BadRequest('"declaration.script_cell" must be the number (from 1) of the cell with "script"')
+    if declaration["uv_key"] not in (None, *DECLARATION_PLACES) or (
+            declaration["uv"] is not None and declaration["uv_key"] is None):
+        raise BadRequest('"declaration.uv_key" must be one of %s, with "uv"' % ", ".join(DECLARATION_PLACES))
+    validated["declaration"] = declaration
+    validated["force"] = _flag(args, "force")
     return validated
 
 

@@ -29,8 +29,8 @@ log = logging.getLogger("uvkerneld.store")
 
 class EnvRecord:
     __slots__ = (
-        "created_at", "error", "id", "key", "last_used_at", "notebook_file", "owner_uid", "path", "python",
-        "spec", "state",
+        "created_at", "declared_digest", "error", "id", "key", "last_used_at", "notebook_file", "owner_uid",
+        "path", "python", "spec", "state",
     )
 
     def __init__(self, row: sqlite3.Row) -> None:
@@ -45,6 +45,7 @@ class EnvRecord:
         self.last_used_at = row["last_used_at"]
         self.error = row["error"]
         self.notebook_file = row["notebook_file"]
+        self.declared_digest = row["declared_digest"]
 
     @property
     def interpreter(self) -> Path:
@@ -381,6 +382,10 @@ class Store:
                     time.time(), error,
                 ),
             )
+            if fields.get("declared_digest"):
+                db.execute("UPDATE envs SET declared_digest=?, declared=? WHERE id=?",
+                           (str(fields["declared_digest"]), json.dumps(list(fields.get("declared") or [])),
+                            fields["id"]))
             for requirement_name, requirement in (fields.get("requirements") or {}).items():
                 db.execute(
                     "INSERT OR REPLACE INTO requirements (env_id, name, requirement) VALUES (?,?,?)",
@@ -399,6 +404,7 @@ class Store:
             "key": [record.key.kind, record.key.value] if record.key else None,
             "spec": record.spec, "python": record.python, "created_at": record.created_at,
             "requirements": {row["name"]: row["requirement"] for row in rows},
+            "declared_digest": record.declared_digest, "declared": self.declared(env_id),
         }
 
     def _write_env_record(self, env_id: str) -> None:
@@ -447,6 +453,25 @@ class Store:
                     (env_id, name, requirement),
                 )
         self.on_env_changed(env_id)
+
+    def record_declared(
+        self, env_id: str, digest: str, declared: list[str], requirements: dict[str, str]
+    ) -> None:
+        """A declaration was synced into the env: its digest and requirement list, and the env's
+        recorded requirements replaced by ``requirements`` (name -> requirement), in one go."""
+        with self._transaction() as db:
+            db.execute("UPDATE envs SET declared_digest=?, declared=? WHERE id=?",
+                       (digest, json.dumps(declared), env_id))
+            db.execute("DELETE FROM requirements WHERE env_id=?", (env_id,))
+            for name, requirement in requirements.items():
+                db.execute("INSERT INTO requirements (env_id, name, requirement) VALUES (?,?,?)",
+                           (env_id, name, requirement))
+        self.on_env_changed(env_id)
+
+    def declared(self, env_id: str) -> list[str]:
+        """The requirement list of the declaration last synced into the env ([] if none was)."""
+        row = self._db.execute("SELECT declared FROM envs WHERE id=?", (env_id,)).fetchone()
+        return list(json.loads(row["declared"])) if row and row["declared"] else []
 
     def requirements(self, env_id: str) -> list[str]:
         rows = self._db.execute(

@@ -131,6 +131,14 @@ def _step_4_foreign_keys(db: sqlite3.Connection) -> None:
     )""", ("env_id", "name", "requirement"))
 
 
+def _step_5_declared(db: sqlite3.Connection) -> None:
+    """What a notebook declared (issue 11), as last synced into its env: the declaration's digest
+    (nbdecl.digest; an unchanged one means no sync at the next start) and its requirement list
+    (JSON), which tells a declared requirement from one `%pip` added (those survive an edit)."""
+    db.execute("ALTER TABLE envs ADD COLUMN declared_digest TEXT")
+    db.execute("ALTER TABLE envs ADD COLUMN declared TEXT")
+
+
 def _rebuild(db: sqlite3.Connection, table: str, definition: str, columns: tuple[str, ...]) -> None:
     """Re-create ``table`` as ``definition`` keeping ``columns`` of its rows (SQLite's documented
     way: new table, copy, drop, rename; foreign keys are off meanwhile). Rows of a table with an
@@ -167,6 +175,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _step_2_installs_kernels_renames,
     _step_3_store_id,
     _step_4_foreign_keys,
+    _step_5_declared,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -125,9 +125,9 @@ class Uv:
         # uv compiles with the env's own Python, after linking what it just installed: in system
         # mode that Python would run a user's startup hooks as the daemon (installs.py compiles
         # user installs with the daemon's Python -S instead).
-        if compile_bytecode and subcommand == "install" and not self.shared_host:
+        if compile_bytecode and subcommand in ("install", "sync") and not self.shared_host:
             argv.append("--compile-bytecode")
-        if self.shared_host and subcommand == "install":
+        if self.shared_host and subcommand in ("install", "sync", "compile"):
             argv.append("--no-build")
         if packages:
             argv.append("--")  # requirement strings can never be read as uv flags

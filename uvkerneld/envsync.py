@@ -1,0 +1,252 @@
+"""Make a notebook's env match what the notebook declares (issue 11; the ``sync`` op).
+
+The pipeline, run under the env's install lock (installs.py: ``%pip`` and a sync never interleave),
+with the env ``assigned -> installing -> assigned`` and an installs row (subcommand ``sync``):
+
+1. ``declared.interpret`` gives the declaration's meaning, or BadDeclaration before anything runs.
+2. requires-python: the env's interpreter must satisfy it (else the error lists the host's).
+3. A lock (``metadata["uv.lock"]``): ``uv export --script --locked`` in a private scratch folder
+   gives its pins; ``--locked`` fails when the lock does not match the declaration.
+4. ``uv pip compile`` with the env's interpreter over the pool venvs' packages (ipykernel, ...) +
+   the pins (or the declared requirements) + what ``%pip`` added outside the declaration, with
+   the env's current ``uv pip freeze`` as preferences, so nothing moves needlessly. A failure is
+   the declaration's fault (does not resolve) and nothing in the env changed.
+5. ``uv pip sync`` of that target into the env, then what follows every install (installs.py:
+   startup-hook stripping on a shared host, shared bytecode).
+6. The store records the declaration's digest and requirement list; the env's requirements become
+   the new declaration's plus those ``%pip`` added that neither declaration names.
+
+An unchanged digest costs nothing: no uv run at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from . import declared, nbdecl, pipargs, protocol, states
+from .declared import Parsed
+from .installs import changed_distributions, check_changeable
+from .services import Services
+from .store import EnvRecord
+
+log = logging.getLogger("uvkerneld.envsync")
+
+NO_CHANGES: dict[str, list[str]] = {"added": [], "removed": []}
+_UV_NOISE = re.compile(r"^(Using Python|Resolved|Prepared|Installed|Uninstalled|Audited|Checked) ")
+
+
+async def sync(
+    services: Services, record: EnvRecord, uid: int, wire: dict[str, Any], force: bool,
+    send_line: Callable[[str], None],
+) -> dict[str, Any]:
+    """Sync the declaration ``wire`` (nbdecl's wire form) into ``record``'s env, owned by ``uid``.
+    Returns {"synced": uv ran, "changes": {"added", "removed"}}; raises BadDeclaration."""
+    digest = nbdecl.digest(wire)
+    if not force and record.declared_digest == digest:
+        return {"synced": False, "changes": NO_CHANGES}
+    parsed = declared.interpret(wire, services.uv.shared_host) or Parsed(place="the notebook")
+    if parsed.requires_python:
+        await _check_requires_python(services, parsed, record)
+    installs = services.installs
+    store = services.store
+    async with installs.turn(record.id):
+        current = store.get(record.id)
+        if current is None:
+            raise protocol.NotFound("env %s was removed meanwhile" % record.id)
+        check_changeable(current)
+        if not force and current.declared_digest == digest:
+            return {"synced": False, "changes": NO_CHANGES}  # a sync just before ours did it
+        install_id = store.insert_install(record.id, uid, "sync", ["sync", *parsed.dependencies])
+        store.transition(record.id, states.INSTALLING)
+        store.install_started(install_id)
+        log.info("sync in env %s (install #%d) from %s: %s", record.id, install_id, parsed.place,
+                 " ".join(parsed.dependencies) or "(no dependencies)")
+        try:
+            requirements, changes = await _sync_locked(services, current, parsed, send_line)
+        except protocol.BadDeclaration:
+            store.install_finished(install_id, 1)
+            store.transition(record.id, states.ASSIGNED)  # nothing in the env was changed
+            raise
+        except BaseException:
+            # Cancelled (shutdown) or uv could not run: uv may have stopped half-way.
+            store.install_finished(install_id, None)
+            store.transition(record.id, states.BROKEN, "a sync of the notebook's declaration was interrupted")
+            raise
+        store.install_finished(install_id, 0 if requirements is not None else 1)
+        store.transition(record.id, states.ASSIGNED)
+    if requirements is None:
+        raise protocol.EnvUnavailable(
+            "uv pip sync failed in env %s (its output is above); the env is as uv left it, and the "
+            "next kernel start tries again" % record.id)
+    store.record_declared(record.id, digest, list(parsed.dependencies), requirements)
+    services.disk.mark_dirty()
+    log.info("sync in env %s finished: +%s -%s", record.id, ",".join(changes["added"]) or "-",
+             ",".join(changes["removed"]) or "-")
+    return {"synced": True, "changes": changes}
+
+
+async def _sync_locked(
+    services: Services, record: EnvRecord, parsed: Parsed, send_line: Callable[[str], None]
+) -> tuple[dict[str, str] | None, dict[str, list[str]]]:
+    """Steps 3-5 (the caller holds the env's turn). Returns (the env's requirements to record, or
+    None when ``uv pip sync`` failed; the changes)."""
+    uv = services.uv
+    config = services.config()
+    venv = str(record.path)
+    # What %pip added outside the declaration survives an edit of the declaration.
+    recorded = declared.requirement_names(services.store.requirements(record.id))
+    declared_before = set(declared.requirement_names(services.store.declared(record.id)))
+    declared_now = declared.requirement_names(parsed.dependencies)
+    kept = {name: text for name, text in recorded.items()
+            if name not in declared_before and name not in declared_now}
+    with tempfile.TemporaryDirectory(prefix="sync-", dir=config.state_dir) as scratch:
+        pins = list(parsed.dependencies)
+        if parsed.lock:
+            pins = await _locked_pins(services, parsed, scratch)
+        returncode, output = await uv.run_unchecked(uv.pip_argv(venv, "freeze", [], [], False))
+        # The env's current pins as preferences (the -o file's contents): uv keeps what still fits.
+        current = [line for line in output.splitlines() if "==" in line] if returncode == 0 else []
+        wanted, target = os.path.join(scratch, "wanted.txt"), os.path.join(scratch, "target.txt")
+        await asyncio.to_thread(_write_files, {
+            wanted: [*config.kernel_packages, *pins, *kept.values()], target: current})
+        # A lock's pins are exact: its exclude-newer would only hold the kernel's own packages back.
+        flags = ["--quiet", "--no-header", "-o", target, *parsed.uv_flags(with_exclude_newer=not parsed.lock)]
+        returncode, output = await uv.run_unchecked(uv.pip_argv(venv, "compile", flags, [wanted], False))
+        if returncode != 0:
+            asked = [*parsed.dependencies, *kept.values()]
+            raise protocol.BadDeclaration(
+                "%s: %s %s not resolve (with this kernel's own %s): %s"
+                % (parsed.place, ", ".join(map(repr, asked)) or "the declaration",
+                   "do" if len(asked) > 1 else "does",
+                   " ".join(config.kernel_packages), _uv_lines(output, uv.shared_host)))
+        started = time.monotonic()
+        argv = uv.pip_argv(venv, "sync", [], [target], compile_bytecode=config.bytecode == "per-env")
+        returncode, output = await uv.run_unchecked(argv, on_line=send_line)
+    await services.installs.after_change(record.path, returncode, output, True, started, send_line)
+    if returncode != 0:
+        return None, NO_CHANGES
+    return {**declared_now, **kept}, changed_distributions(output)
+
+
+def _write_files(files: dict[str, list[str]]) -> None:
+    for path, lines in files.items():
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+
+
+async def _locked_pins(services: Services, parsed: Parsed, scratch: str) -> list[str]:
+    """The lock's pins, checked against the declaration by uv itself (``--locked``)."""
+    uv = services.uv
+    script = os.path.join(scratch, "notebook.py")
+    await asyncio.to_thread(_write_files, {
+        script: declared.script_text(parsed).splitlines(), script + ".lock": [parsed.lock or ""]})
+    argv = [uv.binary, "export", "--script", script, "--locked", "--no-hashes", "--no-header",
+            "--no-annotate", "--format", "requirements-txt"]
+    if uv.shared_host:
+        argv.append("--no-build")
+    returncode, output = await uv.run_unchecked(argv)
+    if returncode != 0:
+        if "needs to be updated" in output or "--locked" in output:
+            raise protocol.BadDeclaration(
+                'metadata "uv.lock" does not match the declaration in %s; %s'
+                % (parsed.place, declared.LOCK_HINT))
+        raise protocol.BadDeclaration(
+            'metadata "uv.lock" cannot be used with the declaration in %s: %s; %s'
+            % (parsed.place, _uv_lines(output, uv.shared_host), declared.LOCK_HINT))
+    try:
+        pins = pipargs.parse_requirements_text(output)
+    except pipargs.PipUsageError as exc:
+        raise protocol.BadDeclaration('metadata "uv.lock": %s; %s' % (exc, declared.LOCK_HINT)) from None
+    lines = [requirement for requirement, _ in pins.requirements]
+    if pins.editables or pins.options:
+        raise protocol.BadDeclaration(
+            'metadata "uv.lock" holds editable or index entries uvkerneld does not install; %s'
+            % declared.LOCK_HINT)
+    if uv.shared_host:
+        for requirement in lines:
+            refusal = pipargs.shared_host_refusal(requirement)
+            if refusal:
+                raise protocol.BadDeclaration('metadata "uv.lock": %s' % refusal)
+    return lines
+
+
+def _uv_lines(output: str, shared_host: bool) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not _UV_NOISE.match(line)]
+    text = " ".join(lines[-12:]) or "(uv said nothing)"
+    if shared_host and "is disabled" in text:
+        text += " (%s)" % (pipargs.BUILD_REFUSED % "a declared package")
+    return text
+
+
+def env_python_version(venv: Path) -> Version | None:
+    """The version of a venv's interpreter, from its pyvenv.cfg (nothing runs)."""
+    try:
+        text = (venv / "pyvenv.cfg").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() in ("version_info", "version"):
+            try:
+                return Version(value.strip())
+            except InvalidVersion:
+                return None
+    return None
+
+
+async def _check_requires_python(services: Services, parsed: Parsed, record: EnvRecord) -> None:
+    assert parsed.requires_python is not None
+    wanted = SpecifierSet(parsed.requires_python)
+    version = env_python_version(record.path)
+    if version is not None and wanted.contains(version, prereleases=True):
+        return
+    uv = services.uv
+    returncode, output = await uv.run_unchecked(
+        [uv.binary, "python", "list", "--only-installed", "--output-format", "json", "--no-python-downloads"])
+    found = _interpreters(output) if returncode == 0 else {}
+    matching = [path for path, each in found.items() if _contains(wanted, each)]
+    has = ", ".join("%s (%s)" % (each, path) for path, each in sorted(found.items())) or "none found"
+    if not matching:
+        raise protocol.BadDeclaration(
+            "%s: requires-python %r matches no interpreter on this host; it has: %s. Change requires-python, "
+            "or ask for a matching Python to be installed" % (parsed.place, parsed.requires_python, has))
+    raise protocol.BadDeclaration(
+        "%s: requires-python %r does not match this notebook's env (Python %s); the host has %s, but "
+        "uvkerneld does not yet move a notebook's env to another interpreter: change requires-python"
+        % (parsed.place, parsed.requires_python, version, ", ".join(
+            "%s (%s)" % (found[path], path) for path in matching)))
+
+
+def _interpreters(output: str) -> dict[str, str]:
+    """path -> version of the interpreters ``uv python list --output-format json`` found."""
+    found: dict[str, str] = {}
+    for line in output.splitlines():  # uv's warnings may come before the JSON line
+        if not line.startswith("[{"):
+            continue
+        try:
+            entries = json.loads(line)
+        except ValueError:
+            continue
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                found.setdefault(os.path.realpath(entry["path"]), str(entry.get("version")))
+    return found
+
+
+def _contains(wanted: SpecifierSet, version: str) -> bool:
+    try:
+        return wanted.contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
