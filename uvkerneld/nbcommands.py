@@ -66,10 +66,11 @@ def _key(path: str) -> dict[str, Any]:
     return {"key": {"kind": "notebook", "value": real}, "file": protocol.file_identity(os.stat(real))}
 
 
-def _read_declaration(path: str) -> tuple[nbdecl.Declaration | None, nbdeps.Declared]:
+def _read_declaration(path: str) -> tuple[nbdecl.Declaration | None, Any, dict[str, str]]:
+    """The raw declaration, what it means (declared.Parsed or None) and its lock's pins."""
     try:
         declaration = nbdecl.read_declaration(path)
-        return declaration, nbdeps.read(declaration)
+        return (declaration, *nbdeps.read(declaration))
     except nbdecl.NotebookUnreadable as exc:
         raise CtlError(str(exc), EXIT_USAGE) from None
     except nbdeps.DeclarationError as exc:
@@ -89,18 +90,19 @@ def _show(socket_path: str, path: str) -> dict[str, Any]:
 def report(socket_path: str, notebook: str) -> dict[str, Any]:
     """Declared, recorded and installed side by side, and the drift (what deps and doctor print)."""
     path = _notebook_path(notebook)
-    _, declared = _read_declaration(path)
+    _, parsed, pins = _read_declaration(path)
     env = _show(socket_path, path)
     installed = nbdeps.installed_versions(env["freeze"])
     return {
         "notebook": path,
         "env_id": env["env_id"],
         "env_path": env["path"],
-        "declared": {"where": declared.where or None, "requirements": declared.requirements,
-                     "requires_python": declared.requires_python, "locked": declared.lock_pins},
+        "declared": {"where": parsed.place if parsed else None,
+                     "requirements": list(parsed.dependencies) if parsed else [],
+                     "requires_python": parsed.requires_python if parsed else None, "locked": pins},
         "recorded": env["requirement_list"],
         "installed": installed,
-        "drift": nbdeps.drift(declared, env["requirement_list"], installed),
+        "drift": nbdeps.drift(parsed, pins, env["requirement_list"], installed),
     }
 
 
@@ -163,8 +165,8 @@ def _print_synced(result: dict[str, Any]) -> None:
 
 def cmd_sync(socket_path: str, args: argparse.Namespace) -> int:
     path = _notebook_path(args.notebook)
-    declaration, _ = _read_declaration(path)
-    if declaration is None:
+    declaration, parsed, _ = _read_declaration(path)
+    if declaration is None or parsed is None:
         raise CtlError("%s declares no packages; nothing to sync (`uvkernelctl lock %s` writes what its "
                        "env has into it)" % (path, path), EXIT_USAGE)
     _print_synced(_sync(socket_path, path, declaration))
@@ -223,21 +225,19 @@ def cmd_lock(socket_path: str, args: argparse.Namespace) -> int:
         raise CtlError(str(exc), EXIT_USAGE) from None
     try:
         old = nbdecl.from_notebook(loaded.notebook)
-        declared = nbdeps.read(old)
+        parsed, _ = nbdeps.read(old)
     except (nbdecl.NotebookUnreadable, nbdeps.DeclarationError) as exc:
         raise CtlError("%s: %s" % (path, exc), EXIT_USAGE) from None
     env = _show(socket_path, path)
-    table = nbdeps.new_script_table(
-        declared, env["requirement_list"], venv_python_version(env["path"]), stamp)
-    block = nbdeps.render_script(table)
-    lock_text = uv_lock(block, old.lock if old else None)
-    nbdeps.apply(loaded.notebook, old.script_cell if old else None, block, table, lock_text)
+    new = nbdeps.new_declaration(parsed, env["requirement_list"], venv_python_version(env["path"]), stamp)
+    lock_text = uv_lock(nbdeps.script_block(new), old.lock if old else None)
+    nbdeps.apply(loaded.notebook, old.script_cell if old else None, new, lock_text)
     try:
         written = nbedit.write(loaded, loaded.notebook)
     except nbedit.EditError as exc:
         raise CtlError(str(exc), EXIT_USAGE) from None
     print("locked %s: %s (exclude-newer %s)"
-          % (path, ", ".join(table["dependencies"]) or "no packages", stamp))
+          % (path, ", ".join(new.dependencies) or "no packages", stamp))
     print("a notebook open in JupyterLab: File > Reload Notebook from Disk (before saving it there)")
     # What the kernel stub will read from the file we wrote, so its next start finds nothing to sync.
     declaration = nbdecl.from_notebook(json.loads(written))
