@@ -146,14 +146,20 @@ def _write_files(files: dict[str, list[str]]) -> None:
             handle.write("".join(line + "\n" for line in lines))
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
 async def _locked_pins(services: Services, parsed: Parsed, scratch: str) -> list[str]:
     """The lock's pins, checked against the declaration by uv itself (``--locked``)."""
     uv = services.uv
     script = os.path.join(scratch, "notebook.py")
     await asyncio.to_thread(_write_files, {
         script: declared.script_text(parsed).splitlines(), script + ".lock": [parsed.lock or ""]})
+    pins_file = os.path.join(scratch, "pins.txt")  # uv's warnings go to the output, not in here
     argv = [uv.binary, "export", "--script", script, "--locked", "--no-hashes", "--no-header",
-            "--no-annotate", "--format", "requirements-txt"]
+            "--no-annotate", "--format", "requirements-txt", "--quiet", "-o", pins_file]
     if uv.shared_host:
         argv.append("--no-build")
     returncode, output = await uv.run_unchecked(argv)
@@ -166,7 +172,7 @@ async def _locked_pins(services: Services, parsed: Parsed, scratch: str) -> list
             'metadata "uv.lock" cannot be used with the declaration in %s: %s; %s'
             % (parsed.place, _uv_lines(output, uv.shared_host), declared.LOCK_HINT))
     try:
-        pins = pipargs.parse_requirements_text(output)
+        pins = pipargs.parse_requirements_text(await asyncio.to_thread(_read, pins_file))
     except pipargs.PipUsageError as exc:
         raise protocol.BadDeclaration('metadata "uv.lock": %s; %s' % (exc, declared.LOCK_HINT)) from None
     lines = [requirement for requirement, _ in pins.requirements]

@@ -1,0 +1,226 @@
+"""Notebooks that carry their dependencies (issue 11), through real kernels: jupyter_client starts
+the installed kernelspec, the stub reads the notebook and asks the daemon to sync, and the kernel
+imports what the notebook declared. A bad declaration reaches the notebook through the fallback
+kernel, and the env stays exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomllib
+import uv as uv_package
+from helpers import Daemon, Layout, run_code, running_kernel
+
+from uvkerneld import client, protocol
+
+UV = uv_package.find_uv_bin()
+VERSIONS = (
+    "import importlib.metadata as m\n"
+    "for name in %r:\n"
+    "    try: print(name, m.version(name))\n"
+    "    except m.PackageNotFoundError: print(name, '-')\n"
+)
+PACKAGES = ("iniconfig", "toolz", "tabulate", "more-itertools")
+
+
+def write_notebook(path: Path, first_code: str = "print(1)", metadata: dict[str, Any] | None = None) -> str:
+    notebook = {
+        "cells": [
+            {"cell_type": "code", "execution_count": None, "id": "c1",
+             "metadata": {"jupyter": {"source_hidden": True}}, "outputs": [], "source": first_code},
+            {"cell_type": "code", "execution_count": None, "id": "c2", "metadata": {}, "outputs": [],
+             "source": "import iniconfig"},
+        ],
+        "metadata": {"kernelspec": {"name": "uv", "display_name": "uv"}, **(metadata or {})},
+        "nbformat": 4, "nbformat_minor": 5,
+    }
+    path.write_text(json.dumps(notebook, indent=1) + "\n")
+    return str(path)
+
+
+def runt(*dependencies: str, **more: Any) -> dict[str, Any]:
+    uv = {"dependencies": list(dependencies), **more}
+    return {"runt": {"schema_version": "1", "env_id": "x", "uv": uv}}
+
+
+def script(*dependencies: str, extra: str = "") -> str:
+    listed = ", ".join(map(json.dumps, dependencies))
+    return "# /// script\n# dependencies = [%s]\n%s# ///\n" % (listed, extra)
+
+
+def versions(kernel: Any) -> dict[str, str]:
+    return dict(line.split() for line in run_code(kernel, VERSIONS % (PACKAGES,)).splitlines())
+
+
+def kernel_versions(layout: Layout, notebook: str) -> tuple[dict[str, str], str]:
+    with running_kernel(layout, "uv", JPY_SESSION_NAME=notebook) as (_, kernel):
+        return versions(kernel), run_code(kernel, "import sys; print(sys.prefix)").strip()
+
+
+def syncs(layout: Layout, notebook: str) -> list[dict[str, Any]]:
+    installs = layout.request("installs", {"key": {"kind": "notebook", "value": notebook}})["installs"]
+    return [row for row in installs if row["subcommand"] == "sync"]
+
+
+def uv_runs(daemon: Daemon, env_id: str) -> int:
+    return len(re.findall(r"running \S+ pip \S+ --python \S*/%s/bin/python" % env_id, daemon.log))
+
+
+def freeze(venv: str) -> str:
+    result = subprocess.run([UV, "pip", "freeze", "--python", os.path.join(venv, "bin", "python")],
+                            capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout
+
+
+def fallback_error(layout: Layout, notebook: str) -> str:
+    """The error a cell gets in a kernel for ``notebook`` (the fallback kernel's message)."""
+    errors: list[str] = []
+
+    def hook(message: dict[str, Any]) -> None:
+        if message["msg_type"] == "error":
+            errors.append(message["content"]["evalue"])
+
+    with running_kernel(layout, "uv", JPY_SESSION_NAME=notebook) as (_, kernel):
+        reply = kernel.execute_interactive("import iniconfig", timeout=60, output_hook=hook)
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "EnvironmentUnavailable"
+    assert errors, "no error output"
+    return errors[0]
+
+
+def test_nteract_notebooks_get_their_packages_and_conflicting_versions_each_their_own(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
+    current = write_notebook(layout.notebooks / "runt.ipynb", metadata=runt("iniconfig==1.1.1", "tabulate"))
+    legacy = write_notebook(layout.notebooks / "legacy.ipynb",
+                            metadata={"uv": {"dependencies": ["iniconfig==2.0.0"]}})
+    got, prefix = kernel_versions(layout, current)
+    assert got["iniconfig"] == "1.1.1" and got["tabulate"] != "-" and got["toolz"] == "-"
+    got_legacy, prefix_legacy = kernel_versions(layout, legacy)
+    assert got_legacy["iniconfig"] == "2.0.0" and got_legacy["tabulate"] == "-"
+    assert prefix != prefix_legacy
+    # What was declared is what the env records (uvkernelctl show/export read it).
+    requirements = layout.request("installs", {"key": {"kind": "notebook", "value": current}})["requirements"]
+    assert requirements == ["iniconfig==1.1.1", "tabulate"]
+
+
+def test_a_juv_notebook_imports_exactly_the_locked_versions(
+    daemon: Daemon, layout: Layout, kernelspec: str, tmp_path: Path
+) -> None:
+    # A lock made as juv makes it (`uv lock --script`), with an exclude-newer that rules out the
+    # newest iniconfig and toolz: the kernel gets the lock's versions, not today's.
+    cell = script("iniconfig", "toolz", extra='# [tool.uv]\n# exclude-newer = "2024-06-01T00:00:00Z"\n')
+    source = tmp_path / "lockme.py"
+    source.write_text(cell)
+    env = dict(os.environ, UV_CACHE_DIR=str(layout.cache_dir), UV_PYTHON_DOWNLOADS="never")
+    subprocess.run([UV, "lock", "--script", str(source)], check=True, env=env, capture_output=True,
+                   timeout=300)
+    lock = Path(str(source) + ".lock").read_text()
+    pinned = {package["name"]: package["version"] for package in tomllib.loads(lock)["package"]}
+    assert pinned["iniconfig"] == "2.0.0" and pinned["toolz"] == "0.12.1"
+    notebook = write_notebook(layout.notebooks / "juv.ipynb", cell, {"uv.lock": lock})
+    got, _ = kernel_versions(layout, notebook)
+    assert {name: got[name] for name in pinned} == pinned
+
+
+def test_editing_the_declaration_syncs_at_restart_and_pip_installs_outside_it_survive(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
+    path = layout.notebooks / "edited.ipynb"
+    notebook = write_notebook(path, metadata=runt("iniconfig==1.1.1", "toolz"))
+    with running_kernel(layout, "uv", JPY_SESSION_NAME=notebook) as (manager, kernel):
+        got = versions(kernel)
+        assert got["iniconfig"] == "1.1.1" and got["toolz"] != "-" and got["tabulate"] == "-"
+        run_code(kernel, "%pip install tabulate", timeout=300)
+        env_id = os.path.basename(run_code(kernel, "import sys; print(sys.prefix)").strip())
+        assert len(syncs(layout, notebook)) == 1
+        runs = uv_runs(daemon, env_id)
+        # Unchanged since the last start: no sync, no uv run at all.
+        manager.restart_kernel(now=False)
+        kernel.wait_for_ready(timeout=120)
+        assert versions(kernel)["iniconfig"] == "1.1.1"
+        assert len(syncs(layout, notebook)) == 1 and uv_runs(daemon, env_id) == runs
+        # Changed (iniconfig), removed (toolz), added (more-itertools): synced at the restart.
+        write_notebook(path, metadata=runt("iniconfig==2.0.0", "more-itertools"))
+        manager.restart_kernel(now=False)
+        kernel.wait_for_ready(timeout=180)
+        got = versions(kernel)
+        assert got["iniconfig"] == "2.0.0" and got["toolz"] == "-" and got["more-itertools"] != "-"
+        assert got["tabulate"] != "-"  # %pip's, outside the declaration: kept
+    history = layout.request("installs", {"key": {"kind": "notebook", "value": notebook}})
+    assert history["requirements"] == ["iniconfig==2.0.0", "more-itertools", "tabulate"]
+    assert [row["exit_status"] for row in syncs(layout, notebook)] == [0, 0]
+
+
+LOCKED_CELL = script("iniconfig==1.1.1")
+
+
+@pytest.mark.parametrize(("first_code", "metadata", "expected"), [
+    ("# /// script\n# dependencies = [\n#   \"iniconfig\" \"toolz\"\n# ]\n# ///\n", {},
+     "cell 1 (PEP 723 block): invalid TOML: Unclosed array (line 3 of the cell)"),
+    (script("iniconfig>="), {},
+     "cell 1 (PEP 723 block): dependencies[0]: 'iniconfig>=' is not a requirement: "),
+    ("print(1)", runt("iniconfig==1.1.1", "toolz >"),
+     "metadata.runt.uv.dependencies[1]: 'toolz >' is not a requirement: "),
+    (script("iniconfig==2.0.0"), "LOCK",
+     'metadata "uv.lock" does not match the declaration in cell 1 (PEP 723 block); run `uvkernelctl lock '),
+    (script("nonexistent-pkg-uvkerneld-xyz"), {},
+     "cell 1 (PEP 723 block): 'nonexistent-pkg-uvkerneld-xyz' does not resolve (with this kernel's own "),
+    (script("iniconfig", extra='# requires-python = ">=3.99"\n'), {},
+     "cell 1 (PEP 723 block): requires-python '>=3.99' matches no interpreter on this host; it has: 3."),
+    (script("iniconfig==1.1.1"), runt("iniconfig==2.0.0"),
+     "cell 1 (PEP 723 block) and metadata.runt.uv declare different dependencies"),
+    (script("iniconfig", extra="# [tool.uv]\n# find-links = [\"https://example.org/wheels\"]\n"), {},
+     "cell 1 (PEP 723 block): [tool.uv] find-links is not supported by uvkerneld (supported: "),
+], ids=["invalid-toml", "bad-requirement-cell", "bad-requirement-runt", "lock-mismatch", "no-such-package",
+        "requires-python", "places-disagree", "unsupported-tool-uv"])
+def test_a_bad_declaration_shows_in_the_notebook_and_changes_nothing(
+    daemon: Daemon, layout: Layout, kernelspec: str, tmp_path: Path, first_code: str, metadata: Any,
+    expected: str,
+) -> None:
+    path = layout.notebooks / "bad.ipynb"
+    good = write_notebook(path, metadata=runt("iniconfig==1.1.1"))
+    got, prefix = kernel_versions(layout, good)
+    assert got["iniconfig"] == "1.1.1"
+    before = freeze(prefix)
+    rows_before = layout.request("installs", {"key": {"kind": "notebook", "value": good}})
+    if metadata == "LOCK":  # a lock of another declaration (iniconfig==1.1.1) under this one
+        source = tmp_path / "other.py"
+        source.write_text(LOCKED_CELL)
+        env = dict(os.environ, UV_CACHE_DIR=str(layout.cache_dir), UV_PYTHON_DOWNLOADS="never")
+        subprocess.run([UV, "lock", "--script", str(source)], check=True, env=env, capture_output=True,
+                       timeout=300)
+        metadata = {"uv.lock": Path(str(source) + ".lock").read_text()}
+    write_notebook(path, first_code, metadata)
+    message = fallback_error(layout, good)
+    assert expected in message
+    assert "\n" not in message.strip(), message
+    assert freeze(prefix) == before
+    after = layout.request("installs", {"key": {"kind": "notebook", "value": good}})
+    assert after["requirements"] == rows_before["requirements"]
+    assert layout.request("show", {"key": {"kind": "notebook", "value": good}})["state"] == "assigned"
+    # Fixed again: the next start syncs it, with no error left behind.
+    write_notebook(path, metadata=runt("iniconfig==2.0.0"))
+    assert kernel_versions(layout, good)[0]["iniconfig"] == "2.0.0"
+
+
+def test_the_sync_op_refuses_a_declaration_of_the_wrong_shape(bare_daemon: Daemon, layout: Layout) -> None:
+    notebook = str(layout.notebook("shape.ipynb"))
+    key = {"kind": "notebook", "value": notebook}
+    for declaration, expected in [
+        ("text", '"declaration" must be an object'),
+        ({"script": 3}, '"declaration.script" must be text or null'),
+        ({"script": "# /// script\n# ///\n"}, '"declaration.script_cell" must be the number'),
+        ({"uv": {}, "uv_key": "metadata.elsewhere"}, '"declaration.uv_key" must be one of'),
+        ({"what": 1}, '"declaration" must be an object with some of'),
+    ]:
+        with pytest.raises(protocol.BadRequest, match=re.escape(expected)):
+            client.request(str(layout.socket), "sync", {"key": key, "declaration": declaration}, 30)
+    with pytest.raises(protocol.BadRequest, match="sync needs a notebook key"):
+        client.request(
+            str(layout.socket), "sync", {"key": {"kind": "env", "value": "x"}, "declaration": {}}, 30)
