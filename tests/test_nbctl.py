@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import tomllib
 from helpers import Daemon, Layout, ctl
 
 from uvkerneld import ctl as ctl_module
-from uvkerneld import nbdeps, nbedit
+from uvkerneld import nbdecl, nbedit
 from uvkerneld.uv import find_uv
 
 OTHER_UID, OTHER_GID = 61001, 61002
@@ -52,7 +53,11 @@ def env_with(layout: Layout, notebook: Path, *packages: str) -> str:
 
 
 def script_of(notebook: Any) -> dict[str, Any]:
-    return nbdeps.script_table(nbdeps.nbdecl.cell_source(notebook.cells[0]), 1)
+    """The TOML of the PEP 723 block in the first cell, read as PEP 723 says (not with our code)."""
+    match = re.search(r"(?m)^# /// script$\s(?P<content>(^#(| .*)$\s)+)^# ///$", notebook.cells[0].source)
+    assert match, notebook.cells[0].source
+    return tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:]
+                                 for line in match.group("content").splitlines(keepends=True)))
 
 
 @pytest.fixture
@@ -129,6 +134,12 @@ def test_lock_changes_only_the_declaration(nb_daemon: Daemon, layout: Layout) ->
     info = notebook.stat()
     assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (OTHER_UID, OTHER_GID, 0o640)
     assert sorted(os.listdir(layout.notebooks)) == ["rich.ipynb"]  # no temp file left behind
+    # lock synced the env to what it wrote: the next kernel start has nothing to sync, deps no drift.
+    acquired = layout.request("acquire", {"key": {"kind": "notebook", "value": str(notebook)}}, timeout=60)
+    assert acquired["declared_digest"] == nbdecl.digest(nbdecl.read_declaration(str(notebook)).to_wire())
+    check = run_ctl(layout, "deps", str(notebook), "--check")
+    assert check.returncode == 0, check.stdout
+    assert "locked     iniconfig 2.0.0 (uv.lock in the notebook)" in check.stdout
 
     # A notebook that already has a block cell: that cell's source is replaced, its id, metadata and
     # the code after the block kept; its [tool.uv] keys kept; nothing else changes.
