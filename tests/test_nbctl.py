@@ -326,3 +326,23 @@ def test_lock_rejects_a_bad_exclude_newer(layout: Layout) -> None:
         assert (result.returncode, result.stderr) == (2, (
             "uvkernelctl: --exclude-newer %r is neither a date (2025-01-31) nor an RFC 3339 time with a time "
             "zone (2025-01-31T00:00:00Z)\n" % value))
+
+
+def test_sync_makes_the_env_match_the_notebook(nb_daemon: Daemon, layout: Layout) -> None:
+    notebook = write_nb(layout.notebooks / "synced.ipynb", {"runt": {"schema_version": "1", "uv": {
+        "dependencies": ["iniconfig==2.0.0"]}}})
+    first = run_ctl(layout, "sync", str(notebook))  # no env yet: sync makes it
+    assert first.returncode == 0, first.stderr
+    added, synced = first.stdout.splitlines()[-2:]
+    assert added == "added iniconfig" and synced.startswith("synced env e-"), first.stdout
+    assert "iniconfig==2.0.0" in first.stderr  # uv's own output, streamed while it ran
+    report = json.loads(run_ctl(layout, "deps", str(notebook), "--json").stdout)
+    assert report["installed"]["iniconfig"] == "2.0.0"
+
+    write_nb(notebook, {"runt": {"schema_version": "1", "uv": {"dependencies": ["iniconfig==2.1.0"]}}})
+    drifted = run_ctl(layout, "deps", str(notebook), "--check")
+    assert drifted.returncode == 6 and "iniconfig 2.0.0 is installed, the notebook asks for" in drifted.stdout
+    second = run_ctl(layout, "sync", str(notebook))
+    assert second.returncode == 0, second.stderr
+    report = json.loads(run_ctl(layout, "deps", str(notebook), "--json").stdout)
+    assert (report["installed"]["iniconfig"], report["drift"]) == ("2.1.0", [])
