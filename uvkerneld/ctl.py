@@ -15,29 +15,24 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, client, envid, envvars, gc, locations, protocol
+from . import __version__, client, envid, envvars, gc, locations, nbcommands
 from .config import LINK_MODES
+
+# The exit codes, CtlError and the request helper live in ctlcall so that nbcommands (the NOTEBOOK
+# commands) can use them without importing this module (no import cycle).
+from .ctlcall import (  # noqa: F401 - EXIT_* are part of this module's interface (tests, docs)
+    EXIT_CHECK_FAILED,
+    EXIT_DAEMON_ERROR,
+    EXIT_NOT_ALLOWED,
+    EXIT_NOT_FOUND,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    CtlError,
+    venv_python_version,
+)
+from .ctlcall import request as _request
 from .units import format_bytes, format_duration
-
-EXIT_OK = 0
-EXIT_NOT_RUNNING = 1
-EXIT_USAGE = 2
-EXIT_NOT_ALLOWED = 3
-EXIT_NOT_FOUND = 4
-EXIT_DAEMON_ERROR = 5
-EXIT_CHECK_FAILED = 6  # doctor: at least one check FAILed; deps --check / doctor NOTEBOOK: drift
-
-_EXIT_BY_CODE = {
-    "not_allowed": EXIT_NOT_ALLOWED,
-    "not_found": EXIT_NOT_FOUND,
-    "bad_request": EXIT_USAGE,
-}
-
-
-class CtlError(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     units.add_argument(
         "--prefix", metavar="DIR", help="write under DIR instead of / (or ~/.config with --user)")
 
-    from .nbcommands import add_parsers
-
-    add_parsers(commands)
+    nbcommands.add_parsers(commands)  # deps, lock, sync NOTEBOOK
 
     try_kernel = commands.add_parser(
         "try", help="start a kernel from the installed kernelspec, run code in it, stop it"
@@ -149,9 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gc": lambda: cmd_gc(socket_path, args),
         "pool": lambda: cmd_pool(socket_path, args),
         "doctor": lambda: cmd_doctor(socket_path, args),
-        "deps": lambda: notebook_command("cmd_deps", socket_path, args),
-        "lock": lambda: notebook_command("cmd_lock", socket_path, args),
-        "sync": lambda: notebook_command("cmd_sync", socket_path, args),
+        "deps": lambda: nbcommands.cmd_deps(socket_path, args),
+        "lock": lambda: nbcommands.cmd_lock(socket_path, args),
+        "sync": lambda: nbcommands.cmd_sync(socket_path, args),
     }
     try:
         exit_code = handlers[args.command]()
@@ -165,25 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # interpreter's final flush does not raise again, and exit like a SIGPIPE'd tool would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,
-             on_event: Any = None, timeout: float | None = 60.0) -> dict[str, Any]:
-    try:
-        sock = client.connect(socket_path, timeout)
-        try:
-            return client.call(sock, op, args, timeout, on_event=on_event)
-        finally:
-            sock.close()
-    except client.DaemonNotRunning as exc:
-        raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
-    except protocol.UvkError as exc:
-        raise CtlError(exc.message, _EXIT_BY_CODE.get(exc.code, EXIT_DAEMON_ERROR)) from None
-    except client.UntrustedDaemon as exc:
-        raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
-    except OSError as exc:
-        raise CtlError(
-            "talking to uvkerneld at %s failed: %s" % (socket_path, exc), EXIT_DAEMON_ERROR) from None
 
 
 def cmd_status(socket_path: str, as_json: bool) -> int:
@@ -297,20 +271,6 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     if not result["envs"]:
         print("(no envs yet: open a notebook with the uv kernel)")
     return EXIT_OK
-
-
-def venv_python_version(venv: str) -> str:
-    """The venv's Python version from its pyvenv.cfg (read here, as the user: venvs are readable);
-    '?' when the venv is gone or half-made."""
-    try:
-        with open(os.path.join(venv, "pyvenv.cfg"), encoding="utf-8", errors="replace") as handle:
-            lines = handle.read(65536).splitlines()
-    except OSError:
-        return "?"
-    values = dict(line.split("=", 1) for line in lines if "=" in line)
-    values = {key.strip(): value.strip() for key, value in values.items()}
-    # uv writes version_info; the standard library's venv writes version.
-    return values.get("version_info") or values.get("version") or "?"
 
 
 def cmd_show(socket_path: str, args: argparse.Namespace) -> int:
@@ -429,16 +389,9 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def notebook_command(name: str, socket_path: str, args: argparse.Namespace) -> int:
-    from . import nbcommands
-
-    handler: Any = getattr(nbcommands, name)
-    return int(handler(socket_path, args))
-
-
 def cmd_doctor(socket_path: str, args: argparse.Namespace) -> int:
     if args.notebook:
-        return notebook_command("cmd_doctor_notebook", socket_path, args)
+        return nbcommands.cmd_doctor_notebook(socket_path, args)
     from .config import ConfigError, load_config
     from .doctor import FAIL, checks_json, format_checks, run_checks
 
@@ -553,8 +506,4 @@ def cmd_try(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # Run the imported module's main, not __main__'s: nbcommands imports uvkerneld.ctl, and two copies
-    # would mean two CtlError classes (its errors would escape main's handler as tracebacks).
-    from uvkerneld.ctl import main as imported_main
-
-    sys.exit(imported_main())
+    sys.exit(main())

@@ -16,16 +16,16 @@ import tempfile
 from typing import Any
 
 from . import nbdecl, nbdeps, nbedit, protocol
-from .ctl import (
+from .ctlcall import (
     EXIT_CHECK_FAILED,
     EXIT_DAEMON_ERROR,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
     CtlError,
-    _request,
     venv_python_version,
 )
+from .ctlcall import request as _request
 from .uv import find_uv
 
 UV_LOCK_TIMEOUT_S = 600.0
