@@ -273,8 +273,10 @@ def test_deps_and_doctor_report_drift(nb_daemon: Daemon, layout: Layout) -> None
     assert [item["message"] for item in report["drift"]] == [
         "iniconfig 2.1.0 is installed, the lock pins 2.0.0; run `uvkernelctl sync NOTEBOOK`"]
 
-    # No drift: what is declared is installed, and %pip installed nothing undeclared.
-    clean = write_nb(layout.notebooks / "clean.ipynb", {"uv": {"dependencies": ["iniconfig>=2"]}})
+    # No drift: what is declared is installed, and %pip installed nothing undeclared (a package for
+    # another platform is not missing).
+    clean = write_nb(layout.notebooks / "clean.ipynb", {"uv": {"dependencies": [
+        "iniconfig>=2", "pywin32; sys_platform == 'win32'"]}})
     env_with(layout, clean, "iniconfig==2.0.0")
     check = run_ctl(layout, "deps", str(clean), "--check")
     assert check.returncode == 0, check.stdout + check.stderr
@@ -315,6 +317,13 @@ def test_each_bad_input_gets_a_clear_message(nb_daemon: Daemon, layout: Layout, 
         else:
             assert result.stderr.startswith(
                 "uvkernelctl: %s: cell 1 (PEP 723 block): invalid TOML: " % bad), result.stderr
+    if command == "sync":
+        empty = write_nb(folder / "empty.ipynb")
+        result = run_ctl(layout, "sync", str(empty))
+        assert (result.returncode, result.stderr) == (2, (
+            "uvkernelctl: %s declares no packages; nothing to sync (`uvkernelctl lock %s` writes what its "
+            "env has into it)\n" % (empty, empty)))
+        empty.unlink()
     assert sorted(os.listdir(folder)) == ["bad.ipynb", "fresh.ipynb", "notes.txt"]
     assert layout.request("list", {"all": False})["envs"] == []  # none of these made an env
 

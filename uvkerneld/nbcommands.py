@@ -121,7 +121,7 @@ def format_report(found: dict[str, Any]) -> str:
         lines.append("locked     %s" % ", ".join(
             "%s %s" % (name, locked[name]) for name in names if name in locked)
             + " (uv.lock in the notebook)")
-    lines.append("recorded   %s" % (", ".join(found["recorded"]) or "(nothing installed with %pip)"))
+    lines.append("recorded   %s" % (", ".join(found["recorded"]) or "(nothing asked for)"))
     lines.append("installed  %s" % (", ".join(
         "%s %s" % (name, installed.get(name, "(missing)")) for name in names) or "-"))
     if found["drift"]:
@@ -157,9 +157,9 @@ def _print_synced(result: dict[str, Any]) -> None:
     if not result.get("synced"):
         print("the env already matches the notebook")
         return
-    for verb, key in (("added", "added"), ("removed", "removed")):
-        if changes.get(key):
-            print("%s %s" % (verb, ", ".join(changes[key])))
+    for verb in ("added", "removed"):
+        if changes.get(verb):
+            print("%s %s" % (verb, ", ".join(changes[verb])))
     print("synced env %s with the notebook" % result.get("env_id", "?"))
 
 

@@ -85,6 +85,8 @@ def drift(parsed: declared.Parsed | None, pins: dict[str, str], recorded: list[s
     declared_names: set[str] = set()
     for requirement_text in parsed.dependencies if parsed else ():
         requirement = Requirement(requirement_text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue  # not for this platform (judged with uvkernelctl's interpreter, not the env's)
         name = pipargs.normalize_name(requirement.name)
         declared_names.add(name)
         have = installed.get(name)
