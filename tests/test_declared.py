@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -117,6 +118,8 @@ def test_the_cell_wins_and_both_places_must_agree() -> None:
      "metadata.runt.uv.prerelease must be one of disallow, allow,"),
     (wire(uv={"dependencies": ["x @ ${HOME}/x.whl"]}, uv_key=nbdecl.RUNT_UV_KEY),
      "metadata.runt.uv.dependencies[0]: requirement 'x @ ${HOME}/x.whl' uses ${...}"),
+    (wire(uv={"dependencies": ["pkg @ ./pkg"]}, uv_key=nbdecl.RUNT_UV_KEY),
+     "metadata.runt.uv.dependencies[0]: the path in 'pkg @ ./pkg' must be absolute (or a file:// URL)"),
     (wire(lock="version = 1\n"),
      'metadata "uv.lock" holds a lock but the notebook declares no dependencies to go with it'),
     (wire(JUV_CELL, lock={"not": "text"}), 'metadata "uv.lock" must be the text of a uv lockfile'),
@@ -142,3 +145,37 @@ def test_a_declaration_of_nothing_means_nothing() -> None:
     assert declared.interpret(wire(), shared_host=False) is None
     parsed = declared.interpret(wire(uv={}, uv_key=nbdecl.RUNT_UV_KEY), shared_host=False)
     assert parsed is not None and parsed.dependencies == ()
+
+
+LOCK = """version = 1
+requires-python = ">=3.11"
+
+[[package]]
+name = "iniconfig"
+version = "1.1.1"
+source = { registry = "https://pypi.org/simple" }
+"""
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ('{ path = "/home/a/localpkg-1.0-py3-none-any.whl" }',
+     "installing from a local path (localpkg from path "),
+    ('{ directory = "/home/a/src" }', "installing from a local path (localpkg from directory /home/a/src)"),
+    ('{ editable = "/home/a/src" }', "installing from a local path (localpkg from editable"),
+    ('{ git = "https://example.com/x.git?rev=1#abc" }', "localpkg needs a build"),
+    ('{ url = "https://example.com/localpkg-1.0.tar.gz" }', "localpkg needs a build"),
+    ('{ registry = "file:///srv/index" }', "installing from a local path (localpkg from registry file:"),
+])
+def test_a_shared_host_refuses_a_lock_with_packages_from_elsewhere(source: str, expected: str) -> None:
+    declared.check_lock(LOCK, shared_host=True)
+    other = LOCK + '\n[[package]]\nname = "localpkg"\nversion = "1.0"\nsource = %s\n' % source
+    declared.check_lock(other, shared_host=False)  # a user's own daemon: uv decides
+    with pytest.raises(BadDeclaration) as caught:
+        declared.check_lock(other, shared_host=True)
+    assert caught.value.message.startswith('metadata "uv.lock": ') and expected in caught.value.message
+
+
+def test_a_lock_that_is_not_toml_says_so() -> None:
+    expected = 'metadata "uv.lock" is not a uv lockfile (invalid TOML: '
+    with pytest.raises(BadDeclaration, match=re.escape(expected)):
+        declared.check_lock("version = \n", shared_host=False)

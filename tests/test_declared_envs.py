@@ -107,6 +107,9 @@ def test_nteract_notebooks_get_their_packages_and_conflicting_versions_each_thei
     # What was declared is what the env records (uvkernelctl show/export read it).
     requirements = layout.request("installs", {"key": {"kind": "notebook", "value": current}})["requirements"]
     assert requirements == ["iniconfig==1.1.1", "tabulate"]
+    # The env's own record (what rebuilds a lost store) knows what was declared too.
+    record = json.loads((layout.venvs_dir / ".records" / (os.path.basename(prefix) + ".json")).read_text())
+    assert record["declared"] == ["iniconfig==1.1.1", "tabulate"] and len(record["declared_digest"]) == 64
 
 
 def test_a_juv_notebook_imports_exactly_the_locked_versions(
@@ -124,8 +127,13 @@ def test_a_juv_notebook_imports_exactly_the_locked_versions(
     pinned = {package["name"]: package["version"] for package in tomllib.loads(lock)["package"]}
     assert pinned["iniconfig"] == "2.0.0" and pinned["toolz"] == "0.12.1"
     notebook = write_notebook(layout.notebooks / "juv.ipynb", cell, {"uv.lock": lock})
+    # What a daemon killed during a sync left behind goes at this daemon's first sync.
+    leftover = layout.state_dir / "sync-scratch" / "sync-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "notebook.py.lock").write_text(lock)
     got, _ = kernel_versions(layout, notebook)
     assert {name: got[name] for name in pinned} == pinned
+    assert not leftover.exists() and list((layout.state_dir / "sync-scratch").iterdir()) == []
 
 
 def test_editing_the_declaration_syncs_at_restart_and_pip_installs_outside_it_survive(
@@ -224,3 +232,30 @@ def test_the_sync_op_refuses_a_declaration_of_the_wrong_shape(bare_daemon: Daemo
     with pytest.raises(protocol.BadRequest, match="sync needs a notebook key"):
         client.request(
             str(layout.socket), "sync", {"key": {"kind": "env", "value": "x"}, "declaration": {}}, 30)
+
+
+def test_requires_python_another_interpreter_on_the_host_matches_is_a_clear_error(
+    bare_daemon: Daemon, layout: Layout
+) -> None:
+    """Moving a notebook's env to another interpreter is not done yet: the error names what the
+    notebook asked for, the env's Python and the host's interpreter that would match."""
+    listed = subprocess.run([UV, "python", "list", "--only-installed", "--output-format", "json"],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, UV_PYTHON_DOWNLOADS="never"))
+    key = {"kind": "notebook", "value": str(layout.notebook("rp.ipynb"))}
+    acquired = layout.request("acquire", {"key": key}, timeout=300)
+    probe = [acquired["python"], "-c", "import platform; print(platform.python_version())"]
+    env_version = subprocess.run(
+        probe, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    host_versions = {entry["version"] for entry in json.loads(listed.stdout.splitlines()[-1])}
+    others = sorted(host_versions - {env_version})
+    if not others:
+        pytest.skip("this host has no interpreter other than the env's Python %s" % env_version)
+    declaration = {"uv": {"dependencies": [], "requires-python": "==" + others[0]},
+                   "uv_key": "metadata.runt.uv"}
+    with pytest.raises(protocol.BadDeclaration) as caught:
+        layout.request("sync", {"key": acquired["key"], "declaration": declaration}, timeout=120)
+    message = caught.value.message
+    assert message.startswith("metadata.runt.uv: requires-python '==%s' does not match this notebook's env "
+                              "(Python %s); the host has %s (" % (others[0], env_version, others[0])), message
+    assert "does not yet move a notebook's env to another interpreter" in message

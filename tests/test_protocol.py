@@ -247,8 +247,8 @@ def test_truncated_frames(data: bytes) -> None:
 def test_error_codes_are_stable_and_rebuild_on_the_client() -> None:
     assert sorted(protocol.ERROR_CLASSES) == sorted([
         "frame_too_large", "truncated_frame", "not_json", "bad_request", "unknown_op",
-        "unsupported_version", "not_allowed", "not_found", "env_unavailable", "shutting_down",
-        "internal", "over_limit",
+        "unsupported_version", "not_allowed", "not_found", "bad_declaration", "env_unavailable",
+        "shutting_down", "internal", "over_limit",
     ])
     for code, cls in protocol.ERROR_CLASSES.items():
         rebuilt = protocol.error_from_wire({"code": code, "message": "m"})

@@ -807,3 +807,86 @@ def test_a_wheels_pyvenv_cfg_or_pth_folder_with_a_sitecustomize_never_runs_as_th
         assert_uv_requerying_the_env_runs_no_hook(host, env_b, "evilpth", marker)
     finally:
         server.stop()
+
+
+# --- notebooks that declare their dependencies (issue 11) ---------------------------------------
+
+
+def write_notebook_as(host: Host, uid: int, name: str, first_code: str, metadata: dict[str, Any]) -> str:
+    """A notebook in the user's home, written by the user (the daemon can read neither)."""
+    path = host.home(uid) / name
+    notebook = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {},
+                           "outputs": [], "source": first_code}],
+                "metadata": metadata, "nbformat": 4, "nbformat_minor": 5}
+    result = host.run_as(uid, [host.python, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                               str(path), json.dumps(notebook)])
+    assert result.returncode == 0, result.stderr
+    return str(path)
+
+
+def test_a_declaration_is_held_to_pips_rules_on_a_shared_host(
+        host: Host, attack_files: dict[str, Any]) -> None:
+    """What %pip may not install, a notebook may not declare: local paths, file:// and VCS URLs, a
+    file:// index; each refused before uv runs, with %pip's own words, and the env unchanged."""
+    wheel = attack_files["wheel"]
+    notebook = str(host.home(UID_A) / "declared-paths.ipynb")
+    env = env_of(host, UID_A, "declared-paths.ipynb")
+    before = sorted(os.listdir(next(Path(env).glob("lib/python*/site-packages"))))
+    refused = {
+        "localpkg @ file://%s" % wheel: "installing from a local path (localpkg @ file://",
+        "localpkg @ %s" % wheel: "installing from a local path (localpkg @ /",
+        "evilpkg @ git+http://127.0.0.1:9/evil.git": "evilpkg needs a build",
+        "evilpkg @ " + attack_files["sdist_url"]: "evilpkg needs a build",
+    }
+    for requirement, message in refused.items():
+        declaration = {"uv": {"dependencies": [requirement]}, "uv_key": "metadata.runt.uv"}
+        error = protocol_error_as(host, UID_A, "sync", {
+            "key": {"kind": "notebook", "value": notebook}, "declaration": declaration})
+        assert error["code"] == "bad_declaration", error
+        assert error["message"].startswith("metadata.runt.uv.dependencies[0]: "), error
+        assert message in error["message"], error
+    script = ('# /// script\n# dependencies = ["localpkg"]\n# [tool.uv]\n# index-url = "%s"\n# ///\n'
+              % attack_files["file_index"])
+    error = protocol_error_as(host, UID_A, "sync", {
+        "key": {"kind": "notebook", "value": notebook}, "declaration": {"script": script, "script_cell": 1}})
+    assert error["code"] == "bad_declaration", error
+    assert "cell 1 (PEP 723 block): [tool.uv] index-url: URL must be an http(s) URL, got 'file://" \
+        in error["message"]
+    # A lock naming a file on the host (uv checking it would read that path as the daemon).
+    lock = ('version = 1\nrequires-python = ">=3.8"\n\n[manifest]\nrequirements = [{ name = "localpkg" }]\n\n'
+            '[[package]]\nname = "localpkg"\nversion = "1.0"\nsource = { path = "%s" }\n' % wheel)
+    script = '# /// script\n# dependencies = ["localpkg"]\n# ///\n'
+    error = protocol_error_as(host, UID_A, "sync", {
+        "key": {"kind": "notebook", "value": notebook},
+        "declaration": {"script": script, "script_cell": 1, "lock": lock}})
+    assert error["code"] == "bad_declaration", error
+    assert error["message"].startswith(
+        'metadata "uv.lock": installing from a local path (localpkg from path /'), error
+    assert sorted(os.listdir(next(Path(env).glob("lib/python*/site-packages")))) == before
+
+
+def test_a_declared_sdist_is_never_built_on_a_shared_host(
+        host: Host, attack_files: dict[str, Any]) -> None:
+    """A notebook that declares a package the index has only as an sdist, opened in a real kernel:
+    the notebook shows why (wheels only), and the build backend never ran."""
+    marker = attack_files["marker"]
+    # An extra index: the kernel's own packages still come from the default one.
+    script = ('# /// script\n# dependencies = ["evilpkg"]\n# [tool.uv]\n# extra-index-url = ["%s"]\n# ///\n'
+              % attack_files["index"])
+    write_notebook_as(host, UID_A, "declared-sdist.ipynb", script, {})
+    outcome = host.kernel_as(UID_A, "declared-sdist.ipynb", "import sys; print(sys.prefix)")
+    assert outcome["status"] == "error", outcome
+    assert "cell 1 (PEP 723 block): 'evilpkg' does not resolve" in outcome["output"], outcome
+    assert "this shared host installs wheels only" in outcome["output"], outcome["output"]
+    assert not marker.exists(), "the build backend ran as uid %s" % marker.read_text()
+    assert not list(host.venvs_dir.glob("*/lib/python*/site-packages/zz_evil.pth"))
+    assert cache_entries_named(host, "evilpkg") == [], "the sdist reached the shared cache"
+
+
+def test_a_declared_wheel_is_installed_for_its_user_on_a_shared_host(host: Host) -> None:
+    """The same notebook format on a shared host: the kernel, running as its user, imports it."""
+    write_notebook_as(host, UID_B, "declared.ipynb", "print(1)",
+                      {"runt": {"schema_version": "1", "uv": {"dependencies": ["iniconfig==1.1.1"]}}})
+    outcome = host.kernel_as(UID_B, "declared.ipynb",
+                             "import importlib.metadata as m, os; print(m.version('iniconfig'), os.getuid())")
+    assert outcome == {"status": "ok", "output": "1.1.1 %d\n" % UID_B}, outcome

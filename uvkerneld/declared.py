@@ -179,12 +179,15 @@ def _requirements(values: list[Any], where: str, shared_host: bool) -> tuple[str
         except pipargs.PipUsageError as exc:
             raise BadDeclaration("%s: %s" % (at, exc)) from None
         try:
-            Requirement(value)
+            url = Requirement(value).url
         except InvalidRequirement as exc:
             reason = str(exc).splitlines()[0]
             raise BadDeclaration(
                 "%s: %r is not a requirement: %s; write it as NAME or NAME SPECIFIER, such as 'numpy>=1.26'"
                 % (at, value, reason)) from None
+        if url and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url) and not url.startswith("/"):
+            # Relative to what? The daemon reads the declaration far from the notebook's folder.
+            raise BadDeclaration("%s: the path in %r must be absolute (or a file:// URL)" % (at, value))
         if shared_host:
             refusal = pipargs.shared_host_refusal(value)
             if refusal:
@@ -288,6 +291,36 @@ def _normal_requirement(text: str) -> str:
 def requirement_names(requirements: list[str] | tuple[str, ...]) -> dict[str, str]:
     """name -> requirement, as the requirements table keys them (a URL or path keys itself)."""
     return {pipargs.requirement_name(text) or text: text for text in requirements}
+
+
+def check_lock(text: str, shared_host: bool) -> None:
+    """A ``"uv.lock"`` text before uv reads it: TOML, and on a shared host every package from an
+    http(s) index (uv checking a lock would otherwise look at the paths and repositories it names,
+    as the daemon). Parses the whole lock: call it off the event loop. Raises BadDeclaration."""
+    try:
+        lock = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadDeclaration('metadata "uv.lock" is not a uv lockfile (invalid TOML: %s); %s'
+                             % (exc, LOCK_HINT)) from None
+    packages = lock.get("package", [])
+    if not isinstance(packages, list):
+        raise BadDeclaration('metadata "uv.lock" is not a uv lockfile ([[package]] tables); %s' % LOCK_HINT)
+    if not shared_host:
+        return
+    for package in packages:
+        source = package.get("source") if isinstance(package, dict) else None
+        name = str(package.get("name", "?")) if isinstance(package, dict) else "?"
+        kind, value = next(iter(source.items())) if isinstance(source, dict) and source else ("?", "")
+        if kind == "registry" and isinstance(value, str) and value.lower().startswith(("https://", "http://")):
+            continue
+        if kind == "url" and isinstance(value, str):
+            refusal = pipargs.shared_host_refusal("%s @ %s" % (name, value))
+        elif kind in ("git", "url"):
+            refusal = pipargs.BUILD_REFUSED % name
+        else:
+            refusal = pipargs.LOCAL_PATH_REFUSED % ("%s from %s %s" % (name, kind, value))
+        if refusal:
+            raise BadDeclaration('metadata "uv.lock": %s' % refusal)
 
 
 def script_text(parsed: Parsed) -> str:

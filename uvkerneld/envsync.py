@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from .store import EnvRecord
 log = logging.getLogger("uvkerneld.envsync")
 
 NO_CHANGES: dict[str, list[str]] = {"added": [], "removed": []}
+_BIG_LOCK = 64 * 1024
 _UV_NOISE = re.compile(r"^(Using Python|Resolved|Prepared|Installed|Uninstalled|Audited|Checked) ")
 
 
@@ -53,7 +55,9 @@ async def sync(
 ) -> dict[str, Any]:
     """Sync the declaration ``wire`` (nbdecl's wire form) into ``record``'s env, owned by ``uid``.
     Returns {"synced": uv ran, "changes": {"added", "removed"}}; raises BadDeclaration."""
-    digest = nbdecl.digest(wire)
+    # Hashing a big lock's JSON takes ~15 ms per MB: off the loop then.
+    big = len(wire.get("lock") or "") > _BIG_LOCK
+    digest = await asyncio.to_thread(nbdecl.digest, wire) if big else nbdecl.digest(wire)
     if not force and record.declared_digest == digest:
         return {"synced": False, "changes": NO_CHANGES}
     parsed = declared.interpret(wire, services.uv.shared_host) or Parsed(place="the notebook")
@@ -111,7 +115,7 @@ async def _sync_locked(
     declared_now = declared.requirement_names(parsed.dependencies)
     kept = {name: text for name, text in recorded.items()
             if name not in declared_before and name not in declared_now}
-    with tempfile.TemporaryDirectory(prefix="sync-", dir=config.state_dir) as scratch:
+    with tempfile.TemporaryDirectory(prefix="sync-", dir=await _scratch_root(config.state_dir)) as scratch:
         pins = list(parsed.dependencies)
         if parsed.lock:
             pins = await _locked_pins(services, parsed, scratch)
@@ -140,6 +144,28 @@ async def _sync_locked(
     return {**declared_now, **kept}, changed_distributions(output)
 
 
+_SCRATCH = "sync-scratch"
+_swept: set[str] = set()
+
+
+async def _scratch_root(state_dir: Path) -> str:
+    """``<state_dir>/sync-scratch``, private: each sync's files (the declaration as a script, its
+    lock, uv's pins) live in a folder of their own inside it. What a daemon killed mid-sync left
+    there is removed at this daemon's first sync (one daemon per state dir)."""
+    root = os.path.join(state_dir, _SCRATCH)
+    if root not in _swept:
+        await asyncio.to_thread(_sweep, root)
+        _swept.add(root)
+    return root
+
+
+def _sweep(root: str) -> None:
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    for entry in os.listdir(root):
+        if entry.startswith("sync-"):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
 def _write_files(files: dict[str, list[str]]) -> None:
     for path, lines in files.items():
         with open(path, "w", encoding="utf-8") as handle:
@@ -154,6 +180,7 @@ def _read(path: str) -> str:
 async def _locked_pins(services: Services, parsed: Parsed, scratch: str) -> list[str]:
     """The lock's pins, checked against the declaration by uv itself (``--locked``)."""
     uv = services.uv
+    await asyncio.to_thread(declared.check_lock, parsed.lock or "", uv.shared_host)
     script = os.path.join(scratch, "notebook.py")
     await asyncio.to_thread(_write_files, {
         script: declared.script_text(parsed).splitlines(), script + ".lock": [parsed.lock or ""]})
