@@ -45,3 +45,26 @@ def test_bench_quick_run_produces_every_figure(layout: Layout) -> None:
     for case in ("idle", "gc", "rm"):
         assert latency[case]["samples"] > 0 and 0 < latency[case]["p50_ms"] <= latency[case]["max_ms"], case
     assert "uvkernelctl gc --older-than 0s (3 envs)" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_notebooks_section_produces_its_figures(layout: Layout) -> None:
+    out = layout.root / "bench.json"
+    others = ["starts", "stub", "many", "parallel", "disk", "seed", "abuse", "latency"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--cache-dir", str(layout.cache_dir), "--json", str(out),
+         *("--skip=%s" % name for name in others)],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())["notebooks"]
+    assert figures["megabytes"] > 1.5 and figures["cells"] > 5
+    for case, start in figures["starts"].items():
+        assert start["median_s"] > 0 and math.isfinite(start["ratio"]), case
+    assert set(figures["starts"]) == {"plain", "tiny", "big", "declared"}
+    assert figures["declared_starts"] == 1 and figures["declared_uv_runs"] == 0  # unchanged: no sync
+    assert 0 < figures["reader"]["fast_ms"] < figures["reader"]["full_ms"]
+    assert all(value > 0 for value in figures["stub_ms"].values()) and set(figures["stub_ms"]) == {
+        "tiny", "big", "declared"}
+    assert "uv runs during 1 starts of the unchanged declared notebook: 0  ok" in result.stdout

@@ -92,3 +92,13 @@ def test_reading_a_plain_notebook_imports_no_json_re_or_hashlib(tmp_path: Path, 
     loaded = set(result.stdout.split())
     assert "uvkerneld.nbdecl" in loaded
     assert not {"json", "re", "hashlib"} & loaded, loaded
+
+
+def test_digest_is_sha256_of_the_ordered_wire_text() -> None:
+    # The stub's digest and the daemon's must agree whichever sha256 implementation each imports.
+    import hashlib
+
+    wire = {"lock": "x", "script": "# /// script\n# ///", "script_cell": 1, "uv": {"a": [1]}, "uv_key": None}
+    text = json.dumps({name: wire[name] for name in ("script", "script_cell", "uv", "uv_key", "lock")},
+                      separators=(",", ":"), ensure_ascii=False)
+    assert nbdecl.digest(wire) == hashlib.sha256(text.encode()).hexdigest()
