@@ -232,6 +232,21 @@ def test_lock_refuses_read_only_and_foreign_notebooks(layout: Layout) -> None:
     assert foreign.stat().st_uid == OTHER_GID
 
 
+@pytest.mark.slow
+def test_lock_that_cannot_resolve_writes_nothing(nb_daemon: Daemon, layout: Layout) -> None:
+    notebook = layout.notebooks / "old.ipynb"
+    rich_notebook(notebook)
+    env_with(layout, notebook, "iniconfig==2.0.0")  # released 2023
+    before = notebook.read_bytes()
+    result = run_ctl(layout, "lock", str(notebook), "--exclude-newer", "2020-01-01T00:00:00Z")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(
+        "uvkernelctl: uv lock cannot lock iniconfig==2.0.0 as of 2020-01-01T00:00:00Z; nothing was written. "
+        "uv says: error: No solution found"), result.stderr
+    assert "filtered by `exclude-newer`" in result.stderr
+    assert notebook.read_bytes() == before
+
+
 def write_nb(path: Path, metadata: dict[str, Any] | None = None, first_cell: str | None = None) -> Path:
     cells = [nbformat.v4.new_code_cell(first_cell)] if first_cell is not None else []
     nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata=metadata or {}), str(path))

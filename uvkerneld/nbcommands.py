@@ -190,7 +190,7 @@ def exclude_newer_stamp(text: str | None) -> str:
     return text
 
 
-def uv_lock(script: str, previous_lock: str | None) -> str:
+def uv_lock(script: str, previous_lock: str | None, what: str) -> str:
     """``uv lock --script`` as the calling user, in a private scratch folder; the lockfile's text.
     The notebook's previous lock goes beside the script, so uv keeps its pins where it can."""
     scratch = tempfile.mkdtemp(prefix="uvkernelctl-lock-")
@@ -208,7 +208,10 @@ def uv_lock(script: str, previous_lock: str | None) -> str:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CtlError("running uv lock failed: %s" % exc, EXIT_DAEMON_ERROR) from None
         if done.returncode != 0:
-            raise CtlError("uv lock could not lock the env's packages:\n%s" % done.stderr.strip(), EXIT_USAGE)
+            said = " ".join(line.strip() for line in done.stderr.splitlines()
+                            if line.strip() and not line.startswith("warning:"))
+            raise CtlError("uv lock cannot lock %s; nothing was written. uv says: %s"
+                           % (what, said or "(nothing)"), EXIT_USAGE)
         with open(script_path + ".lock", encoding="utf-8") as handle:
             return handle.read()
     finally:
@@ -230,7 +233,8 @@ def cmd_lock(socket_path: str, args: argparse.Namespace) -> int:
         raise CtlError("%s: %s" % (path, exc), EXIT_USAGE) from None
     env = _show(socket_path, path)
     new = nbdeps.new_declaration(parsed, env["requirement_list"], venv_python_version(env["path"]), stamp)
-    lock_text = uv_lock(nbdeps.script_block(new), old.lock if old else None)
+    lock_text = uv_lock(nbdeps.script_block(new), old.lock if old else None, "%s as of %s" % (
+        ", ".join(new.dependencies) or "the kernel's packages", stamp))
     nbdeps.apply(loaded.notebook, old.script_cell if old else None, new, lock_text)
     try:
         written = nbedit.write(loaded, loaded.notebook)
