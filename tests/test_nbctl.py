@@ -19,6 +19,8 @@ import nbformat
 import pytest
 import tomllib
 from helpers import Daemon, Layout, ctl
+from test_system_mode import UID_A, UID_B, Host, write_notebook_as
+from test_system_mode import host as host
 
 from uvkerneld import ctl as ctl_module
 from uvkerneld import nbdecl, nbedit
@@ -370,3 +372,37 @@ def test_sync_makes_the_env_match_the_notebook(nb_daemon: Daemon, layout: Layout
     assert second.returncode == 0, second.stderr
     report = json.loads(run_ctl(layout, "deps", str(notebook), "--json").stdout)
     assert (report["installed"]["iniconfig"], report["drift"]) == ("2.1.0", [])
+
+
+# --- a shared host (system mode): the user's own process reads, locks and writes the notebook ----
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")
+def test_lock_and_deps_on_a_shared_host_run_as_the_user(host: Host) -> None:
+    notebook = write_notebook_as(host, UID_A, "shared-lock.ipynb", "import iniconfig", {
+        "runt": {"schema_version": "1", "uv": {"dependencies": ["iniconfig==2.0.0"]}}})
+    code = "import importlib.metadata as m, os; print(m.version('iniconfig'), os.getuid())"
+    expected = {"status": "ok", "output": "2.0.0 %d\n" % UID_A}
+    assert host.kernel_as(UID_A, "shared-lock.ipynb", code) == expected
+
+    # uv lock runs as the user (their own uv cache in their home), the daemon only syncs.
+    locked = host.run_as(UID_A, [host.python, "-m", "uvkerneld.ctl", "lock", notebook,
+                                 "--exclude-newer", STAMP])
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    info = os.stat(notebook)
+    assert (info.st_uid, info.st_gid) == (UID_A, UID_A)
+    written = nbformat.read(notebook, as_version=nbformat.NO_CONVERT)
+    assert script_of(written)["dependencies"] == ["iniconfig==2.0.0"]
+    assert tomllib.loads(written.metadata["uv.lock"])["package"][0]["version"] == "2.0.0"
+    check = host.run_as(UID_A, [host.python, "-m", "uvkerneld.ctl", "deps", notebook, "--check"])
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert host.kernel_as(UID_A, "shared-lock.ipynb", code) == expected
+
+    # Another user cannot read it, so cannot lock or sync it either; the file is unchanged.
+    before = Path(notebook).read_bytes()
+    for command in ("lock", "sync", "deps"):
+        other = host.run_as(UID_B, [host.python, "-m", "uvkerneld.ctl", command, notebook])
+        assert (other.returncode, other.stderr) == (3, (
+            "uvkernelctl: cannot reach %s: permission denied (a folder on its path is closed to you); run "
+            "this as the notebook's owner\n" % notebook))
+    assert Path(notebook).read_bytes() == before

@@ -19,6 +19,7 @@ from . import nbdecl, nbdeps, nbedit, protocol
 from .ctlcall import (
     EXIT_CHECK_FAILED,
     EXIT_DAEMON_ERROR,
+    EXIT_NOT_ALLOWED,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
@@ -53,8 +54,15 @@ def add_parsers(commands: Any) -> None:
 
 def _notebook_path(text: str) -> str:
     path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.lexists(path):
-        raise CtlError("no such notebook: %s" % path, EXIT_NOT_FOUND)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise CtlError("no such notebook: %s" % path, EXIT_NOT_FOUND) from None
+    except PermissionError:
+        raise CtlError("cannot reach %s: permission denied (a folder on its path is closed to you); "
+                       "run this as the notebook's owner" % path, EXIT_NOT_ALLOWED) from None
+    except OSError as exc:
+        raise CtlError("cannot reach %s: %s" % (path, exc.strerror), EXIT_USAGE) from None
     if os.path.isdir(path):
         raise CtlError("%s is a folder; give the path of a .ipynb notebook" % path, EXIT_USAGE)
     return path
