@@ -133,6 +133,27 @@ def test_a_first_code_cell_with_5_mb_of_outputs(tmp_path: Path) -> None:
     assert found is not None and found.script == SCRIPT and found.script_cell == 2
 
 
+def test_a_first_code_cell_without_a_block_is_not_decoded(tmp_path: Path, monkeypatch: Any) -> None:
+    # A 5 MB plot in the first code cell of a notebook that declares nothing: the cell's bytes are
+    # searched for the block's words, never decoded (the start-up cost of a big notebook).
+    nb = notebook([code("import numpy", [image_output(5_000_000)]), code("y")],
+                  {"language_info": {"name": "python"}})
+    path = save(tmp_path / "nb.ipynb", nb)
+    scanned: list[int] = []
+    real_scan = nbdecl.fastjson.scan
+    monkeypatch.setattr(nbdecl.fastjson, "scan",
+                        lambda text, index: scanned.append(len(text)) or real_scan(text, index))
+    assert assert_fast_path_equals_full_parse(path, chunks=(nbdecl.CHUNK,)) is None
+    assert all(size < 100_000 for size in scanned), scanned
+    # Escapes that could spell the block's words are decoded and read like the full parse does.
+    for escaped in ("\\u0023 /// script", "# \\/// script", "# /\\/\\/ script"):
+        text = path.read_text().replace('"import numpy"', '"%s\\n# dependencies = []\\n# ///"' % escaped)
+        path.write_text(text)
+        found = assert_fast_path_equals_full_parse(path, chunks=(nbdecl.CHUNK,))
+        assert found is not None and found.script_cell == 1, escaped
+        path = save(tmp_path / "nb.ipynb", nb)
+
+
 def test_output_text_that_looks_like_the_metadata_key(tmp_path: Path) -> None:
     # In the file this text is escaped ("\\n"): only a raw newline starts a key of the layout.
     trap = '\n "metadata": {\n  "uv.lock": "fake"\n },\n "nbformat": 4,\n "nbformat_minor": 5\n}\n'

@@ -140,6 +140,11 @@ CHUNK = 64 * 1024
 SMALL_FILE = CHUNK
 
 
+# Bytes without which a cell's JSON text cannot decode to a "# /// script" line: the words
+# themselves, or a JSON escape that could spell them (a backslash-u escape, or backslash-slash).
+_BLOCK_MARKERS = (b"/// script", b"\\u", b"\\/")
+
+
 class _NotLaidOut(Exception):
     """The file is not laid out as nbformat writes it: the fast path gives way to the full parse."""
 
@@ -302,6 +307,12 @@ def _first_code_cell(fd, size, chunk):
         position += len(cell_start) - 1
         # The cell is decoded only once its end is read: bytes are searched, text is scanned.
         end = head.find(cell_end, position) + len(cell_end)
+        if head.startswith(b"{" + newline + b'   "cell_type": "code",', position) and not any(
+            marker in head.data[position:end] for marker in _BLOCK_MARKERS
+        ):
+            # The first code cell, and no "/// script" in it, written plainly or escaped: it holds
+            # no block, and its outputs (a plot can be megabytes) need not be decoded at all.
+            return None, None
         try:
             text = head.data[position:end].decode("utf-8")
         except UnicodeDecodeError:
