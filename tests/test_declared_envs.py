@@ -388,9 +388,9 @@ def test_the_old_env_stays_while_another_kernel_runs_in_it(layout: Layout, kerne
                 assert why in refused, refused
                 assert "restart the kernel to run in the notebook's env" in refused, refused
                 first_manager.shutdown_kernel(now=True)
-                wait_until(lambda: not os.path.exists(old), 60, "the retired env to be removed")
-                assert layout.status()["envs"]["live"] == 1
-                assert [row["env_id"] for row in layout.request("list")["envs"]] == [os.path.basename(new)]
+                wait_until(lambda: [row["env_id"] for row in layout.request("list")["envs"]]
+                           == [os.path.basename(new)], 60, "the retired env to be removed")
+                assert not os.path.exists(old) and layout.status()["envs"]["live"] == 1
     finally:
         daemon.stop()
 
