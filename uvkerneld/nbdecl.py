@@ -1,8 +1,9 @@
 """What a notebook file declares about its dependencies, read cheaply: the one reader.
 
 Cheaply: a notebook of many megabytes (outputs) is read only at its head, up to the first code
-cell, and its tail, the top-level metadata (``read_laid_out``); a notebook laid out otherwise
-than Jupyter writes them is parsed whole, with the same result (tests/test_nbdecl.py).
+cell, and its tail, the top-level metadata (``read_laid_out``: Jupyter's and Colab's layouts); a
+notebook laid out otherwise is parsed whole, with the same result (tests/test_nbdecl.py), up to
+FULL_PARSE_LIMIT bytes: a larger one is NotebookUnreadable (the stub: it declares nothing).
 
 Three places hold a declaration (issue 11; README "Notebooks that carry their dependencies"):
 - juv: a PEP 723 block (``# /// script`` ... ``# ///``) as the source of the first code cell,
