@@ -167,6 +167,32 @@ def test_editing_the_declaration_syncs_at_restart_and_pip_installs_outside_it_su
     assert [row["exit_status"] for row in syncs(layout, notebook)] == [0, 0]
 
 
+def test_deleting_the_whole_declaration_syncs_its_packages_away_and_pip_installs_stay(
+    daemon: Daemon, layout: Layout, kernelspec: str
+) -> None:
+    path = layout.notebooks / "undeclared.ipynb"
+    notebook = write_notebook(path, script("iniconfig==1.1.1"))
+    with running_kernel(layout, "uv", JPY_SESSION_NAME=notebook) as (manager, kernel):
+        assert versions(kernel)["iniconfig"] == "1.1.1"
+        run_code(kernel, "%pip install tabulate", timeout=300)
+        env_id = os.path.basename(run_code(kernel, "import sys; print(sys.prefix)").strip())
+        # The block cell and every declaration removed: the next start syncs the empty declaration.
+        write_notebook(path, "print(1)")
+        manager.restart_kernel(now=False)
+        kernel.wait_for_ready(timeout=180)
+        got = versions(kernel)
+        assert got["iniconfig"] == "-" and got["tabulate"] != "-"  # %pip's, outside the declaration: kept
+        assert len(syncs(layout, notebook)) == 2
+        # Still declaring nothing: no sync, no uv run.
+        runs = uv_runs(daemon, env_id)
+        manager.restart_kernel(now=False)
+        kernel.wait_for_ready(timeout=120)
+        assert versions(kernel)["tabulate"] != "-"
+        assert len(syncs(layout, notebook)) == 2 and uv_runs(daemon, env_id) == runs
+    history = layout.request("installs", {"key": {"kind": "notebook", "value": notebook}})
+    assert history["requirements"] == ["tabulate"]
+
+
 LOCKED_CELL = script("iniconfig==1.1.1")
 
 
