@@ -400,11 +400,11 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
         last = None
         while True:
             line = "pool: %d/%d ready%s" % (
-                pool["ready"], pool["target"], ", building 1" if pool["filling"] else "")
+                pool["ready"], pool["target"], ", building %d" % pool["filling"] if pool["filling"] else "")
             if line != last:
                 print(line, flush=True)
                 last = line
-            if pool["ready"] == pool["target"] and not pool["filling"]:
+            if pool["ready"] >= pool["target"] and not pool["filling"]:  # a burst may keep extra
                 break
             if pool.get("last_error"):
                 raise CtlError(
@@ -414,7 +414,8 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
             time.sleep(0.5)
             pool = _request(socket_path, "pool", {"size": None})
         return EXIT_OK
-    print("pool: %d/%d ready%s" % (pool["ready"], pool["target"], ", building 1" if pool["filling"] else ""))
+    print("pool: %d/%d ready%s" % (
+        pool["ready"], pool["target"], ", building %d" % pool["filling"] if pool["filling"] else ""))
     return EXIT_OK
 
 
