@@ -277,7 +277,7 @@ def _own_files(venv: Path) -> list[tuple[str, int]]:
 def _top_level(venv: Path) -> list[str]:
     site = site_packages(venv)
     if site is None:
-        raise TemplateDamaged("no site-packages in %s" % venv)
+        raise TemplateDamaged("no packages folder in %s" % venv)
     return sorted(os.listdir(site))
 
 
@@ -296,10 +296,10 @@ def _check(template: Template) -> None:
     try:
         top_level = _top_level(path)
     except OSError:
-        raise TemplateDamaged("its site-packages cannot be read") from None
+        raise TemplateDamaged("its packages folder cannot be read") from None
     if top_level != template.top_level:
         changed = sorted(set(top_level) ^ set(template.top_level))
-        raise TemplateDamaged("its site-packages changed since it was taken (%s)" % ", ".join(changed[:5]))
+        raise TemplateDamaged("its packages changed since it was taken (%s)" % ", ".join(changed[:5]))
 
 
 def _replace_own_files(source: Path, target: Path, own: list[tuple[str, int]]) -> None:
