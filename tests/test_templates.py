@@ -105,8 +105,9 @@ def test_a_cloned_venv_is_indistinguishable_from_the_uv_built_one(layout: Layout
     assert (clone / "bin" / "ipython").read_text().startswith("#!%s/bin/python" % clone)
     assert "'%s'" % clone in (clone / "bin" / "pip").read_text()
     # uv sees the same packages and a consistent env; the env works.
-    assert uv("pip", "list", "--python", str(clone / "bin" / "python"), layout=layout) == uv(
-        "pip", "list", "--python", str(built / "bin" / "python"), layout=layout).replace(built.name, clone.name)
+    listed = uv("pip", "list", "--python", str(built / "bin" / "python"), layout=layout)
+    assert uv("pip", "list", "--python", str(clone / "bin" / "python"), layout=layout) == listed.replace(
+        built.name, clone.name)
     assert "All installed packages are compatible" in uv(
         "pip", "check", "--python", str(clone / "bin" / "python"), layout=layout)
     run = subprocess.run([str(clone / "bin" / "python"), "-c", "import ipykernel, sys; print(sys.prefix)"],
@@ -165,8 +166,9 @@ def test_a_burst_of_new_notebooks_gets_distinct_working_envs(layout: Layout) -> 
         assert all(isinstance(path, Path) for path in paths), paths
         assert len(set(paths)) == 12
         for path in paths:
-            run = subprocess.run([str(path / "bin" / "python"), "-c", "import ipykernel, sys; print(sys.prefix)"],
-                                 capture_output=True, text=True, timeout=120)
+            run = subprocess.run(
+                [str(path / "bin" / "python"), "-c", "import ipykernel, sys; print(sys.prefix)"],
+                capture_output=True, text=True, timeout=120)
             assert run.returncode == 0 and run.stdout.strip() == str(path), run.stderr
         status = layout.status()
         assert status["kernels_started"]["pool"] + status["kernels_started"]["created"] == 12
