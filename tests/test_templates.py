@@ -99,6 +99,8 @@ def test_a_cloned_venv_is_indistinguishable_from_the_uv_built_one(layout: Layout
             assert other[2] == 1, relative
         else:
             assert other[1] == template_tree[relative][1][1], relative
+    # Nobody else may write the template (uv makes a venv's .lock 0666; the clone gets that back).
+    assert all(os.lstat(path).st_mode & 0o022 == 0 for path in template.rglob("*") if not path.is_symlink())
     # The files that name the venv's path were rewritten (what a grep of a uv venv finds).
     activate = (clone / "bin" / "activate").read_text()
     assert str(clone) in activate and template.name not in activate

@@ -81,10 +81,10 @@ class TemplateDamaged(Exception):
 class Template:
     __slots__ = ("own", "path", "readers", "retired", "spec", "top_level")
 
-    def __init__(self, path: Path, spec: str, own: list[tuple[str, int]], top_level: list[str]) -> None:
+    def __init__(self, path: Path, spec: str, own: list[tuple[str, int, int]], top_level: list[str]) -> None:
         self.path = path
         self.spec = spec
-        self.own = own  # (path relative to the venv, size): the files each clone gets a copy of
+        self.own = own  # (path relative to the venv, size, mode): the files each clone gets a copy of
         self.top_level = top_level  # site-packages' names when taken
         self.readers = 0  # clones reading it now
         self.retired = False
@@ -128,7 +128,7 @@ class Templates:
             path = self.venvs_dir / name
             if (self.enabled and fields is not None and fields.get("state") == "ready"
                     and fields.get("spec") == spec and spec not in self._ready and path.is_dir()):
-                own = [(str(relative), int(size)) for relative, size in fields["own"]]
+                own = [(str(relative), int(size), int(mode)) for relative, size, mode in fields["own"]]
                 self._ready[spec] = Template(path, spec, own, list(fields["top_level"]))
                 continue
             why = "half-taken" if fields is None or fields.get("state") != "ready" else "outdated"
@@ -162,6 +162,7 @@ class Templates:
             own = await asyncio.to_thread(_own_files, source)
             await self._copy_tree(source, path, low_priority=True)
             await asyncio.to_thread(_replace_own_files, source, path, own)
+            await asyncio.to_thread(_seal, path, own)
             top_level = await asyncio.to_thread(_top_level, path)
             await asyncio.to_thread(self._write_state, state_file, {
                 "state": "ready", "spec": spec, "own": own, "top_level": top_level})
@@ -247,7 +248,7 @@ def _read_state(state_file: Path) -> dict[str, Any] | None:
     if value.get("state") == "ready":
         own, top = value.get("own"), value.get("top_level")
         if not (isinstance(own, list) and isinstance(top, list)
-                and all(isinstance(item, list) and len(item) == 2 for item in own)):
+                and all(isinstance(item, list) and len(item) == 3 for item in own)):
             return None
     return value
 
@@ -269,9 +270,17 @@ def _walk_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                 yield os.path.relpath(path, root), info
 
 
-def _own_files(venv: Path) -> list[tuple[str, int]]:
-    """The files uv or uvkerneld wrote for ``venv`` alone (link count 1), with their sizes."""
-    return sorted((relative, info.st_size) for relative, info in _walk_files(venv) if info.st_nlink == 1)
+def _own_files(venv: Path) -> list[tuple[str, int, int]]:
+    """The files uv or uvkerneld wrote for ``venv`` alone (link count 1), with sizes and modes."""
+    return sorted((relative, info.st_size, stat.S_IMODE(info.st_mode))
+                  for relative, info in _walk_files(venv) if info.st_nlink == 1)
+
+
+def _seal(template: Path, own: list[tuple[str, int, int]]) -> None:
+    """Nobody but the daemon may write a template's own files (uv makes its .lock 0666): each
+    clone gets the recorded mode back."""
+    for relative, _size, mode in own:
+        os.chmod(template / relative, mode & ~0o022)
 
 
 def _top_level(venv: Path) -> list[str]:
@@ -286,7 +295,7 @@ def _check(template: Template) -> None:
     path = template.path
     if not os.access(path / "bin" / "python", os.X_OK):
         raise TemplateDamaged("its interpreter %s is missing" % (path / "bin" / "python"))
-    for relative, size in template.own:
+    for relative, size, _mode in template.own:
         try:
             info = os.lstat(path / relative)
         except OSError:
@@ -302,13 +311,13 @@ def _check(template: Template) -> None:
         raise TemplateDamaged("its packages changed since it was taken (%s)" % ", ".join(changed[:5]))
 
 
-def _replace_own_files(source: Path, target: Path, own: list[tuple[str, int]]) -> None:
+def _replace_own_files(source: Path, target: Path, own: list[tuple[str, int, int]]) -> None:
     """After ``cp -a -l source target``: give ``target`` its own copy of each of ``own``, with
     ``source``'s name replaced by ``target``'s (same length), then its kernel files."""
     old, new = source.name.encode(), target.name.encode()
     if len(old) != len(new):
         raise ValueError("names of unequal length: %s, %s" % (source.name, target.name))
-    for relative, size in own:
+    for relative, size, mode in own:
         original = source / relative
         fd = os.open(original, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as handle:
@@ -318,7 +327,6 @@ def _replace_own_files(source: Path, target: Path, own: list[tuple[str, int]]) -
             raise TemplateDamaged("%s changed since it was taken" % relative)
         copy = target / relative
         temporary = copy.with_name(copy.name + _NEW_SUFFIX)
-        mode = stat.S_IMODE(info.st_mode)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         with os.fdopen(fd, "wb") as out:
             out.write(data.replace(old, new))
