@@ -280,3 +280,26 @@ def test_a_template_directory_nobody_took_is_moved_aside_not_deleted(layout: Lay
         assert "template directory %s has no state file" % stray in daemon.log
     finally:
         daemon.stop()
+
+
+def test_pool_size_for_a_known_peak_fills_with_clones_in_parallel(layout: Layout) -> None:
+    from helpers import ctl
+
+    daemon = Daemon(layout, "--pool-size", "1").start()
+    try:
+        daemon.wait_pool_full()
+        wait_until(lambda: templates(layout), 60, "the template")
+        result = ctl(layout, "pool", "--size", "6", "--fill", "--wait", "--timeout", "300")
+        assert result.returncode == 0, result.stderr
+        pool = layout.status()["pool"]
+        assert pool["ready"] == 6 and pool["target"] == 6
+        log = daemon.log
+        cloned = log.count("cloned pooled env")
+        assert cloned == 5 and "creating env" not in log
+        # Clones are not serialized like uv builds: a second copy started before the first ended.
+        first_done = log.index("cloned pooled env")
+        assert log[:first_done].count("running cp -a -l") >= 2
+        assert ctl(layout, "pool", "--size", "1").returncode == 0
+        wait_until(lambda: layout.status()["pool"]["ready"] == 1, 60, "the pool to give back 5 venvs")
+    finally:
+        daemon.stop()
