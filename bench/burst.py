@@ -88,7 +88,8 @@ def launch_at_once(
 def _uv_build_seconds(ws: Workspace, index: int) -> float:
     """``uv venv`` + ``uv pip install`` of the kernel packages from the warm cache (what a pool
     build without a template runs), in seconds."""
-    venv = ws.root / ("uv-build-%d" % index)
+    # In the daemon's venvs dir, where its clones were made: the same filesystem and allocator.
+    venv = ws.venvs_dir / ("uv-build-%d" % index)
     started = time.perf_counter()
     ws.uv_run("venv", "-q", "--no-project", "--python", sys.executable, str(venv))
     ws.uv_run("pip", "install", "-q", "--python", str(venv / "bin" / "python"), *default_kernel_packages())

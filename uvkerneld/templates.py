@@ -52,7 +52,9 @@ daemon dies half-way.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -72,6 +74,8 @@ PREFIX = venvsdir.TEMPLATE_PREFIX  # as long as envid.PREFIX: a clone's path has
 STATE_DIR = ".templates"
 PARALLEL_CLONES = max(2, os.cpu_count() or 1)
 _NEW_SUFFIX = ".uvkerneld-new"
+# ext2/3/4's "top of a directory hierarchy" flag (chattr +T) and the ioctls that read and set it.
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
 
 
 class TemplateDamaged(Exception):
@@ -120,6 +124,7 @@ class Templates:
     async def recover(self, spec: str) -> None:
         """Keep the ready template of ``spec``; remove half-taken and outdated ones; move aside a
         ``t-*`` directory nobody took (it is not ours to delete)."""
+        await asyncio.to_thread(spread_venvs, self.venvs_dir)
         described: set[str] = set()
         for state_file in await asyncio.to_thread(self._state_files):
             name = state_file.stem
@@ -236,6 +241,33 @@ class Templates:
         finishes the removal from."""
         await remove_tree(path)
         await asyncio.to_thread(_unlink, state_file)
+
+
+def spread_venvs(venvs_dir: Path) -> bool:
+    """Mark the venvs dir as the top of directory hierarchies for ext4's allocator (chattr +T).
+
+    A venv is ~1300 directories. ext4 puts a new directory in its parent's block group unless
+    that group already holds many directories, and then scans the groups one by one for each
+    mkdir: with every venv under one parent that scan made mkdir ~0.4 ms here, over half of a
+    clone's or uv build's time. With the flag each venv starts in a group of its own and its
+    directories stay there: ``cp -a -l`` of a venv took 0.2 s of system time instead of 0.4-0.7 s.
+    Other filesystems have no such flag: False, nothing changed."""
+    try:
+        fd = os.open(venvs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        if not flags[0] & _FS_TOPDIR_FL:
+            flags[0] |= _FS_TOPDIR_FL
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags, True)
+        return True
+    except OSError as exc:
+        log.debug("cannot mark %s as a top directory (%s): its filesystem has no such flag", venvs_dir, exc)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _read_state(state_file: Path) -> dict[str, Any] | None:
