@@ -303,3 +303,16 @@ def test_pool_size_for_a_known_peak_fills_with_clones_in_parallel(layout: Layout
         wait_until(lambda: layout.status()["pool"]["ready"] == 1, 60, "the pool to give back 5 venvs")
     finally:
         daemon.stop()
+
+
+def test_the_venvs_dir_spreads_new_venvs_over_block_groups(layout: Layout) -> None:
+    filesystem = subprocess.run(["stat", "-f", "-c", "%T", "/tmp"], capture_output=True, text=True, timeout=9)
+    if filesystem.stdout.strip() != "ext2/ext3":
+        pytest.skip("the top-directory flag is ext2/3/4's")
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        flags = subprocess.run(
+            ["lsattr", "-d", str(layout.venvs_dir)], capture_output=True, text=True, timeout=30)
+        assert "T" in flags.stdout.split()[0], flags.stdout
+    finally:
+        daemon.stop()
