@@ -203,8 +203,9 @@ def format_status(status: dict[str, Any]) -> str:
             ", exits after %s idle" % format_duration(paths["idle_exit_s"])
             if paths.get("idle_exit_s") else "")),
         ("socket", status["socket"]),
-        ("pool", "%d ready / %d target%s" % (
-            pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
+        ("pool", "%d ready / %d target%s%s" % (
+            pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "",
+            ", +%d kept after a burst" % pool["burst_extra"] if pool.get("burst_extra") else "")),
         ("envs", "%d total, %d with a live kernel, %d broken" % (
             envs["total"], envs["live"], envs["broken"])),
         ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt%s" % (
