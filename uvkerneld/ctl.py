@@ -405,7 +405,8 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
             if line != last:
                 print(line, flush=True)
                 last = line
-            if pool["ready"] >= pool["target"] and not pool["filling"]:  # a burst may keep extra
+            # Exactly: shrinking waits until the extra venvs are gone (a burst may keep some).
+            if pool["ready"] == pool["target"] + pool.get("burst_extra", 0) and not pool["filling"]:
                 break
             if pool.get("last_error"):
                 raise CtlError(
