@@ -9,7 +9,9 @@ hardlinked; directories and symlinks made anew, modes and times kept), then ever
 the venv's *own* (below) is replaced by a fresh copy in which the template's name is replaced by
 the new venv's id, and venvfiles writes the kernel files anew. No uv runs, nothing is unpacked,
 so clones need no build slot (buildslots.py serializes uv builds, which may unpack wheels into
-the cache) and run in parallel, ``PARALLEL_CLONES`` at a time.
+the cache) and run in parallel: ``PARALLEL_CLONES`` for the pool, ``PARALLEL_CLONES_WAITED_FOR``
+for kernel starts waiting for theirs (in a burst the clones compete for the CPU with the kernels
+that already started: more of them at once get the waiting starts their share sooner).
 
 Which files name the venv's path (grep of a venv uv 0.13 built with ipykernel for its own path):
 bin/activate, activate.csh, .fish, .nu and .bat, and the shebang of every entry-point script
@@ -73,6 +75,7 @@ log = logging.getLogger("uvkerneld.templates")
 PREFIX = venvsdir.TEMPLATE_PREFIX  # as long as envid.PREFIX: a clone's path has the template path's length
 STATE_DIR = ".templates"
 PARALLEL_CLONES = max(2, os.cpu_count() or 1)
+PARALLEL_CLONES_WAITED_FOR = 4 * PARALLEL_CLONES
 _NEW_SUFFIX = ".uvkerneld-new"
 # ext2/3/4's "top of a directory hierarchy" flag (chattr +T) and the ioctls that read and set it.
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
@@ -105,6 +108,7 @@ class Templates:
         self._ready: dict[str, Template] = {}  # spec -> its template
         self._taking: set[str] = set()
         self._parallel = asyncio.Semaphore(PARALLEL_CLONES)
+        self._parallel_waited_for = asyncio.Semaphore(PARALLEL_CLONES_WAITED_FOR)
         self._removals: set[asyncio.Task[None]] = set()
 
     def status(self, spec: str) -> dict[str, Any]:
@@ -193,7 +197,7 @@ class Templates:
     async def clone(self, template: Template, target: Path, low_priority: bool) -> None:
         """Make ``target`` a venv like the template (see the module doc). Raises TemplateDamaged
         (the template is retired) or OSError; the caller removes what was made."""
-        async with self._parallel:
+        async with self._parallel if low_priority else self._parallel_waited_for:
             template.readers += 1
             try:
                 await asyncio.to_thread(_check, template)
