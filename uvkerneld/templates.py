@@ -36,9 +36,12 @@ links or writes a new one), compileall, py_compile and the import system (a temp
 a rename), bytecode.link_bytecode (os.link, never over an existing file), startuphooks.strip
 (unlinks; pyvenv.cfg through a temporary file and a rename), and venvfiles.write_kernel_files,
 which does write in place and so runs on a clone only after its own files were replaced by
-copies. Anything new that writes into venvs must replace files too, or copy them first. Nothing
-writes into a template once it is taken, and in system mode it belongs to the daemon like every
-venv (readable by users, writable by nobody else).
+copies. Anything new that writes into venvs must replace files too, or copy them first. A
+kernel's own code that opened a linked file for writing would change the cache's copy and every
+venv's, cloned or built by uv alike; in system mode venvs are read-only to users. Nothing writes
+into a template once it is taken, and in system mode it belongs to the daemon like every venv
+(readable by users, writable by nobody else; its own files lose uv's group/other write bits,
+which each clone gets back).
 
 Crash safety and damage
 -----------------------
