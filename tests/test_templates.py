@@ -200,7 +200,7 @@ def test_a_damaged_template_is_rebuilt_not_used(layout: Layout) -> None:
         # The uv build that replaced the clone gave a new template; the damaged one is removed.
         wait_until(lambda: [t.name for t in templates(layout)] not in ([], [damaged.name]), 60,
                    "a new template")
-        assert not damaged.exists()
+        wait_until(lambda: not damaged.exists(), 60, "the damaged template to be removed")
         clone = acquire(layout, "from-the-new-template")
         assert "cloned assigned env %s" % clone.name in daemon.log
     finally:
