@@ -30,6 +30,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
 from bench.abuse import bench_abuse, format_abuse
+from bench.burst import bench_burst, format_burst
 from bench.fixtures import TimedOut, register_envs, wait_until
 from uvkerneld import client
 from uvkerneld.config import default_kernel_packages
@@ -540,6 +541,8 @@ def format_report(result: dict[str, Any]) -> str:
                      verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
     if result.get("abuse"):
         lines += format_abuse(result["abuse"])
+    if result.get("burst"):
+        lines += format_burst(result["burst"])
     if result.get("latency"):
         from bench.latency import format_latency
 
@@ -562,9 +565,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="envs in the store for the daemon figures (default 1000)")
     parser.add_argument("--notebooks", type=int, default=10,
                         help="numpy notebooks for the disk figures (default 10)")
+    parser.add_argument("--burst", type=int, default=50,
+                        help="kernels launched at once for the burst figures (default 50)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse", "latency",
-                                 "notebooks"],
+                                 "notebooks", "burst"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--cache-dir", type=Path,
                         help="reuse this uv cache (default: a fresh one, downloaded once)")
@@ -576,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.envs, args.notebooks, args.notebook_mb = 1, 50, 2, 2.0
+        args.runs, args.envs, args.notebooks, args.notebook_mb, args.burst = 1, 50, 2, 2.0, 6
         args.skip.append("seed")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -599,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             result["disk"] = bench_disk(ws, args.notebooks, quick=args.quick)
         if "abuse" not in args.skip:
             result["abuse"] = bench_abuse(ws)
+        if "burst" not in args.skip:
+            result["burst"] = bench_burst(
+                ws, args.burst, rounds=1 if args.quick else 3, builds=2 if args.quick else 5)
         if "latency" not in args.skip:
             from bench.latency import bench_latency  # it builds on this module's Workspace
 

@@ -188,8 +188,9 @@ def format_status(status: dict[str, Any]) -> str:
             ", exits after %s idle" % format_duration(paths["idle_exit_s"])
             if paths.get("idle_exit_s") else "")),
         ("socket", status["socket"]),
-        ("pool", "%d ready / %d target%s" % (
-            pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
+        ("pool", "%d ready / %d target%s%s" % (
+            pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "",
+            ", +%d kept after a burst" % pool["burst_extra"] if pool.get("burst_extra") else "")),
         ("envs", "%d total, %d with a live kernel, %d broken" % (
             envs["total"], envs["live"], envs["broken"])),
         ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt%s" % (
@@ -371,11 +372,12 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
         last = None
         while True:
             line = "pool: %d/%d ready%s" % (
-                pool["ready"], pool["target"], ", building 1" if pool["filling"] else "")
+                pool["ready"], pool["target"], ", building %d" % pool["filling"] if pool["filling"] else "")
             if line != last:
                 print(line, flush=True)
                 last = line
-            if pool["ready"] == pool["target"] and not pool["filling"]:
+            # Exactly: shrinking waits until the extra venvs are gone (a burst may keep some).
+            if pool["ready"] == pool["target"] + pool.get("burst_extra", 0) and not pool["filling"]:
                 break
             if pool.get("last_error"):
                 raise CtlError(
@@ -385,7 +387,8 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
             time.sleep(0.5)
             pool = _request(socket_path, "pool", {"size": None})
         return EXIT_OK
-    print("pool: %d/%d ready%s" % (pool["ready"], pool["target"], ", building 1" if pool["filling"] else ""))
+    print("pool: %d/%d ready%s" % (
+        pool["ready"], pool["target"], ", building %d" % pool["filling"] if pool["filling"] else ""))
     return EXIT_OK
 
 

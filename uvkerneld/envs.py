@@ -6,8 +6,10 @@ How acquire works
 (so two kernels of one notebook never get two envs) it:
 1. returns the env already assigned to (uid, key) if its interpreter is there (no uv, one read);
 2. else claims the oldest pooled venv in one store transaction (no uv) and wakes the pool filler;
-3. else (pool empty) builds a venv on demand, saying so in the log; it takes a build slot first
-   (buildslots.py: a pool build holding it is hurried or stopped).
+3. else (pool empty) makes a venv on demand, saying so in the log: a clone of the spec's template
+   (templates.py: links, no uv, in parallel with other clones) when one is ready, else a uv
+   build, which takes a build slot first (buildslots.py: a pool build holding it is hurried or
+   stopped). The first uv build of a spec is taken as its template before it is handed out.
 A notebook key comes with the notebook file's identity (dev, inode, size, mtime) as the client
 saw it. It is stored with the env, so a renamed or moved notebook, unknown under its new path, is
 recognised by that identity and its env follows it (``follow_rename``; see watch.py).
@@ -33,7 +35,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from .diskusage import remove_tree, scan_tree
 from .pipargs import requirement_name
 from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
 from .store import EnvRecord, Store, StoreFull
+from .templates import TemplateDamaged, Templates
 from .uv import Uv, UvFailed
 from .venvfiles import write_kernel_files
 
@@ -87,6 +90,9 @@ class EnvManager:
         self._cleanups: set[asyncio.Task[None]] = set()
         self.last_errors: list[dict[str, object]] = []
         self.venv_bytes = DEFAULT_VENV_BYTES  # the last build's own disk use: what a build needs
+        self.templates = Templates(self.venvs_dir, uv, enabled=config.link_mode == "hardlink")
+        # When acquires found the pool empty (time.monotonic()): the pool's burst figure.
+        self.pool_misses: deque[float] = deque(maxlen=256)
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -94,6 +100,7 @@ class EnvManager:
         """Bring disk and store back in line after any crash. ``adopt``: the store lost its
         records (see venvsdir.VenvsDirClaim.check): rebuild them from the venvs' record files."""
         self.venvs_dir.mkdir(parents=True, exist_ok=True)
+        await self.templates.recover(self.spec)
         if adopt:
             await self._adopt()
         known = set()
@@ -267,6 +274,12 @@ class EnvManager:
         if claimed is not None:
             self._refill_pool()
             return claimed, "pool"
+        self.pool_misses.append(time.monotonic())
+        self._refill_pool()
+        cloned = await self._clone(owner_uid=uid, key=key)
+        if cloned is not None:
+            log.info("pool empty: cloned env %s for uid %d %r on demand", cloned.id, uid, key)
+            return cloned, "created"
         log.warning("pool empty: creating env for uid %d %r on demand", uid, key)
         async with self._slots.for_start() as slot:
             return await self._new_env_holding_slot(uid, key, slot)
@@ -381,10 +394,45 @@ class EnvManager:
     # --- create / remove ------------------------------------------------------------------------
 
     async def create_pooled(self) -> EnvRecord:
-        """Build one pool venv with uv, as background work. Run it in a task of its own: a kernel
-        start that needs its build slot may stop it, and it then raises ``BuildPreempted``."""
+        """Make one pool venv as background work: a clone of the template, else a uv build. Run
+        it in a task of its own: a kernel start that needs its build slot may stop a uv build,
+        which then raises ``BuildPreempted``."""
+        cloned = await self._clone(low_priority=True)
+        if cloned is not None:
+            return cloned
         async with self._slots.for_pool() as slot:
             return await self._create_holding_slot(slot)
+
+    async def _clone(
+        self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
+    ) -> EnvRecord | None:
+        """A new venv cloned from the spec's template, or None when there is none or it failed
+        (the caller then builds with uv). Crash-safe like a build: the row is ``creating`` first."""
+        template = self.templates.usable(self.spec)
+        if template is None:
+            return None
+        env_id = envid.new_env_id()
+        path = self.venvs_dir / env_id
+        record = self.store.insert_creating(
+            env_id, path, self.spec, self.config.python, owner_uid=owner_uid, key=key)
+        started = time.monotonic()
+        try:
+            await self.templates.clone(template, path, low_priority)
+        except (OSError, TemplateDamaged) as exc:
+            half_made = await self._discard_failed_build(record)
+            if _is_disk_full(exc):
+                raise self._disk_full(path, half_made, exc) from None
+            if not isinstance(exc, TemplateDamaged):
+                self.templates.retire(template, "cloning from it failed: %s" % exc)
+            return None
+        except BaseException:
+            await asyncio.shield(self._discard_failed_build(record))
+            raise
+        target = states.ASSIGNED if owner_uid is not None else states.POOLED
+        record = self.store.transition(env_id, target)
+        log.info("cloned %s env %s from template %s in %.2f s", target, env_id, template.path.name,
+                 time.monotonic() - started)
+        return record
 
     async def _create_holding_slot(
         self, slot: BuildSlot, owner_uid: int | None = None, key: EnvKey | None = None
@@ -407,6 +455,8 @@ class EnvManager:
             )
             if self.bytecode is not None:
                 await self.bytecode.share(path, install_started)
+            # Before anyone can use it: a kernel's writes must never reach the template.
+            await self.templates.take(path, self.spec)
         except (UvFailed, OSError) as exc:
             half_made = await self._discard_failed_build(record)
             if _is_disk_full(exc):
