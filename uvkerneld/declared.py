@@ -199,9 +199,10 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
     indexes = tool_uv.get("index", [])
     if not isinstance(indexes, list) or not all(isinstance(index, dict) for index in indexes):
         raise BadDeclaration("%s: [tool.uv] index must be a list of tables ([[tool.uv.index]])" % place)
-    if len(extra) + len(indexes) + 1 > MAX_INDEXES:
+    named = len(extra) + len(indexes) + ("index-url" in tool_uv)
+    if named > MAX_INDEXES:
         raise BadDeclaration("%s: [tool.uv] names %d indexes; uvkerneld uses up to %d (MAX_INDEXES)"
-                             % (place, len(extra) + len(indexes) + 1, MAX_INDEXES))
+                             % (place, named, MAX_INDEXES))
     defaults = [index for index in indexes if index.get("default") is True]
     if len(defaults) + ("index-url" in tool_uv) > 1:
         raise BadDeclaration("%s: [tool.uv] names more than one default index (index-url, or "
