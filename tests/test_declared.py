@@ -226,8 +226,8 @@ def test_a_lock_from_an_index_the_declaration_does_not_name_is_refused(shared_ho
         declared.check_lock(locked(private), shared_host)
     assert caught.value.message == (
         'metadata "uv.lock": iniconfig comes from the index \'https://pkgs.example.com/simple/\', '
-        "which cell 1 (PEP 723 block) does not name (it names: https://pypi.org/simple); declare that index in "
-        "[[tool.uv.index]], or %s" % declared.LOCK_HINT)
+        "which cell 1 (PEP 723 block) does not name (it names: https://pypi.org/simple); declare that "
+        "index in [[tool.uv.index]], or %s" % declared.LOCK_HINT)
     declared.check_lock(locked(private, '# extra-index-url = ["https://pkgs.example.com/simple"]\n'),
                         shared_host)
     # A default index replaces PyPI: a PyPI package in the lock is then from elsewhere too.
