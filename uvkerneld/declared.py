@@ -158,7 +158,8 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
     if not isinstance(source, str) or len(source) > MAX_SCRIPT_CHARS:
         raise BadDeclaration(
             "%s: the cell holding the block is %d characters; uvkerneld reads up to %d (MAX_SCRIPT_CHARS): "
-            "put the block in a cell of its own, as juv does" % (place, len(source), MAX_SCRIPT_CHARS))
+            "declare fewer packages, or put the block in a cell of its own, as juv does"
+            % (place, len(source), MAX_SCRIPT_CHARS))
     blocks = [match for match in _BLOCK.finditer(source) if match.group("type") == "script"]
     if not blocks:
         raise BadDeclaration(
