@@ -279,3 +279,11 @@ def test_a_lock_that_is_not_toml_says_so() -> None:
     expected = 'metadata "uv.lock" is not a uv lockfile (invalid TOML: '
     with pytest.raises(BadDeclaration, match=re.escape(expected)):
         declared.check_lock(locked("version = \n"), shared_host=False)
+
+
+def test_a_syncs_log_line_holds_a_bounded_part_of_the_requirements() -> None:
+    from uvkerneld import envsync
+
+    assert envsync._short_list(("iniconfig==2.0.0", "toolz")) == "iniconfig==2.0.0 toolz"
+    line = envsync._short_list(tuple("p%d>=1" % number for number in range(declared.MAX_DEPENDENCIES)))
+    assert len(line) < 450 and line.endswith("... (1000 requirements)")

@@ -133,10 +133,12 @@ def test_a_juv_notebook_imports_exactly_the_locked_versions(
     pinned = {package["name"]: package["version"] for package in tomllib.loads(lock)["package"]}
     assert pinned["iniconfig"] == "2.0.0" and pinned["toolz"] == "0.12.1"
     notebook = write_notebook(layout.notebooks / "juv.ipynb", cell, {"uv.lock": lock})
-    # What a daemon killed during a sync left behind goes at this daemon's first sync.
+    # What a daemon killed during a sync left behind goes when the next daemon starts.
+    daemon.stop()
     leftover = layout.state_dir / "sync-scratch" / "sync-killed"
     leftover.mkdir(parents=True)
     (leftover / "notebook.py.lock").write_text(lock)
+    daemon.start()
     got, _ = kernel_versions(layout, notebook)
     assert {name: got[name] for name in pinned} == pinned
     assert not leftover.exists() and list((layout.state_dir / "sync-scratch").iterdir()) == []
