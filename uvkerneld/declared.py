@@ -155,7 +155,7 @@ def mirror_disagreement(wire: dict[str, Any]) -> str | None:
 
 def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | None) -> Parsed:
     place = script_place(cell)
-    if not isinstance(source, str) or len(source) > MAX_SCRIPT_CHARS:
+    if len(source) > MAX_SCRIPT_CHARS:
         raise BadDeclaration(
             "%s: the cell holding the block is %d characters; uvkerneld reads up to %d (MAX_SCRIPT_CHARS): "
             "declare fewer packages, or put the block in a cell of its own, as juv does"
