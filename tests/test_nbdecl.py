@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,47 @@ def test_a_first_code_cell_without_a_block_is_not_decoded(tmp_path: Path, monkey
         path = save(tmp_path / "nb.ipynb", nb)
 
 
+@pytest.mark.parametrize("layout", ["jupyter", "colab"])
+def test_a_big_first_code_cell_is_decoded_only_in_its_source(
+        tmp_path: Path, monkeypatch: Any, layout: str) -> None:
+    # A 50 MB plot next to the block, or a long coloured log (its \\u001b escapes could spell the
+    # block's words): only the cell's "source" is searched and decoded, never its outputs.
+    ansi = "".join("\x1b[32mepoch %d\x1b[0m loss=0.1\n" % n for n in range(60_000))
+    scanned: list[int] = []
+    real_scan = nbdecl.fastjson.scan
+    monkeypatch.setattr(nbdecl.fastjson, "scan",
+                        lambda text, index: scanned.append(len(text)) or real_scan(text, index))
+    for source, outputs, expected_cell in [
+        (SCRIPT, [image_output(2_000_000)], 1),
+        ("train()", [text_output(ansi)], None),
+        (SCRIPT.replace("# /// script", "\u0023 /// script"), [text_output(ansi)], 1),
+    ]:
+        nb = notebook([code(source, outputs), code("y")], {"uv.lock": LOCK})
+        path = tmp_path / "nb.ipynb"
+        path.write_bytes(nbformat.writes(nb).encode() if layout == "jupyter" else colab(nb))
+        assert path.stat().st_size > nbdecl.BIG_CELL
+        scanned.clear()
+        found = assert_fast_path_equals_full_parse(path, chunks=(nbdecl.CHUNK,))
+        assert (found and found.script_cell) == expected_cell and found is not None and found.lock == LOCK
+        assert all(size < 100_000 for size in scanned), scanned
+
+
+def test_a_big_first_code_cell_is_trusted_outside_its_source(tmp_path: Path) -> None:
+    # The price of not decoding a big cell's outputs: a hand-made output holding a line laid out
+    # like the cell's own "source" key is read as the source (no tool writes that; nbformat's
+    # validation refuses the cell, and Jupyter shows its real source).
+    blob = "z" * (nbdecl.BIG_CELL + 10)
+    cell = ('  {\n   "cell_type": "code",\n   "execution_count": null,\n   "metadata": {},\n'
+            '   "outputs": [{"name": "stdout", "output_type": "stream", "text": "%s"}],\n'
+            '   "source": "print(1)", "zz": [{"q": 1,\n   "source": "# /// script\\n# ///"\n  },\n  {}]\n  }'
+            % blob)
+    path = tmp_path / "nb.ipynb"
+    tail = '\n ],\n "metadata": {},\n "nbformat": 4,\n "nbformat_minor": 5\n}\n'
+    path.write_text('{\n "cells": [\n' + cell + tail)
+    assert nbdecl.read_declaration_full(path) is None
+    assert nbdecl.read_declaration(path) == nbdecl.Declaration("# /// script\n# ///", 1)
+
+
 def test_output_text_that_looks_like_the_metadata_key(tmp_path: Path) -> None:
     # In the file this text is escaped ("\\n"): only a raw newline starts a key of the layout.
     trap = '\n "metadata": {\n  "uv.lock": "fake"\n },\n "nbformat": 4,\n "nbformat_minor": 5\n}\n'
@@ -187,7 +229,28 @@ def layouts(nb: dict[str, Any]) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("layout", ["minified", "unsorted", "indent2", "extra_key", "tabs"])
+def colab(nb: nbformat.NotebookNode) -> bytes:
+    """The notebook as Colab saves it: indent 2, "cells" last, in a cell "source" before "outputs"."""
+    plain = json.loads(nbformat.writes(nb))
+    order = ["cell_type", "source", "metadata", "execution_count", "outputs"]
+    cells = [{key: cell[key] for key in sorted(cell, key=lambda k: order.index(k) if k in order else 9)}
+             for cell in plain["cells"]]
+    ordered = {"nbformat": 4, "nbformat_minor": 0, "metadata": plain["metadata"], "cells": cells}
+    return json.dumps(ordered, indent=2, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+@pytest.mark.parametrize("layout", ["colab", "unsorted", "indent2"])
+def test_colab_and_indent_2_layouts_take_the_fast_path(tmp_path: Path, layout: str) -> None:
+    metadata = {"uv.lock": LOCK, "runt": {"uv": {"dependencies": []}}}
+    nb = notebook([nbformat.v4.new_markdown_cell("# A"), code(SCRIPT, [image_output(200_000)]),
+                   code("x", [image_output(300_000)])], metadata)
+    path = tmp_path / "nb.ipynb"
+    path.write_bytes(colab(nb) if layout == "colab" else layouts(json.loads(nbformat.writes(nb)))[layout])
+    found = assert_fast_path_equals_full_parse(path)
+    assert found == nbdecl.Declaration(SCRIPT, 2, {"dependencies": []}, nbdecl.RUNT_UV_KEY, LOCK)
+
+
+@pytest.mark.parametrize("layout", ["minified", "extra_key", "tabs"])
 def test_other_layouts_fall_back_to_the_full_parse(tmp_path: Path, layout: str) -> None:
     nb = json.loads(nbformat.writes(notebook([code(SCRIPT)], {"uv.lock": LOCK})))
     path = tmp_path / "nb.ipynb"
@@ -220,11 +283,13 @@ def broken_files(good: bytes) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.parametrize("layout", ["jupyter", "colab"])
 @pytest.mark.parametrize("case", sorted(broken_files(b'"source" \xc3\xa9')))
-def test_broken_files_give_the_full_parse_result(tmp_path: Path, case: str) -> None:
+def test_broken_files_give_the_full_parse_result(tmp_path: Path, case: str, layout: str) -> None:
     nb = notebook([code(SCRIPT + "\n# café")], {"uv.lock": LOCK + "# é" * 10})
     path = tmp_path / "nb.ipynb"
-    path.write_bytes(broken_files(nbformat.writes(nb).encode() + b"\n")[case])
+    good = nbformat.writes(nb).encode() if layout == "jupyter" else colab(nb)
+    path.write_bytes(broken_files(good + b"\n")[case])
     expected = _outcome(nbdecl.read_declaration_full, path)
     for chunk in (1, 7, 64, 65536):
         assert _outcome(nbdecl.read_declaration, path, chunk=chunk, small_file=0) == expected
@@ -241,6 +306,28 @@ def test_the_unread_middle_is_trusted(tmp_path: Path) -> None:
     assert nbdecl.read_declaration(path) == nbdecl.Declaration(SCRIPT, 1, lock=LOCK)
     with pytest.raises(nbdecl.NotebookUnreadable):
         nbdecl.read_declaration_full(path)
+
+
+def test_a_large_file_in_another_layout_is_not_parsed_whole(tmp_path: Path) -> None:
+    # Parsing 2 GB would take ~40 s and 4 GB of memory at every kernel start.
+    path = tmp_path / "big.ipynb"
+    with open(path, "wb") as handle:
+        handle.truncate(2 * 1024 ** 3)  # sparse: 2 GB of NUL bytes that take no disk
+    started = time.monotonic()
+    with pytest.raises(nbdecl.NotebookUnreadable, match=(
+            r"^\S*big\.ipynb is 2147\.5 MB and not laid out as Jupyter or Colab save notebooks \(it starts "
+            r"b'\\x00\\x00.*'\); a file above 16 MiB is read only in those layouts, so it declares nothing "
+            r"here: open and save it in Jupyter to have its declaration read$")):
+        nbdecl.read_declaration(path)
+    assert time.monotonic() - started < 1
+    # A minified notebook is parsed whole up to the limit, and not above it.
+    nb = json.loads(nbformat.writes(notebook([code(SCRIPT, [image_output(200_000)])])))
+    path.write_bytes(json.dumps(nb, separators=(",", ":")).encode())
+    size = path.stat().st_size
+    assert nbdecl.read_declaration(path, full_parse_limit=size) == nbdecl.Declaration(SCRIPT, 1)
+    starts = r"it starts b'\{\"cells\":\[\{\"cell'\); a file above 0.19"
+    with pytest.raises(nbdecl.NotebookUnreadable, match=starts):
+        nbdecl.read_declaration(path, full_parse_limit=size - 1)
 
 
 @pytest.mark.parametrize("target", ["missing", "directory", "fifo"])
@@ -296,13 +383,20 @@ def random_metadata(rng: random.Random) -> dict[str, Any]:
     return metadata
 
 
-def test_fast_path_equals_full_parse_on_many_generated_notebooks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("big_cell", [nbdecl.BIG_CELL, 0])  # 0: every first code cell is "big"
+def test_fast_path_equals_full_parse_on_many_generated_notebooks(
+        tmp_path: Path, monkeypatch: Any, big_cell: int) -> None:
+    monkeypatch.setattr(nbdecl, "BIG_CELL", big_cell)
     rng = random.Random(11)
     taken = 0
     for number in range(300):
         nb = notebook([random_cell(rng) for _ in range(rng.randrange(6))], random_metadata(rng))
         path = tmp_path / ("%d.ipynb" % number)
-        text = nbformat.writes(nb) + rng.choice(["", "\n", "\n\n"])
+        if rng.random() < 0.3:
+            text = colab(nb).decode("utf-8", "surrogatepass")
+        else:
+            text = nbformat.writes(nb)
+        text += rng.choice(["", "\n", "\n\n"])
         if rng.random() < 0.2:
             text = text.replace("\n", "\r\n")
         path.write_bytes(text.encode("utf-8", "surrogatepass"))
@@ -313,4 +407,4 @@ def test_fast_path_equals_full_parse_on_many_generated_notebooks(tmp_path: Path)
             taken += fast(path, chunk) == expected
         except nbdecl._NotLaidOut:
             pass
-    assert taken == 300  # every file nbformat wrote took the fast path
+    assert taken == 300  # every file nbformat (or the Colab layout) wrote took the fast path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,22 @@ def test_a_declaration_never_synced_or_changed_is_synced_and_an_unchanged_one_is
     assert stub.declaration_to_sync(str(path), {"declared_digest": nbdecl.digest(wire)}) is not None
 
 
+def test_a_notebook_whose_declaration_was_deleted_is_synced_to_the_empty_declaration(tmp_path: Path) -> None:
+    # Its env was synced to some declaration: syncing nothing takes the declared packages away.
+    path = write_notebook(tmp_path / "plain.ipynb")
+    wire = stub.declaration_to_sync(str(path), {"declared_digest": "0" * 64})
+    assert wire == nbdecl.Declaration().to_wire()
+    # Once synced to nothing, later starts sync nothing again (and hash nothing: a constant).
+    assert nbdecl.NOTHING_DIGEST == nbdecl.digest(wire)
+    assert stub.declaration_to_sync(str(path), {"declared_digest": nbdecl.NOTHING_DIGEST}) is None
+
+
+def test_an_unreadable_notebook_never_syncs_its_packages_away(tmp_path: Path) -> None:
+    path = tmp_path / "bad.ipynb"
+    path.write_text("{not json")
+    assert stub.declaration_to_sync(str(path), {"declared_digest": "0" * 64}) is None
+
+
 def test_nteract_metadata_alone_is_a_declaration(tmp_path: Path) -> None:
     path = write_notebook(tmp_path / "nteract.ipynb", metadata={"runt": {"schema_version": "1", "uv": {
         "dependencies": ["toolz"]}}})
@@ -68,6 +85,21 @@ def test_an_unreadable_notebook_is_one_line_on_stderr_and_declares_nothing(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("uvkerneld: not reading declared dependencies: ")
     assert str(path) in err or "not a notebook" in err
+
+
+def test_a_2_gb_file_is_one_line_on_stderr_within_a_second(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "huge.ipynb"
+    with open(path, "wb") as handle:
+        handle.truncate(2 * 1024 ** 3)  # sparse
+    started = time.monotonic()
+    assert stub.declaration_to_sync(str(path), {"declared_digest": "0" * 64}) is None  # env kept as it is
+    assert time.monotonic() - started < 1
+    err = capsys.readouterr().err
+    prefix = "uvkerneld: not reading declared dependencies: %s is 2147.5 MB" % path
+    assert err.count("\n") == 1 and err.startswith(prefix)
+    assert "declares nothing here" in err
 
 
 def test_a_missing_notebook_declares_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -149,10 +150,12 @@ class EnvManager:
                 continue
             owned = fields.get("owner_uid") is not None and fields.get("key")
             state = states.ASSIGNED if owned else states.POOLED
+            if fields.get("retired"):
+                state = states.RETIRED  # replaced for its notebook: removed once no kernel runs in it
             # An assigned env we cannot vouch for (an install may have been under way when the
             # store was lost) is rebuilt from its requirements at its next kernel start.
             error = None
-            if not os.access(entry / "bin" / "python", os.X_OK):
+            if state != states.RETIRED and not os.access(entry / "bin" / "python", os.X_OK):
                 state, error = states.BROKEN, "interpreter missing when the store was rebuilt"
             try:
                 self.store.insert_adopted(fields, entry, state, error)
@@ -311,6 +314,69 @@ class EnvManager:
                 fresh.id, {_requirement_key(r): r for r in requirements}, []
             )
         return fresh
+
+    # --- a notebook moving to another interpreter (envswitch.py) -------------------------------
+
+    def key_lock(self, uid: int, key: EnvKey) -> asyncio.Lock:
+        """The lock every kernel start for (uid, key) takes: held, no start gets that notebook's env."""
+        return self._key_locks[(uid, key)]
+
+    async def build_on(self, uid: int, python: str) -> EnvRecord:
+        """A bare venv on the interpreter ``python`` for one of ``uid``'s notebooks: ``creating``
+        and keyless (the notebook's key stays with its old env until the switch, so a daemon killed
+        meanwhile leaves only a ``creating`` row, which recovery removes). Only ``uv venv`` and the
+        kernel files: the sync that follows installs the kernel's packages with the declared ones,
+        resolved for this interpreter. The caller holds a build slot; ``discard`` undoes it."""
+        env_id = envid.new_env_id()
+        path = self.venvs_dir / env_id
+        spec = env_spec(dataclasses.replace(self.config, python=python))
+        record = self.store.insert_creating(env_id, path, spec, python, owner_uid=uid)
+        self.creating += 1
+        try:
+            await self.uv.run(self.uv.venv_argv(str(path), python))
+            await asyncio.to_thread(write_kernel_files, path)
+        except (UvFailed, OSError) as exc:
+            half_made = await self._discard_failed_build(record)
+            if _is_disk_full(exc):
+                raise self._disk_full(path, half_made, exc) from None
+            self.record_error("creating a venv on %s failed: %s" % (python, exc))
+            raise EnvUnavailable("could not build a Python environment on %s: %s" % (python, exc)) from None
+        except BaseException:
+            await asyncio.shield(self._discard_failed_build(record))
+            raise
+        finally:
+            self.creating -= 1
+        return record
+
+    def build_slot(self) -> contextlib.AbstractAsyncContextManager[BuildSlot]:
+        """A build slot for a build a kernel start waits for (pool builds give way)."""
+        return self._slots.for_start()
+
+    async def discard(self, record: EnvRecord) -> None:
+        """Remove an env ``build_on`` made that was never switched to."""
+        await self._discard_failed_build(record)
+
+    def remove_retired_soon(
+        self, env_id: str, live_env_ids: Callable[[], set[str]], removed: Callable[[], None]
+    ) -> None:
+        """Remove the env in the background if it is ``retired`` and no kernel runs in it."""
+        record = self.store.get(env_id)
+        if record is None or record.state != states.RETIRED or env_id in live_env_ids():
+            return
+
+        async def remove() -> None:
+            try:
+                if await self.remove(record, lambda current: current.state == states.RETIRED
+                                     and current.id not in live_env_ids()):
+                    log.info("removed env %s: its notebook moved to another env and no kernel runs in it",
+                             env_id)
+                    removed()
+            except Exception as exc:  # the next start (or gc) tries again
+                self.record_error("removing retired env %s failed: %s" % (env_id, exc))
+
+        task = asyncio.create_task(remove(), name="remove-retired")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     # --- create / remove ------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """What a notebook file declares about its dependencies, read cheaply: the one reader.
 
 Cheaply: a notebook of many megabytes (outputs) is read only at its head, up to the first code
-cell, and its tail, the top-level metadata (``read_laid_out``); a notebook laid out otherwise
-than Jupyter writes them is parsed whole, with the same result (tests/test_nbdecl.py).
+cell, and its tail, the top-level metadata (``read_laid_out``: Jupyter's and Colab's layouts); a
+notebook laid out otherwise is parsed whole, with the same result (tests/test_nbdecl.py), up to
+FULL_PARSE_LIMIT bytes: a larger one is NotebookUnreadable (the stub: it declares nothing).
 
 Three places hold a declaration (issue 11; README "Notebooks that carry their dependencies"):
 - juv: a PEP 723 block (``# /// script`` ... ``# ///``) as the source of the first code cell,
@@ -83,6 +84,12 @@ def digest(wire):
     return sha256(fastjson.dumps(ordered).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+# digest(Declaration().to_wire()): an env synced to "declares nothing" (its notebook's declaration
+# was deleted) needs no sync while the notebook still declares nothing; a constant, so that the
+# stub need not import hashlib to know it (tests/test_stub_declaration.py checks the value).
+NOTHING_DIGEST = "ee2313bebc0274022f6e4d7c2991ca9dea0c2403389f61de7eb4cdc166b8bb9c"
+
+
 def cell_source(cell):
     source = cell.get("source", "")
     if isinstance(source, list):
@@ -138,6 +145,13 @@ CHUNK = 64 * 1024
 # Files up to this size are parsed whole (about 0.3 ms: 4-5 ms per MB here); larger ones through
 # the fast path, which reads about as much of them.
 SMALL_FILE = CHUNK
+# A larger file the fast path cannot read is not parsed whole: that costs ~5 ms and ~4 bytes of
+# memory per byte (a 2 GB file: 40 s, 4 GB) at every kernel start, for a notebook no usual tool
+# writes (Jupyter, nbformat, VS Code, Colab and juv files take the fast path). 16 MiB: ~80 ms.
+FULL_PARSE_LIMIT = 16 * 1024 * 1024
+# A first code cell larger than this (its outputs: a 50 MB plot, a long log) is not decoded whole;
+# only its "source" is. Smaller cells are decoded whole, which checks the cell is one JSON object.
+BIG_CELL = 1024 * 1024
 
 
 # Bytes without which a cell's JSON text cannot decode to a "# /// script" line: the words
@@ -149,12 +163,13 @@ class _NotLaidOut(Exception):
     """The file is not laid out as nbformat writes it: the fast path gives way to the full parse."""
 
 
-def read_declaration(path, chunk=CHUNK, small_file=SMALL_FILE):
+def read_declaration(path, chunk=CHUNK, small_file=SMALL_FILE, full_parse_limit=FULL_PARSE_LIMIT):
     """The Declaration in the notebook at ``path``, or None when it declares nothing.
 
     Only the head (up to the first code cell) and the tail (the top-level metadata) of a large
     notebook are read: see ``read_laid_out``. Whenever the file is not laid out as expected, the
-    whole file is parsed instead, with the same result.
+    whole file is parsed instead, with the same result; above ``full_parse_limit`` bytes it is
+    not, and NotebookUnreadable says why.
     """
     fd = _open(path)
     try:
@@ -166,6 +181,12 @@ def read_declaration(path, chunk=CHUNK, small_file=SMALL_FILE):
                 pass
             except OSError as exc:
                 raise NotebookUnreadable("cannot read %s: %s" % (path, os.strerror(exc.errno or 0))) from None
+            if size > full_parse_limit:
+                raise NotebookUnreadable(
+                    "%s is %.1f MB and not laid out as Jupyter or Colab save notebooks (it starts %r); "
+                    "a file above %.3g MiB is read only in those layouts, so it declares nothing here: "
+                    "open and save it in Jupyter to have its declaration read"
+                    % (path, size / 1e6, _pread(fd, 16, 0, path), full_parse_limit / 2 ** 20)) from None
         return parse_whole(_pread(fd, size, 0, path), path)
     finally:
         os.close(fd)
@@ -229,27 +250,64 @@ def _pread(fd, length, offset, path):
 #    "nbformat_minor": 5
 #   }
 #
+# Colab writes indent 2, keys in insertion order: "nbformat", "nbformat_minor", "metadata", then
+# "cells" last (and in a cell "source" before "outputs"). Both are read with any indent of 1-8 spaces.
+#
 # A JSON string cannot hold a raw newline (it is written ``\n``), so a newline in the file is always
-# whitespace between tokens, and "newline, two spaces, }" ends a cell, "newline, one space, "metadata": "
+# whitespace between tokens, and "newline, 2 indents, }" ends a cell, "newline, 1 indent, "metadata": "
 # starts a key. The head is decoded one cell at a time by the same C scanner as fastjson.loads,
-# reading on only while the cell's end is not yet in what we read; the tail from the last
-# ``\n "metadata": `` must be that object followed by exactly the nbformat/nbformat_minor keys
+# reading on only while the cell's end is not yet in what we read. Jupyter's order: the tail from the
+# last ``\n "metadata": `` must be that object followed by exactly the nbformat/nbformat_minor keys
 # and the closing brace. That closing brace is the top-level object's (the file ends there), so the
-# key is a top-level key and the last "metadata" in it: the one a full parse keeps. Anything else
-# raises _NotLaidOut. Not checked: the cells between the first code cell and the metadata, which
-# this path never reads (a corrupt middle, or a second "cells" key there, goes unnoticed).
+# key is a top-level key and the last "metadata" in it: the one a full parse keeps. Colab's order: the
+# metadata is decoded from the head, and the file must end with the cells' closing bracket and brace.
+# Anything else raises _NotLaidOut. Not checked: the cells between the first code cell and the end
+# (or the metadata), which this path never reads (a corrupt middle, or a second "cells" or "metadata"
+# key there, goes unnoticed); and in a first code cell above BIG_CELL, whatever is not its "source"
+# (a hand-made cell whose outputs hold a line that looks like the cell's "source" key is misread).
 
 
 def read_laid_out(fd, size, chunk=CHUNK):
-    """The Declaration from the head and tail of a file laid out as nbformat writes it.
+    """The Declaration from the head and tail of a file laid out as nbformat or Colab write it.
 
     Raises _NotLaidOut when the layout is not that, NotebookUnreadable when the file cannot be read.
     """
-    script, script_cell = _first_code_cell(fd, size, chunk)
-    metadata = _top_level_metadata(fd, size, chunk)
+    head = _Head(fd, size, chunk)
+    newline = b"\r\n" if head.startswith(b"{\r\n", 0) else b"\n"
+    if not head.startswith(b"{" + newline, 0):
+        raise _NotLaidOut()
+    position = len(newline) + 1
+    indent = b""
+    while head.startswith(b" ", position + len(indent)) and len(indent) < 8:
+        indent += b" "
+    if not indent:
+        raise _NotLaidOut()
+    layout = _Layout(newline, indent)
+    position += len(indent)
+    if head.startswith(b'"cells": [', position):  # Jupyter's order: the metadata is at the end
+        script, script_cell = _first_code_cell(head, position + len(b'"cells": ['), layout)
+        metadata = _top_level_metadata(fd, size, chunk, layout)
+    else:  # Colab's order, or not laid out
+        metadata, position = _leading_metadata(head, position, layout)
+        script, script_cell = _first_code_cell(head, position, layout)
+        _check_cells_end_the_file(fd, size, layout)
     found = Declaration(script, script_cell)
     _metadata_declaration(metadata, found)
     return _or_none(found)
+
+
+class _Layout:
+    """The line break and one level of indentation of a file, and the byte markers made of them."""
+
+    __slots__ = ("cell_end", "cell_key", "cell_start", "cells_end", "indent", "key", "newline")
+
+    def __init__(self, newline, indent):
+        self.newline, self.indent = newline, indent
+        self.key = newline + indent + b'"'  # a top-level key starts
+        self.cell_start = newline + indent * 2 + b"{"
+        self.cell_end = newline + indent * 2 + b"}"
+        self.cells_end = newline + indent + b"]"
+        self.cell_key = newline + indent * 3 + b'"'  # a key of a cell starts
 
 
 class _Head:
@@ -288,41 +346,79 @@ class _Head:
             self._grow()
 
 
-def _first_code_cell(fd, size, chunk):
-    """(script, script_cell) from the cells up to and including the first code cell."""
-    head = _Head(fd, size, chunk)
-    newline = b"\r\n" if head.startswith(b"{\r\n", 0) else b"\n"
-    opening = b"{" + newline + b' "cells": ['
-    if not head.startswith(opening, 0):
+def _decode_value(data, start, end):
+    """The JSON value that is exactly ``data[start:end]``; _NotLaidOut if it is not one."""
+    try:
+        text = data[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotLaidOut() from None  # the full parse reports it
+    try:
+        value, scanned = fastjson.scan(text, 0)
+    except ValueError:
+        raise _NotLaidOut() from None
+    if scanned != len(text):
         raise _NotLaidOut()
-    position = len(opening)
-    if head.startswith(b"],", position):
-        return None, None  # no cells
-    cell_start = newline + b"  {"
-    cell_end = newline + b"  }"
-    number = 0
-    while True:
-        if not head.startswith(cell_start, position):
+    return value
+
+
+def _leading_metadata(head, position, layout):
+    """Colab's order, top-level keys before "cells" (``position`` is at the first one's quote):
+    (the metadata's value or None, the position after ``"cells": [``)."""
+    metadata = None
+    seen = set()
+    while not head.startswith(b'"cells": [', position):
+        for name in (b"nbformat", b"nbformat_minor", b"metadata"):
+            if name not in seen and head.startswith(b'"%s": ' % name, position):
+                break
+        else:
             raise _NotLaidOut()
-        position += len(cell_start) - 1
+        seen.add(name)
+        start = position + len(name) + 4
+        # The next top-level key: a metadata object's own keys are indented deeper.
+        end = head.find(b"," + layout.key, start)
+        value = _decode_value(head.data, start, end)
+        if name == b"metadata":
+            metadata = value
+        position = end + len(layout.key)  # at the next key's opening quote (after the comma)
+    return metadata, position + len(b'"cells": [')
+
+
+def _check_cells_end_the_file(fd, size, layout):
+    """Colab's order: the file ends with the cells' closing bracket and the top-level brace."""
+    length = min(size, 64)
+    data = os.pread(fd, length, size - length).rstrip(b" \t\r\n")
+    if not data.endswith((layout.cells_end + layout.newline + b"}", b"[]" + layout.newline + b"}")):
+        raise _NotLaidOut()
+
+
+def _first_code_cell(head, position, layout):
+    """(script, script_cell) from the cells up to and including the first code cell; ``position``
+    is right after the cells' opening bracket."""
+    if head.startswith(b"]", position):
+        return None, None  # no cells
+    number = 0
+    code_cell = b"{" + layout.newline + layout.indent * 3 + b'"cell_type": "code",'
+    while True:
+        if not head.startswith(layout.cell_start, position):
+            raise _NotLaidOut()
+        position += len(layout.cell_start) - 1
         # The cell is decoded only once its end is read: bytes are searched, text is scanned.
-        end = head.find(cell_end, position) + len(cell_end)
-        if head.startswith(b"{" + newline + b'   "cell_type": "code",', position) and not any(
-            marker in head.data[position:end] for marker in _BLOCK_MARKERS
-        ):
-            # The first code cell, and no "/// script" in it, written plainly or escaped: it holds
-            # no block, and its outputs (a plot can be megabytes) need not be decoded at all.
-            return None, None
-        try:
-            text = head.data[position:end].decode("utf-8")
-        except UnicodeDecodeError:
-            raise _NotLaidOut() from None  # the full parse reports it
-        try:
-            cell, scanned = fastjson.scan(text, 0)
-        except ValueError:
-            raise _NotLaidOut() from None
-        if scanned != len(text) or not isinstance(cell, dict):
-            raise _NotLaidOut()  # the cell did not end at the first "newline, two spaces, }"
+        end = head.find(layout.cell_end, position) + len(layout.cell_end)
+        if head.startswith(code_cell, position):
+            # What follows a cell: a hand-made file whose "cell end" is not one is decoded as before.
+            followed = head.startswith(b",", end) or head.startswith(layout.cells_end, end)
+            if end - position > BIG_CELL and followed:
+                found = _source_only(head.data, position, end, layout)
+                if found is not None:
+                    source = cell_source({"source": found})
+                    return (source, number + 1) if is_script_block(source) else (None, None)
+            if not any(head.data.find(marker, position, end) >= 0 for marker in _BLOCK_MARKERS):
+                # The first code cell, and no "/// script" in it, written plainly or escaped: it holds
+                # no block, and its outputs (a plot can be megabytes) need not be decoded at all.
+                return None, None
+        cell = _decode_value(head.data, position, end)
+        if not isinstance(cell, dict):
+            raise _NotLaidOut()  # the cell did not end at the first "newline, 2 indents, }"
         position = end
         number += 1
         if cell.get("cell_type") == "code":
@@ -330,21 +426,41 @@ def _first_code_cell(fd, size, chunk):
             return (source, number) if is_script_block(source) else (None, None)
         if head.startswith(b",", position):
             position += 1
-        elif head.startswith(newline + b" ]", position):
+        elif head.startswith(layout.cells_end, position):
             return None, None  # no code cell
         else:
             raise _NotLaidOut()
 
 
-def _top_level_metadata(fd, size, chunk):
+def _source_only(data, position, end, layout):
+    """The value of the "source" key of the code cell ``data[position:end]``, decoding nothing else;
+    None when it is not where nbformat (last key) or Colab (a key followed by others) put it."""
+    key = layout.cell_key + b'source": '
+    at = data.rfind(key, position, end)
+    if at < 0:
+        return None
+    start = at + len(key)
+    stop = data.find(layout.cell_key, start, end)  # the next key of the cell, if any
+    stop = end - len(layout.cell_end) if stop < 0 else stop - 1  # before the comma
+    if stop < start or (stop != end - len(layout.cell_end) and data[stop:stop + 1] != b","):
+        return None
+    if not any(data.find(marker, start, stop) >= 0 for marker in _BLOCK_MARKERS):
+        return ""  # no block in it: not even the source is decoded
+    try:
+        return _decode_value(data, start, stop)
+    except _NotLaidOut:
+        return None
+
+
+def _top_level_metadata(fd, size, chunk, layout):
     """The value of the top-level "metadata" key, from the tail of the file."""
     length = min(chunk, size)
+    key = layout.key + b'metadata": '
     while True:
         data = os.pread(fd, length, size - length)
         if len(data) < length:
             raise _NotLaidOut()  # shorter than fstat said: changed meanwhile
-        newline = b"\r\n" if data.endswith((b"\r\n", b"\r\n}")) else b"\n"
-        marker = data.rfind(newline + b' "metadata": ')
+        marker = data.rfind(key)
         if marker >= 2:  # the two characters before it are checked below
             break
         if length >= size:
@@ -357,20 +473,20 @@ def _top_level_metadata(fd, size, chunk):
         text = data[marker:].decode("utf-8")
     except UnicodeDecodeError:
         raise _NotLaidOut() from None
-    nl = newline.decode()
+    nl, indent = layout.newline.decode(), layout.indent.decode()
     try:
-        metadata, position = fastjson.scan(text, len(nl) + len(' "metadata": '))
+        metadata, position = fastjson.scan(text, len(key))
     except ValueError:
         raise _NotLaidOut() from None
-    if not _is_closing(text, position, nl):
+    if not _is_closing(text, position, nl, indent):
         raise _NotLaidOut()
     return metadata
 
 
-def _is_closing(text, position, newline):
+def _is_closing(text, position, newline, indent):
     """Whether ``text[position:]`` is ``,\n "nbformat": N,\n "nbformat_minor": M\n}`` + whitespace."""
     for key in ("nbformat", "nbformat_minor"):
-        prefix = "," + newline + ' "%s": ' % key
+        prefix = "," + newline + indent + '"%s": ' % key
         if not text.startswith(prefix, position):
             return False
         position += len(prefix)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__, cachedir, connlimits, framing, fsafety, gc, handstart, protocol
+from . import __version__, cachedir, connlimits, envswitch, framing, fsafety, gc, handstart, protocol
 from .buildslots import BuildSlots
 from .bytecode import SharedBytecode
 from .children import ChildRegistry
@@ -228,6 +228,7 @@ class Daemon:
             socket_activated=self.socket_activated, started_at=self.started_at, stopping=self._stop.is_set,
         )
         self.ops = Operations(services)
+        envswitch.remove_retired_when_unused(services)
         assert self.admission is not None
         self._server = connlimits.Listener(sock, self._on_connection, self.admission.limits)
         log.info(
@@ -436,6 +437,12 @@ class Daemon:
                     admission.make_lifeline(connection)
                     lifeline_env = result["env_id"]
                     services.lifelines.add(lifeline_env, connection_id, peer.pid)
+                elif request.op == "sync" and lifeline_env not in (None, result["env_id"]):
+                    # The sync moved the notebook to a new env (envswitch.py): the stub execs the
+                    # kernel there, and the old env is free once no other kernel runs in it.
+                    assert lifeline_env is not None
+                    services.lifelines.move(lifeline_env, result["env_id"], connection_id, peer.pid)
+                    lifeline_env = result["env_id"]
                 await self._send(writer, protocol.ok_response(request.id, result))
                 admission.set_busy(connection, False)
         except (ConnectionError, asyncio.TimeoutError):
