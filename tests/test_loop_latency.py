@@ -86,6 +86,6 @@ def test_a_sync_with_thousands_of_dependencies_does_not_hold_the_loop(
         layout.request("status", timeout=130)
         slowest = max(slowest, time.monotonic() - started)
     sender.join(timeout=130)
+    assert slowest < BOUND_S, "a status request waited %.1f s behind one user's sync" % slowest
     assert isinstance(outcome.get("error"), protocol.BadDeclaration), outcome
     assert "8000 requirements; uvkerneld installs up to 1000 per notebook" in outcome["error"].message
-    assert slowest < BOUND_S, "a status request waited %.1f s behind one user's sync" % slowest
