@@ -167,3 +167,30 @@ def test_a_locked_notebook_opens_on_a_fresh_host_with_the_same_versions(
         assert any((root_b / "cache").iterdir())  # B really downloaded into its own cache
     finally:
         shutil.rmtree(root_b, ignore_errors=True)
+
+
+def test_juv_add_after_uvkernelctl_lock_keeps_the_notebook_usable(layout: Layout) -> None:
+    """`juv add` + `juv lock` change the PEP 723 cell and uv.lock but not the metadata.runt.uv mirror
+    `uvkernelctl lock` wrote: the block wins, the stale mirror is drift, not a refused kernel (the
+    old code refused every start: "declare different dependencies")."""
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        notebook = layout.notebooks / "shared.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import iniconfig")]),
+                       str(notebook))
+        env = layout.request("acquire", {"key": {"kind": "notebook", "value": str(notebook)}}, timeout=300)
+        installed = layout.request("pip", {"env": env["path"], "argv": ["install", "iniconfig==2.0.0"]},
+                                   timeout=300)
+        assert installed["exit_status"] == 0
+        locked = ctl(layout, "lock", str(notebook), "--exclude-newer", "2025-06-01T00:00:00Z",
+                     env=tool_env(layout))
+        assert locked.returncode == 0, locked.stderr
+        # A colleague who uses juv adds a package, as juv's README says.
+        juv(layout, "add", "shared.ipynb", "tabulate==0.9.0")
+        juv(layout, "lock", "shared.ipynb")
+
+        synced = ctl(layout, "sync", str(notebook), env=tool_env(layout))
+        assert synced.returncode == 0, synced.stderr
+        assert "tabulate" in synced.stdout
+    finally:
+        daemon.stop()

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
 from . import declared, nbdecl, pipargs, protocol
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # the backport, a dependency on 3.10 (pyproject)
-    import tomli as tomllib
+from .tomlcompat import tomllib
 
 HIDDEN_CELL_METADATA = {"jupyter": {"source_hidden": True}}  # what juv gives its PEP 723 cell
 
