@@ -53,7 +53,8 @@ def add_parsers(commands: Any) -> None:
 # --- reading ---------------------------------------------------------------------------------------
 
 def _notebook_path(text: str) -> str:
-    path = os.path.abspath(os.path.expanduser(text))
+    # The file a symlink names: what the stub keys the env by, and what lock writes (not the link).
+    path = os.path.realpath(os.path.expanduser(text))
     try:
         os.stat(path)
     except FileNotFoundError:
