@@ -15,7 +15,7 @@ import sys
 import tempfile
 from typing import Any
 
-from . import nbdecl, nbdeps, nbedit, protocol
+from . import declared, nbdecl, nbdeps, nbedit, protocol
 from .ctlcall import (
     EXIT_CHECK_FAILED,
     EXIT_DAEMON_ERROR,
@@ -185,17 +185,14 @@ def cmd_sync(socket_path: str, args: argparse.Namespace) -> int:
 # --- locking -------------------------------------------------------------------------------------
 
 def exclude_newer_stamp(text: str | None) -> str:
-    """``--exclude-newer`` checked (a date or an RFC 3339 time), or now in UTC with a ``Z``."""
+    """``--exclude-newer`` as the daemon will judge it in the notebook (declared.py owns the rule), or now
+    in UTC with a ``Z``."""
     if text is None:
         return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        if len(text) == 10:
-            datetime.date.fromisoformat(text)
-        elif datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is None:
-            raise ValueError("no time zone")
-    except ValueError:
-        raise CtlError("--exclude-newer %r is neither a date (2025-01-31) nor an RFC 3339 time with a time "
-                       "zone (2025-01-31T00:00:00Z)" % text, EXIT_USAGE) from None
+        declared.check_exclude_newer(text, "--exclude-newer")
+    except protocol.BadDeclaration as exc:
+        raise CtlError("%s; nothing was written" % exc.message, EXIT_USAGE) from None
     return text
 
 

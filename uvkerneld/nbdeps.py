@@ -142,7 +142,7 @@ def apply(notebook: Any, script_cell: int | None, parsed: declared.Parsed, lock_
         cell = notebook.cells[script_cell - 1]
         source = nbdecl.cell_source(cell)
         # declared.py's PEP 723 expression: it found the block this replaces (exactly one).
-        match = next(m for m in declared._BLOCK.finditer(source) if m.group("type") == "script")
+        match = next(m for m in declared.BLOCK.finditer(source) if m.group("type") == "script")
         cell.source = source[:match.start()] + block + source[match.end():]
     else:
         cell = nbformat.v4.new_code_cell(block, metadata=json.loads(json.dumps(HIDDEN_CELL_METADATA)))
