@@ -36,7 +36,7 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from . import declared, nbdecl, pipargs, protocol, states
+from . import declared, nbdecl, pipargs, protocol, startuphooks, states
 from .declared import Parsed
 from .installs import changed_distributions, check_changeable
 from .services import Services
@@ -60,7 +60,9 @@ async def sync(
     digest = await asyncio.to_thread(nbdecl.digest, wire) if big else nbdecl.digest(wire)
     if not force and record.declared_digest == digest:
         return {"synced": False, "changes": NO_CHANGES}
-    parsed = declared.interpret(wire, services.uv.shared_host) or Parsed(place="the notebook")
+    # Up to ~0.5 s for the largest declaration allowed (declared.MAX_*): off the loop.
+    parsed = await asyncio.to_thread(declared.interpret, wire, services.uv.shared_host)
+    parsed = parsed or Parsed(place="the notebook")
     if parsed.requires_python:
         await _check_requires_python(services, parsed, record)
     installs = services.installs
@@ -76,7 +78,7 @@ async def sync(
         store.transition(record.id, states.INSTALLING)
         store.install_started(install_id)
         log.info("sync in env %s (install #%d) from %s: %s", record.id, install_id, parsed.place,
-                 " ".join(parsed.dependencies) or "(no dependencies)")
+                 _short_list(parsed.dependencies))
         try:
             requirements, changes = await _sync_locked(services, current, parsed, send_line)
         except protocol.BadDeclaration:
@@ -115,10 +117,12 @@ async def _sync_locked(
     declared_now = declared.requirement_names(parsed.dependencies)
     kept = {name: text for name, text in recorded.items()
             if name not in declared_before and name not in declared_now}
-    with tempfile.TemporaryDirectory(prefix="sync-", dir=await _scratch_root(config.state_dir)) as scratch:
+    root = os.path.join(config.state_dir, _SCRATCH)
+    await asyncio.to_thread(os.makedirs, root, 0o700, True)
+    with tempfile.TemporaryDirectory(prefix="sync-", dir=root) as scratch:
         pins = list(parsed.dependencies)
         if parsed.lock:
-            pins = await _locked_pins(services, parsed, scratch)
+            pins = await _locked_pins(services, parsed, venv, scratch)
         returncode, output = await uv.run_unchecked(uv.pip_argv(venv, "freeze", [], [], False))
         # The env's current pins as preferences (the -o file's contents): uv keeps what still fits.
         current = [line for line in output.splitlines() if "==" in line] if returncode == 0 else []
@@ -144,26 +148,28 @@ async def _sync_locked(
     return {**declared_now, **kept}, changed_distributions(output)
 
 
-_SCRATCH = "sync-scratch"
-_swept: set[str] = set()
+_SCRATCH = "sync-scratch"  # in the state dir, private: each sync's files in a folder of their own
+_LOGGED_REQUIREMENTS = 400  # characters of the declared list in the log line of a sync
 
 
-async def _scratch_root(state_dir: Path) -> str:
-    """``<state_dir>/sync-scratch``, private: each sync's files (the declaration as a script, its
-    lock, uv's pins) live in a folder of their own inside it. What a daemon killed mid-sync left
-    there is removed at this daemon's first sync (one daemon per state dir)."""
+def sweep_scratch(state_dir: Path) -> None:
+    """Remove what syncs of a killed daemon left in ``<state_dir>/sync-scratch`` (the declaration as
+    a script, its lock, uv's pins). Called at start-up, under the state dir's instance lock."""
     root = os.path.join(state_dir, _SCRATCH)
-    if root not in _swept:
-        await asyncio.to_thread(_sweep, root)
-        _swept.add(root)
-    return root
-
-
-def _sweep(root: str) -> None:
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    for entry in os.listdir(root):
+    try:
+        entries = os.listdir(root)
+    except FileNotFoundError:
+        return
+    for entry in entries:
         if entry.startswith("sync-"):
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def _short_list(requirements: tuple[str, ...]) -> str:
+    text = " ".join(requirements) or "(no dependencies)"
+    if len(text) <= _LOGGED_REQUIREMENTS:
+        return text
+    return "%s... (%d requirements)" % (text[:_LOGGED_REQUIREMENTS], len(requirements))
 
 
 def _write_files(files: dict[str, list[str]]) -> None:
@@ -177,16 +183,21 @@ def _read(path: str) -> str:
         return handle.read()
 
 
-async def _locked_pins(services: Services, parsed: Parsed, scratch: str) -> list[str]:
+async def _locked_pins(services: Services, parsed: Parsed, venv: str, scratch: str) -> list[str]:
     """The lock's pins, checked against the declaration by uv itself (``--locked``)."""
     uv = services.uv
-    await asyncio.to_thread(declared.check_lock, parsed.lock or "", uv.shared_host)
+    await asyncio.to_thread(declared.check_lock, parsed, uv.shared_host)
     script = os.path.join(scratch, "notebook.py")
     await asyncio.to_thread(_write_files, {
         script: declared.script_text(parsed).splitlines(), script + ".lock": [parsed.lock or ""]})
     pins_file = os.path.join(scratch, "pins.txt")  # uv's warnings go to the output, not in here
-    argv = [uv.binary, "export", "--script", script, "--locked", "--no-hashes", "--no-header",
-            "--no-annotate", "--format", "requirements-txt", "--quiet", "-o", pins_file]
+    # The env's interpreter: without --python uv would look for one matching requires-python on the
+    # daemon's PATH (another Python than the env's, or none) and run it.
+    if uv.shared_host:
+        await asyncio.to_thread(startuphooks.strip, venv)  # uv runs that Python, as the daemon (uv.pip_argv)
+    argv = [uv.binary, "export", "--script", script, "--python", os.path.join(venv, "bin", "python"),
+            "--locked", "--no-hashes", "--no-header", "--no-annotate", "--format", "requirements-txt",
+            "--quiet", "-o", pins_file]
     if uv.shared_host:
         argv.append("--no-build")
     returncode, output = await uv.run_unchecked(argv)

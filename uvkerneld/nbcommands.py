@@ -99,9 +99,14 @@ def _show(socket_path: str, path: str) -> dict[str, Any]:
 def report(socket_path: str, notebook: str) -> dict[str, Any]:
     """Declared, recorded and installed side by side, and the drift (what deps and doctor print)."""
     path = _notebook_path(notebook)
-    _, parsed, pins = _read_declaration(path)
+    declaration, parsed, pins = _read_declaration(path)
     env = _show(socket_path, path)
     installed = nbdeps.installed_versions(env["freeze"])
+    drift = nbdeps.drift(parsed, pins, env["requirement_list"], installed)
+    # A stale nteract mirror (juv add after uvkernelctl lock) is not used for installing, but it is drift.
+    mirror = declared.mirror_disagreement(declaration.to_wire()) if declaration else None
+    if mirror:
+        drift.append({"kind": "mirror", "package": "", "message": mirror})
     return {
         "notebook": path,
         "env_id": env["env_id"],
@@ -111,7 +116,7 @@ def report(socket_path: str, notebook: str) -> dict[str, Any]:
                      "requires_python": parsed.requires_python if parsed else None, "locked": pins},
         "recorded": env["requirement_list"],
         "installed": installed,
-        "drift": nbdeps.drift(parsed, pins, env["requirement_list"], installed),
+        "drift": drift,
     }
 
 

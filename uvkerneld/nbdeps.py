@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
 from . import declared, nbdecl, pipargs, protocol
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # the backport, a dependency on 3.10 (pyproject)
-    import tomli as tomllib
 
 HIDDEN_CELL_METADATA = {"jupyter": {"source_hidden": True}}  # what juv gives its PEP 723 cell
 
@@ -42,19 +36,13 @@ def read(declaration: nbdecl.Declaration | None) -> tuple[declared.Parsed | None
     return parsed, lock_pins(parsed.lock)
 
 
-def lock_pins(lock_text: Any) -> dict[str, str]:
-    """Canonical package name -> version, from the text of a uv lockfile."""
-    if not isinstance(lock_text, str):
-        raise DeclarationError('metadata "uv.lock" must be the text of a uv lockfile (a string)')
+def lock_pins(lock_text: str) -> dict[str, str]:
+    """Canonical package name -> version, from the text of a uv lockfile (declared.py reads it)."""
     try:
-        lock = tomllib.loads(lock_text)
-    except tomllib.TOMLDecodeError as exc:
-        raise DeclarationError('metadata "uv.lock": invalid TOML: %s' % exc) from None
-    pins: dict[str, str] = {}
-    for package in lock.get("package", []):
-        if isinstance(package, dict) and isinstance(package.get("name"), str) and "version" in package:
-            pins[pipargs.normalize_name(package["name"])] = str(package["version"])
-    return pins
+        packages = declared.lock_packages(lock_text)
+    except protocol.BadDeclaration as exc:
+        raise DeclarationError(exc.message) from None
+    return {package.name: package.version for package in packages if package.version is not None}
 
 
 def name_of(requirement: str) -> str:

@@ -183,7 +183,8 @@ def _write_in_place(loaded: Loaded, data: bytes) -> None:
             raise EditError("writing %s failed (%s) and so did putting its old bytes back; they are in %s"
                             % (loaded.path, exc.strerror, backup)) from None
         _unlink_quietly(backup)
-        raise EditError("writing %s failed: %s; its old bytes are back" % (loaded.path, exc.strerror)) from None
+        raise EditError("writing %s failed: %s; its old bytes are back"
+                        % (loaded.path, exc.strerror)) from None
     _unlink_quietly(backup)
 
 

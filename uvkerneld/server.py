@@ -35,6 +35,7 @@ from .children import ChildRegistry
 from .config import Config, ConfigError, load_config
 from .diskusage import DiskUsage
 from .envs import EnvManager
+from .envsync import sweep_scratch
 from .installs import InstallManager
 from .lifelines import Lifelines
 from .notify import Notifier, inherited_listener
@@ -49,6 +50,13 @@ from .uv import Uv, find_uv
 from .watch import NotebookFolders, NotebookWatcher
 
 log = logging.getLogger("uvkerneld.server")
+
+
+async def _decode(body: bytes) -> dict[str, Any]:
+    """A request's JSON; a large one (a sync's lock, ~10 ms per MB) decoded off the event loop."""
+    if len(body) <= connlimits.SMALL_FRAME:
+        return protocol.decode_body(body)
+    return await asyncio.to_thread(protocol.decode_body, body)
 
 WRITE_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 30.0  # running installs/acquires get this long to finish on SIGTERM
@@ -178,6 +186,7 @@ class Daemon:
                 raise StartupError(str(exc)) from None
         private_state_files(config.state_dir)
         await self._take_instance_lock(inherited)
+        await asyncio.to_thread(sweep_scratch, config.state_dir)  # what a killed daemon's syncs left
         uv_binary = find_uv(config.uv)
         try:
             # Also stops uv runs a killed predecessor left, and claims the venvs dir for this store.
@@ -402,9 +411,10 @@ class Daemon:
                 request_id = None
                 self._busy.add(task)
                 try:
-                    message = protocol.decode_body(body)
+                    message = await _decode(body)
                     request_id = protocol.request_id_of(message)
                     request = parse_request(message)
+                    protocol.check_request_size(request.op, len(body))
                     if request.op == "acquire":
                         admission.check_kernel_slot(connection)
                     result = await self._dispatch(request, peer, writer)
@@ -456,7 +466,7 @@ class Daemon:
         try:
             return await framing.read_frame(
                 reader, admission.idle_timeout_of(connection), limits.frame_timeout, admission,
-                started=lambda: admission.set_busy(connection, True),
+                started=lambda: admission.set_busy(connection, True), max_size=protocol.MAX_SYNC_FRAME_SIZE,
             )
         except framing.IdleTimeout:
             admission.refused["idle_closed"] += 1
