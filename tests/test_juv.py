@@ -167,3 +167,33 @@ def test_a_locked_notebook_opens_on_a_fresh_host_with_the_same_versions(
         assert any((root_b / "cache").iterdir())  # B really downloaded into its own cache
     finally:
         shutil.rmtree(root_b, ignore_errors=True)
+
+
+def test_juv_add_after_uvkernelctl_lock_keeps_the_notebook_usable(layout: Layout) -> None:
+    daemon = Daemon(layout, "--pool-size", "0").start()
+    try:
+        notebook = layout.notebooks / "shared.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import iniconfig")]),
+                       str(notebook))
+        env = layout.request("acquire", {"key": {"kind": "notebook", "value": str(notebook)}}, timeout=300)
+        installed = layout.request("pip", {"env": env["path"], "argv": ["install", "iniconfig==2.0.0"]},
+                                   timeout=300)
+        assert installed["exit_status"] == 0
+        locked = ctl(layout, "lock", str(notebook), "--exclude-newer", "2025-06-01T00:00:00Z",
+                     env=tool_env(layout))
+        assert locked.returncode == 0, locked.stderr
+        # A colleague who uses juv adds a package, as juv's README says.
+        juv(layout, "add", "shared.ipynb", "tabulate==0.9.0")
+        juv(layout, "lock", "shared.ipynb")
+
+        synced = ctl(layout, "sync", str(notebook), env=tool_env(layout))
+        assert synced.returncode == 0, synced.stderr
+        assert "tabulate" in synced.stdout
+        # The block wins; the stale runt.uv mirror lock wrote is drift in deps, not a start error.
+        deps = ctl(layout, "deps", str(notebook), "--check", env=tool_env(layout))
+        assert deps.returncode == 6, deps.stdout + deps.stderr
+        assert ("  metadata.runt.uv lists other dependencies than cell 1 (PEP 723 block) (only in the cell: "
+                "tabulate==0.9.0; only in metadata.runt.uv: -): it is not used (the block wins); run "
+                "`uvkernelctl lock NOTEBOOK` to rewrite it, or remove it") in deps.stdout.splitlines()
+    finally:
+        daemon.stop()

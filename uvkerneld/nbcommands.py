@@ -244,9 +244,13 @@ def cmd_lock(socket_path: str, args: argparse.Namespace) -> int:
         raise CtlError("%s: %s" % (path, exc), EXIT_USAGE) from None
     env = _show(socket_path, path)
     new = nbdeps.new_declaration(parsed, env["requirement_list"], venv_python_version(env["path"]), stamp)
+    try:
+        cell_source = nbdeps.new_block_source(loaded.notebook, old.script_cell if old else None, new)
+    except nbdeps.DeclarationError as exc:
+        raise CtlError("%s: %s" % (path, exc), EXIT_USAGE) from None
     lock_text = uv_lock(nbdeps.script_block(new), old.lock if old else None, "%s as of %s" % (
         ", ".join(new.dependencies) or "the kernel's packages", stamp))
-    nbdeps.apply(loaded.notebook, old.script_cell if old else None, new, lock_text)
+    nbdeps.apply(loaded.notebook, old.script_cell if old else None, cell_source, new, lock_text)
     try:
         written = nbedit.write(loaded, loaded.notebook)
     except nbedit.EditError as exc:
