@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 import tomllib
 import uv as uv_package
 from helpers import Daemon, Layout, run_code, running_kernel
+from test_nbctl import STAMP, env_with, rich_notebook, run_ctl
+from test_nbctl import nb_daemon as nb_daemon
 
 from uvkerneld import client, protocol
+from uvkerneld.uv import find_uv
 
 UV = uv_package.find_uv_bin()
 VERSIONS = (
@@ -127,10 +133,12 @@ def test_a_juv_notebook_imports_exactly_the_locked_versions(
     pinned = {package["name"]: package["version"] for package in tomllib.loads(lock)["package"]}
     assert pinned["iniconfig"] == "2.0.0" and pinned["toolz"] == "0.12.1"
     notebook = write_notebook(layout.notebooks / "juv.ipynb", cell, {"uv.lock": lock})
-    # What a daemon killed during a sync left behind goes at this daemon's first sync.
+    # What a daemon killed during a sync left behind goes when the next daemon starts.
+    daemon.stop()
     leftover = layout.state_dir / "sync-scratch" / "sync-killed"
     leftover.mkdir(parents=True)
     (leftover / "notebook.py.lock").write_text(lock)
+    daemon.start()
     got, _ = kernel_versions(layout, notebook)
     assert {name: got[name] for name in pinned} == pinned
     assert not leftover.exists() and list((layout.state_dir / "sync-scratch").iterdir()) == []
@@ -181,12 +189,10 @@ LOCKED_CELL = script("iniconfig==1.1.1")
      "cell 1 (PEP 723 block): 'nonexistent-pkg-uvkerneld-xyz' does not resolve (with this kernel's own "),
     (script("iniconfig", extra='# requires-python = ">=3.99"\n'), {},
      "cell 1 (PEP 723 block): requires-python '>=3.99' matches no interpreter on this host; it has: 3."),
-    (script("iniconfig==1.1.1"), runt("iniconfig==2.0.0"),
-     "cell 1 (PEP 723 block) and metadata.runt.uv declare different dependencies"),
     (script("iniconfig", extra="# [tool.uv]\n# find-links = [\"https://example.org/wheels\"]\n"), {},
      "cell 1 (PEP 723 block): [tool.uv] find-links is not supported by uvkerneld (supported: "),
 ], ids=["invalid-toml", "bad-requirement-cell", "bad-requirement-runt", "lock-mismatch", "no-such-package",
-        "requires-python", "places-disagree", "unsupported-tool-uv"])
+        "requires-python", "unsupported-tool-uv"])
 def test_a_bad_declaration_shows_in_the_notebook_and_changes_nothing(
     daemon: Daemon, layout: Layout, kernelspec: str, tmp_path: Path, first_code: str, metadata: Any,
     expected: str,
@@ -259,3 +265,72 @@ def test_requires_python_another_interpreter_on_the_host_matches_is_a_clear_erro
     assert message.startswith("metadata.runt.uv: requires-python '==%s' does not match this notebook's env "
                               "(Python %s); the host has %s (" % (others[0], env_version, others[0])), message
     assert "does not yet move a notebook's env to another interpreter" in message
+
+
+def test_a_deeply_nested_pep723_block_is_a_bad_declaration_not_an_internal_error(
+        bare_daemon: Daemon, layout: Layout) -> None:
+    key = {"kind": "notebook", "value": str(layout.notebook("deep.ipynb"))}
+    script = "# /// script\n# dependencies = []\n# x = %s%s\n# ///\n" % ("[" * 3000, "]" * 3000)
+    with pytest.raises(protocol.UvkError) as caught:
+        client.request(str(layout.socket), "sync", {
+            "key": key, "declaration": {"script": script, "script_cell": 1}}, 300)
+    # The old code: RecursionError in tomllib -> "internal error in uvkerneld" and a traceback in the log.
+    assert isinstance(caught.value, protocol.BadDeclaration), caught.value
+    assert "cell 1 (PEP 723 block)" in caught.value.message
+    assert "internal error" not in bare_daemon.log
+
+
+def test_a_locked_notebook_syncs_when_path_has_no_interpreter_like_the_envs(
+        layout: Layout, tmp_path: Path) -> None:
+    """`uv export --script --locked` runs with the env's interpreter (--python): uv otherwise looks on the
+    daemon's PATH for one matching requires-python (with config python=/opt/python3.12 and PATH's
+    /usr/bin/python3 3.11, every notebook `uvkernelctl lock` wrote was refused) and runs it as the
+    daemon. Stand-in: the env runs this Python, the daemon's PATH holds only /usr/bin's other one."""
+    wanted = "==%s" % platform.python_version()
+    path_python = "/usr/bin/python3"
+    if not os.path.exists(path_python) or subprocess.run(
+            [path_python, "-c", "import platform; print(platform.python_version())"],
+            capture_output=True, text=True, timeout=30).stdout.strip() == platform.python_version():
+        pytest.skip("needs a /usr/bin/python3 other than the interpreter running the tests")
+    script = ('# /// script\n# requires-python = "%s"\n# dependencies = [\n#     "iniconfig==2.0.0",\n'
+              '# ]\n# ///' % wanted)
+    (tmp_path / "nb.py").write_text(script + "\n")
+    env = dict(os.environ, UV_CACHE_DIR=str(layout.cache_dir), UV_PYTHON_DOWNLOADS="never")
+    subprocess.run([find_uv(None), "lock", "--script", str(tmp_path / "nb.py"), "--python", sys.executable],
+                   check=True, env=env, capture_output=True, timeout=120)
+    lock = (tmp_path / "nb.py.lock").read_text()
+
+    daemon = Daemon(layout, "--pool-size", "0", env=dict(layout.env, PATH="/usr/bin:/bin")).start()
+    try:
+        key = {"kind": "notebook", "value": str(layout.notebook("locked.ipynb"))}
+        acquired = layout.request("acquire", {"key": key}, timeout=300)
+        assert acquired["python"]  # the env runs sys.executable's version, which requires-python names
+        try:
+            result = layout.request("sync", {"key": acquired["key"], "declaration": {
+                "script": script, "script_cell": 1, "lock": lock}}, timeout=300)
+        except protocol.BadDeclaration as exc:
+            pytest.fail("a valid lock for the env's own interpreter was refused: %s" % exc.message)
+        assert result["synced"] and result["changes"]["added"] == ["iniconfig"], result
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.slow
+def test_a_notebook_with_a_real_sized_lock_syncs(nb_daemon: Daemon, layout: Layout) -> None:
+    """`uv lock --script` of 25 data-science packages (torch, tensorflow, jax, pandas, ...) writes
+    1.25 MB, over the 1 MiB of other requests (the old limit of sync too: no kernel for such a
+    notebook). Here a real small lock is padded with TOML comments to that size (no big download)."""
+    notebook = layout.notebooks / "big-lock.ipynb"
+    rich_notebook(notebook)
+    env_with(layout, notebook, "iniconfig==2.0.0")
+    locked = run_ctl(layout, "lock", str(notebook), "--exclude-newer", STAMP)
+    assert locked.returncode == 0, locked.stderr
+    parsed = nbformat.read(str(notebook), as_version=nbformat.NO_CONVERT)
+    padding = "".join("# wheel entry %06d of a large lock, as long as a real wheel line's URL and hash\n" % n
+                      for n in range(16000))
+    parsed.metadata["uv.lock"] = parsed.metadata["uv.lock"] + padding  # ~1.3 MB, still a valid lock
+    nbformat.write(parsed, str(notebook))
+
+    result = run_ctl(layout, "sync", str(notebook))
+    assert "frame limit" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr

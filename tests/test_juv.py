@@ -170,6 +170,9 @@ def test_a_locked_notebook_opens_on_a_fresh_host_with_the_same_versions(
 
 
 def test_juv_add_after_uvkernelctl_lock_keeps_the_notebook_usable(layout: Layout) -> None:
+    """`juv add` + `juv lock` change the PEP 723 cell and uv.lock but not the metadata.runt.uv mirror
+    `uvkernelctl lock` wrote: the block wins, the stale mirror is drift, not a refused kernel (the
+    old code refused every start: "declare different dependencies")."""
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
         notebook = layout.notebooks / "shared.ipynb"

@@ -158,7 +158,8 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
     if not isinstance(source, str) or len(source) > MAX_SCRIPT_CHARS:
         raise BadDeclaration(
             "%s: the cell holding the block is %d characters; uvkerneld reads up to %d (MAX_SCRIPT_CHARS): "
-            "put the block in a cell of its own, as juv does" % (place, len(source), MAX_SCRIPT_CHARS))
+            "declare fewer packages, or put the block in a cell of its own, as juv does"
+            % (place, len(source), MAX_SCRIPT_CHARS))
     blocks = [match for match in BLOCK.finditer(source) if match.group("type") == "script"]
     if not blocks:
         raise BadDeclaration(
@@ -199,9 +200,10 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
     indexes = tool_uv.get("index", [])
     if not isinstance(indexes, list) or not all(isinstance(index, dict) for index in indexes):
         raise BadDeclaration("%s: [tool.uv] index must be a list of tables ([[tool.uv.index]])" % place)
-    if len(extra) + len(indexes) + 1 > MAX_INDEXES:
+    named = len(extra) + len(indexes) + ("index-url" in tool_uv)
+    if named > MAX_INDEXES:
         raise BadDeclaration("%s: [tool.uv] names %d indexes; uvkerneld uses up to %d (MAX_INDEXES)"
-                             % (place, len(extra) + len(indexes) + 1, MAX_INDEXES))
+                             % (place, named, MAX_INDEXES))
     defaults = [index for index in indexes if index.get("default") is True]
     if len(defaults) + ("index-url" in tool_uv) > 1:
         raise BadDeclaration("%s: [tool.uv] names more than one default index (index-url, or "

@@ -45,7 +45,6 @@ from .store import EnvRecord
 log = logging.getLogger("uvkerneld.envsync")
 
 NO_CHANGES: dict[str, list[str]] = {"added": [], "removed": []}
-_BIG_LOCK = 64 * 1024
 _UV_NOISE = re.compile(r"^(Using Python|Resolved|Prepared|Installed|Uninstalled|Audited|Checked) ")
 
 
@@ -55,9 +54,10 @@ async def sync(
 ) -> dict[str, Any]:
     """Sync the declaration ``wire`` (nbdecl's wire form) into ``record``'s env, owned by ``uid``.
     Returns {"synced": uv ran, "changes": {"added", "removed"}}; raises BadDeclaration."""
-    # Hashing a big lock's JSON takes ~15 ms per MB: off the loop then.
-    big = len(wire.get("lock") or "") > _BIG_LOCK
-    digest = await asyncio.to_thread(nbdecl.digest, wire) if big else nbdecl.digest(wire)
+    # Hashing a declaration's JSON takes ~15 ms per MB, and a sync's frame may hold 16 MiB of it
+    # (protocol.MAX_SYNC_FRAME_SIZE, in any field): off the loop. A sync is rare (the stub sends
+    # one only when the digest acquire returned differs), so the thread's cost does not matter.
+    digest = await asyncio.to_thread(nbdecl.digest, wire)
     if not force and record.declared_digest == digest:
         return {"synced": False, "changes": NO_CHANGES}
     # Up to ~0.5 s for the largest declaration allowed (declared.MAX_*): off the loop.

@@ -176,11 +176,10 @@ def frame_limit(op):
 
 
 def check_request_size(op, length):
-    """A request body of ``length`` bytes read under the largest limit: refused over its op's own."""
+    """A request body of ``length`` bytes, read under the largest limit: refused over its op's own."""
     if length > frame_limit(op):
-        raise FrameTooLarge(
-            "a %s request of %d bytes exceeds its %d-byte limit; send smaller requests" % (op, length,
-                                                                                             frame_limit(op)))
+        raise FrameTooLarge("a request of %d bytes (op %.40r) exceeds its %d-byte limit; send smaller "
+                            "requests" % (length, op, frame_limit(op)))
 
 
 def frame_length(header, max_size=MAX_FRAME_SIZE):

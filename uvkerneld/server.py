@@ -413,8 +413,8 @@ class Daemon:
                 try:
                     message = await _decode(body)
                     request_id = protocol.request_id_of(message)
+                    protocol.check_request_size(message.get("op"), len(body))
                     request = parse_request(message)
-                    protocol.check_request_size(request.op, len(body))
                     if request.op == "acquire":
                         admission.check_kernel_slot(connection)
                     result = await self._dispatch(request, peer, writer)
