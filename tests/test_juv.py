@@ -192,5 +192,11 @@ def test_juv_add_after_uvkernelctl_lock_keeps_the_notebook_usable(layout: Layout
         synced = ctl(layout, "sync", str(notebook), env=tool_env(layout))
         assert synced.returncode == 0, synced.stderr
         assert "tabulate" in synced.stdout
+        # The block wins; the stale runt.uv mirror lock wrote is drift in deps, not a start error.
+        deps = ctl(layout, "deps", str(notebook), "--check", env=tool_env(layout))
+        assert deps.returncode == 6, deps.stdout + deps.stderr
+        assert ("  metadata.runt.uv lists other dependencies than cell 1 (PEP 723 block) (only in the cell: "
+                "tabulate==0.9.0; only in metadata.runt.uv: -): it is not used (the block wins); run "
+                "`uvkernelctl lock NOTEBOOK` to rewrite it, or remove it") in deps.stdout.splitlines()
     finally:
         daemon.stop()

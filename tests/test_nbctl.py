@@ -346,12 +346,16 @@ def test_each_bad_input_gets_a_clear_message(nb_daemon: Daemon, layout: Layout, 
 
 
 def test_lock_rejects_a_bad_exclude_newer(layout: Layout) -> None:
+    # declared.py's rule (what the daemon applies to the notebook) judges --exclude-newer: one validator.
+    # ("2025-01-31T00:00:00", a local time, is no longer refused here: uv accepts it.)
     notebook = write_nb(layout.notebooks / "x.ipynb")
-    for value in ("yesterday", "2025-01-31T00:00:00"):
+    before = notebook.read_bytes()
+    for value in ("yesterday", "2025/01/31"):
         result = run_ctl(layout, "lock", str(notebook), "--exclude-newer", value)
-        assert (result.returncode, result.stderr) == (2, (
-            "uvkernelctl: --exclude-newer %r is neither a date (2025-01-31) nor an RFC 3339 time with a time "
-            "zone (2025-01-31T00:00:00Z)\n" % value))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("uvkernelctl: --exclude-newer: ") and repr(value) in result.stderr
+        assert result.stderr.endswith("; nothing was written\n") and len(result.stderr.splitlines()) == 1
+    assert notebook.read_bytes() == before
 
 
 def test_sync_makes_the_env_match_the_notebook(nb_daemon: Daemon, layout: Layout) -> None:
@@ -406,3 +410,162 @@ def test_lock_and_deps_on_a_shared_host_run_as_the_user(host: Host) -> None:
             "uvkernelctl: cannot reach %s: permission denied (a folder on its path is closed to you); run "
             "this as the notebook's owner\n" % notebook))
     assert Path(notebook).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_lock_through_a_symlink_writes_the_notebook_and_keeps_the_link(
+        nb_daemon: Daemon, layout: Layout) -> None:
+    real = layout.notebooks / "real.ipynb"
+    rich_notebook(real)
+    link = layout.notebooks / "link.ipynb"
+    link.symlink_to(real)
+    env_with(layout, real, "iniconfig==2.0.0")  # the stub keys a notebook by its real path
+
+    result = run_ctl(layout, "lock", str(link), "--exclude-newer", STAMP)
+    assert result.returncode == 0, result.stderr
+    # (It was: the link replaced by a regular file holding the lock; the notebook it named unchanged.)
+    assert link.is_symlink(), "the symlink was replaced by a copy of the notebook"
+    assert "uv.lock" in nbformat.read(str(real), as_version=nbformat.NO_CONVERT).metadata
+
+
+@pytest.mark.slow
+def test_lock_writes_a_hard_linked_notebook_in_place(nb_daemon: Daemon, layout: Layout) -> None:
+    notebook = layout.notebooks / "a.ipynb"
+    rich_notebook(notebook)
+    other_name = layout.notebooks / "b.ipynb"
+    os.link(notebook, other_name)
+    env_with(layout, notebook, "iniconfig==2.0.0")
+    before = notebook.read_bytes()
+
+    result = run_ctl(layout, "lock", str(notebook), "--exclude-newer", STAMP)
+    # Written in place, as jupyter_server writes notebooks: both names see the lock (a rename would have
+    # left b.ipynb with the old bytes: two diverging notebooks). No backup file is left behind.
+    assert result.returncode == 0, result.stderr
+    assert os.path.samefile(notebook, other_name), "the hard link was broken: two diverging notebooks"
+    assert notebook.read_bytes() != before and "uv.lock" in json.loads(other_name.read_text())["metadata"]
+    assert sorted(os.listdir(layout.notebooks)) == ["a.ipynb", "b.ipynb"]
+
+
+@pytest.mark.slow
+def test_lock_keeps_other_tool_tables_and_comments_of_the_block(
+        nb_daemon: Daemon, layout: Layout) -> None:
+    block = "\n".join([
+        "# /// script",
+        "# requires-python = \">=3.10\"",
+        "# dependencies = [",
+        "#     \"iniconfig==2.0.0\",  # pinned: 2.1 changed the API we use",
+        "# ]",
+        "#",
+        "# [tool.marimo]",
+        "# width = \"full\"",
+        "# ///",
+    ])
+    notebook = layout.notebooks / "tools.ipynb"
+    rich_notebook(notebook, first_cell=block)
+    env_with(layout, notebook, "iniconfig==2.0.0")
+
+    result = run_ctl(layout, "lock", str(notebook), "--exclude-newer", STAMP)
+    assert result.returncode == 0, result.stderr
+    after = nbformat.read(str(notebook), as_version=nbformat.NO_CONVERT)
+    # PEP 723 blocks carry other tools' [tool.X] tables; the lock must not delete them silently.
+    assert script_of(after).get("tool", {}).get("marimo") == {"width": "full"}, after.cells[0].source
+    assert "#     \"iniconfig==2.0.0\",  # pinned: 2.1 changed the API we use" in after.cells[0].source
+    assert script_of(after)["tool"]["uv"] == {"exclude-newer": STAMP}
+
+
+
+@pytest.mark.slow
+def test_lock_never_writes_an_exclude_newer_the_daemon_refuses(nb_daemon: Daemon, layout: Layout) -> None:
+    # It was two rules for one fact: uvkernelctl accepted it, declared.py (what the daemon applies) refused
+    # it after lock had written it. Now declared.py's rule judges --exclude-newer too.
+    notebook = layout.notebooks / "stamp.ipynb"
+    rich_notebook(notebook)
+    env_with(layout, notebook, "iniconfig==2.0.0")
+    before = notebook.read_bytes()
+
+    result = run_ctl(layout, "lock", str(notebook), "--exclude-newer", "2025-06-01 00:00:00Z")
+    if result.returncode != 0:  # refused up front: fine, if nothing was written
+        assert notebook.read_bytes() == before, "refused only after writing the notebook:\n" + result.stderr
+        return
+    deps = run_ctl(layout, "deps", str(notebook))
+    assert deps.returncode == 0, "lock wrote a declaration uvkerneld itself refuses:\n" + deps.stderr
+
+
+def block(*lines: str) -> str:
+    return "\n".join(["# /// script", *("# " + line if line else "#" for line in lines), "# ///"])
+
+
+REWRITE_SHAPES = {
+    "multi-line array, item comments, other tool's table": (
+        block('requires-python = ">=3.10"', "dependencies = [", '    "iniconfig==2.0.0",  # 2.1 broke us',
+              '    "old-pkg",', "]  # end", "", "[tool.marimo]", 'width = "full"'),
+        ['"iniconfig==2.0.0",  # 2.1 broke us', "]  # end", "[tool.marimo]"]),
+    "inline array, strings holding ] and #": (
+        block('dependencies = ["x ; python_version > \'3\' # ]", "y"]  # why', "# note", "[tool.ruff]",
+              "line-length = 100"),
+        ['"tabulate",', "]  # why", "# # note", "# [tool.ruff]", "# line-length = 100"]),
+    "missing keys": (block("# only a comment"), ["# # only a comment", "# [tool.uv]"]),
+    "existing [tool.uv] with other keys": (
+        block("dependencies = []", "", "[tool.uv]", 'prerelease = "allow"',
+              'exclude-newer = "2020-01-01T00:00:00Z"  # reproducible', "", "[[tool.uv.index]]",
+              'url = "https://example.org/simple"', "", "[tool.black]", "line-length = 99"),
+        ['# prerelease = "allow"', '# exclude-newer = "%s"  # reproducible' % STAMP, "# [tool.black]"]),
+    "multi-line string in the array": (
+        block("dependencies = [", '  """tabulate', ' ]""",', "]", "[tool.x]", "a = '#]'"),
+        ["# [tool.x]", "# a = '#]'"]),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(REWRITE_SHAPES))
+def test_lock_rewrites_only_its_three_settings_of_a_block(shape: str) -> None:
+    from uvkerneld import pep723edit
+
+    old, kept = REWRITE_SHAPES[shape]
+    new = pep723edit.rewrite(old, ["iniconfig==2.0.0", "tabulate"], ">=3.10", STAMP)
+    for text in kept:
+        assert text in new, (text, new)
+    read = tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:]
+                                 for line in new.splitlines(keepends=True)[1:-1]))
+    before = tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in old.splitlines(keepends=True)[1:-1]))
+    assert read["dependencies"] == ["iniconfig==2.0.0", "tabulate"]
+    assert read["requires-python"] == before.get("requires-python", ">=3.10")
+    assert read["tool"]["uv"]["exclude-newer"] == STAMP
+    before.pop("dependencies", None)
+    before.pop("requires-python", None)
+    before.setdefault("tool", {}).setdefault("uv", {}).pop("exclude-newer", None)
+    read["tool"]["uv"].pop("exclude-newer")
+    assert {k: v for k, v in read.items() if k not in ("dependencies", "requires-python")} == before
+
+
+def test_lock_refuses_a_block_it_cannot_rewrite_safely() -> None:
+    # [tool.uv] given as dotted keys at the top: adding a [tool.uv] table would be invalid TOML. Refused
+    # before uv runs and before anything is written, naming what is kept out and pointing to juv.
+    from uvkerneld import nbdeps
+
+    source = block("dependencies = []", 'tool.uv.prerelease = "allow"')
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    parsed = nbdeps.new_declaration(None, ["tabulate"], "3.11.7", STAMP)
+    with pytest.raises(nbdeps.DeclarationError) as raised:
+        nbdeps.new_block_source(notebook, 1, parsed)
+    assert str(raised.value) == (
+        "cell 1: cannot rewrite its PEP 723 block without losing what it holds besides dependencies, "
+        "requires-python and [tool.uv] exclude-newer (the rewritten block would not be valid TOML); nothing "
+        "was written: edit it with `juv add NOTEBOOK` and `juv lock NOTEBOOK`")
+
+
+def test_lock_adds_no_cell_ids_and_refuses_nbformat_3(layout: Layout, tmp_path: Path) -> None:
+    # nbformat.reads/writes validate, and validating a 4.5 notebook without ids gave every cell a new id
+    # with a MissingIDFieldWarning (an error under pytest's warning filter).
+    old = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "source": ["x = 1"], "metadata": {}, "outputs": [], "execution_count": None}]}
+    path = tmp_path / "no-ids.ipynb"
+    path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    loaded = nbedit.read(str(path))
+    assert nbedit.serialize(loaded.notebook) == path.read_bytes()
+
+    v3 = write_nb(layout.notebooks / "v3.ipynb")
+    v3.write_text(json.dumps({"nbformat": 3, "nbformat_minor": 0, "metadata": {}, "worksheets": []}))
+    result = run_ctl(layout, "lock", str(v3), "--exclude-newer", STAMP)
+    assert (result.returncode, result.stderr) == (2, (
+        "uvkernelctl: %s is nbformat 3: open and save it in Jupyter first (that makes it nbformat 4)\n" % v3))

@@ -30,7 +30,7 @@ from . import pipargs, tomlcompat
 from .protocol import BadDeclaration
 
 # PEP 723's reference regular expression.
-_BLOCK = re.compile(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$")
+BLOCK = re.compile(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$")
 _TOML_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
 TOOL_UV_KEYS = ("exclude-newer", "prerelease", "index-url", "extra-index-url", "index")
 INDEX_KEYS = ("url", "name", "default", "explicit")
@@ -160,7 +160,7 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
             "%s: the cell holding the block is %d characters; uvkerneld reads up to %d (MAX_SCRIPT_CHARS): "
             "declare fewer packages, or put the block in a cell of its own, as juv does"
             % (place, len(source), MAX_SCRIPT_CHARS))
-    blocks = [match for match in _BLOCK.finditer(source) if match.group("type") == "script"]
+    blocks = [match for match in BLOCK.finditer(source) if match.group("type") == "script"]
     if not blocks:
         raise BadDeclaration(
             "%s: '# /// script' opens no complete block: every line up to a closing '# ///' line must "
@@ -213,7 +213,7 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
         dependencies=_requirements(dependencies, place + ": dependencies", shared_host),
         requires_python=_requires_python(requires_python, place),
         prerelease=_prerelease(tool_uv.get("prerelease"), place + ": [tool.uv] prerelease"),
-        exclude_newer=_exclude_newer(tool_uv.get("exclude-newer"), place),
+        exclude_newer=check_exclude_newer(tool_uv.get("exclude-newer"), place),
         index_url=_url(tool_uv.get("index-url"), place + ": [tool.uv] index-url"),
         extra_index_urls=tuple(_url(url, place + ": [tool.uv] extra-index-url") or "" for url in extra),
         indexes=tuple(_index(index, "%s: [[tool.uv.index]] %d" % (place, number))
@@ -292,7 +292,7 @@ def _prerelease(value: Any, where: str) -> str | None:
     return str(value)
 
 
-def _exclude_newer(value: Any, place: str) -> str | None:
+def check_exclude_newer(value: Any, place: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _EXCLUDE_NEWER.match(value):

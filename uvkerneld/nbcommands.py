@@ -15,7 +15,7 @@ import sys
 import tempfile
 from typing import Any
 
-from . import nbdecl, nbdeps, nbedit, protocol
+from . import declared, nbdecl, nbdeps, nbedit, protocol
 from .ctlcall import (
     EXIT_CHECK_FAILED,
     EXIT_DAEMON_ERROR,
@@ -53,7 +53,8 @@ def add_parsers(commands: Any) -> None:
 # --- reading ---------------------------------------------------------------------------------------
 
 def _notebook_path(text: str) -> str:
-    path = os.path.abspath(os.path.expanduser(text))
+    # The file a symlink names: what the stub keys the env by, and what lock writes (not the link).
+    path = os.path.realpath(os.path.expanduser(text))
     try:
         os.stat(path)
     except FileNotFoundError:
@@ -98,9 +99,14 @@ def _show(socket_path: str, path: str) -> dict[str, Any]:
 def report(socket_path: str, notebook: str) -> dict[str, Any]:
     """Declared, recorded and installed side by side, and the drift (what deps and doctor print)."""
     path = _notebook_path(notebook)
-    _, parsed, pins = _read_declaration(path)
+    declaration, parsed, pins = _read_declaration(path)
     env = _show(socket_path, path)
     installed = nbdeps.installed_versions(env["freeze"])
+    drift = nbdeps.drift(parsed, pins, env["requirement_list"], installed)
+    # A stale nteract mirror (juv add after uvkernelctl lock) is not used for installing, but it is drift.
+    mirror = declared.mirror_disagreement(declaration.to_wire()) if declaration else None
+    if mirror:
+        drift.append({"kind": "mirror", "package": "", "message": mirror})
     return {
         "notebook": path,
         "env_id": env["env_id"],
@@ -110,7 +116,7 @@ def report(socket_path: str, notebook: str) -> dict[str, Any]:
                      "requires_python": parsed.requires_python if parsed else None, "locked": pins},
         "recorded": env["requirement_list"],
         "installed": installed,
-        "drift": nbdeps.drift(parsed, pins, env["requirement_list"], installed),
+        "drift": drift,
     }
 
 
@@ -184,17 +190,14 @@ def cmd_sync(socket_path: str, args: argparse.Namespace) -> int:
 # --- locking -------------------------------------------------------------------------------------
 
 def exclude_newer_stamp(text: str | None) -> str:
-    """``--exclude-newer`` checked (a date or an RFC 3339 time), or now in UTC with a ``Z``."""
+    """``--exclude-newer`` as the daemon will judge it in the notebook (declared.py owns the rule), or now
+    in UTC with a ``Z``."""
     if text is None:
         return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        if len(text) == 10:
-            datetime.date.fromisoformat(text)
-        elif datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is None:
-            raise ValueError("no time zone")
-    except ValueError:
-        raise CtlError("--exclude-newer %r is neither a date (2025-01-31) nor an RFC 3339 time with a time "
-                       "zone (2025-01-31T00:00:00Z)" % text, EXIT_USAGE) from None
+        declared.check_exclude_newer(text, "--exclude-newer")
+    except protocol.BadDeclaration as exc:
+        raise CtlError("%s; nothing was written" % exc.message, EXIT_USAGE) from None
     return text
 
 
@@ -241,9 +244,13 @@ def cmd_lock(socket_path: str, args: argparse.Namespace) -> int:
         raise CtlError("%s: %s" % (path, exc), EXIT_USAGE) from None
     env = _show(socket_path, path)
     new = nbdeps.new_declaration(parsed, env["requirement_list"], venv_python_version(env["path"]), stamp)
+    try:
+        cell_source = nbdeps.new_block_source(loaded.notebook, old.script_cell if old else None, new)
+    except nbdeps.DeclarationError as exc:
+        raise CtlError("%s: %s" % (path, exc), EXIT_USAGE) from None
     lock_text = uv_lock(nbdeps.script_block(new), old.lock if old else None, "%s as of %s" % (
         ", ".join(new.dependencies) or "the kernel's packages", stamp))
-    nbdeps.apply(loaded.notebook, old.script_cell if old else None, new, lock_text)
+    nbdeps.apply(loaded.notebook, old.script_cell if old else None, cell_source, new, lock_text)
     try:
         written = nbedit.write(loaded, loaded.notebook)
     except nbedit.EditError as exc:

@@ -14,8 +14,7 @@ from typing import Any
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
-from . import declared, nbdecl, pipargs, protocol
-from .tomlcompat import tomllib
+from . import declared, nbdecl, pep723edit, pipargs, protocol
 
 HIDDEN_CELL_METADATA = {"jupyter": {"source_hidden": True}}  # what juv gives its PEP 723 cell
 
@@ -37,19 +36,13 @@ def read(declaration: nbdecl.Declaration | None) -> tuple[declared.Parsed | None
     return parsed, lock_pins(parsed.lock)
 
 
-def lock_pins(lock_text: Any) -> dict[str, str]:
-    """Canonical package name -> version, from the text of a uv lockfile."""
-    if not isinstance(lock_text, str):
-        raise DeclarationError('metadata "uv.lock" must be the text of a uv lockfile (a string)')
+def lock_pins(lock_text: str) -> dict[str, str]:
+    """Canonical package name -> version, from the text of a uv lockfile (declared.py reads it)."""
     try:
-        lock = tomllib.loads(lock_text)
-    except tomllib.TOMLDecodeError as exc:
-        raise DeclarationError('metadata "uv.lock": invalid TOML: %s' % exc) from None
-    pins: dict[str, str] = {}
-    for package in lock.get("package", []):
-        if isinstance(package, dict) and isinstance(package.get("name"), str) and "version" in package:
-            pins[pipargs.normalize_name(package["name"])] = str(package["version"])
-    return pins
+        packages = declared.lock_packages(lock_text)
+    except protocol.BadDeclaration as exc:
+        raise DeclarationError(exc.message) from None
+    return {package.name: package.version for package in packages if package.version is not None}
 
 
 def name_of(requirement: str) -> str:
@@ -127,20 +120,38 @@ def script_block(parsed: declared.Parsed) -> str:
     return declared.script_text(parsed).rstrip("\n")
 
 
-def apply(notebook: Any, script_cell: int | None, parsed: declared.Parsed, lock_text: str) -> None:
-    """Put the new declaration into a parsed notebook: the block cell (replaced in place, its id and
-    metadata kept; or a new first cell, hidden like juv's), ``uv.lock`` and the ``runt.uv`` mirror."""
+def new_block_source(notebook: Any, script_cell: int | None, parsed: declared.Parsed) -> str:
+    """The source of the cell that will hold the new declaration: the block cell with only its
+    dependencies, requires-python and [tool.uv] exclude-newer rewritten (other tools' tables, other
+    keys and comments kept: pep723edit), or a new block laid out as juv writes it. Raises
+    DeclarationError, before anything is written, when the block cannot be rewritten safely."""
+    if script_cell is None:
+        return script_block(parsed)
+    source = nbdecl.cell_source(notebook.cells[script_cell - 1])
+    # declared.py's PEP 723 expression: it found the block this replaces (exactly one).
+    match = next(m for m in declared.BLOCK.finditer(source) if m.group("type") == "script")
+    old_block = match.group(0).rstrip("\n")
+    try:
+        block = pep723edit.rewrite(old_block, list(parsed.dependencies), parsed.requires_python,
+                                   parsed.exclude_newer or "")
+    except pep723edit.Unsafe as exc:
+        raise DeclarationError(
+            "cell %d: cannot rewrite its PEP 723 block without losing what it holds besides dependencies, "
+            "requires-python and [tool.uv] exclude-newer (%s); nothing was written: edit it with "
+            "`juv add NOTEBOOK` and `juv lock NOTEBOOK`" % (script_cell, exc)) from None
+    return source[:match.start()] + block + source[match.start() + len(old_block):]
+
+
+def apply(notebook: Any, script_cell: int | None, cell_source: str, parsed: declared.Parsed,
+          lock_text: str) -> None:
+    """Put the new declaration into a parsed notebook: the block cell's source (its id and metadata
+    kept; or a new first cell, hidden like juv's), ``uv.lock`` and the ``runt.uv`` mirror."""
     import nbformat
 
-    block = script_block(parsed)
     if script_cell is not None:
-        cell = notebook.cells[script_cell - 1]
-        source = nbdecl.cell_source(cell)
-        # declared.py's PEP 723 expression: it found the block this replaces (exactly one).
-        match = next(m for m in declared._BLOCK.finditer(source) if m.group("type") == "script")
-        cell.source = source[:match.start()] + block + source[match.end():]
+        notebook.cells[script_cell - 1].source = cell_source
     else:
-        cell = nbformat.v4.new_code_cell(block, metadata=json.loads(json.dumps(HIDDEN_CELL_METADATA)))
+        cell = nbformat.v4.new_code_cell(cell_source, metadata=json.loads(json.dumps(HIDDEN_CELL_METADATA)))
         if (notebook.get("nbformat"), notebook.get("nbformat_minor", 0)) < (4, 5):
             del cell["id"]  # cell ids exist from nbformat 4.5 on; an older notebook must not get one
         notebook.cells.insert(0, cell)

@@ -5,6 +5,10 @@ at the same time. So: parse with nbformat (no version conversion), let the calle
 declaration cell/metadata, write a temp file in the same folder (O_EXCL, the original's mode and
 owner), fsync it, and right before ``os.replace`` check that the file on disk is still the one we
 read (same inode, same bytes). When it is not, nothing is written: the other writer's bytes stay.
+A symlinked notebook is written where the link points (the link stays a link). A hard-linked one
+(st_nlink > 1) is written in place, as jupyter_server's atomic_writing writes every notebook: a
+rename would split it into two diverging notebooks, while Jupyter itself keeps its names together;
+the old bytes are kept in a backup file beside it until the new ones are on disk.
 
 Runs in the user's own process (never in the daemon): the user's permissions decide what it may
 write, and it refuses up front what would silently change ownership or ignore a read-only file.
@@ -43,9 +47,11 @@ class Loaded:
 
 
 def read(path: str) -> Loaded:
-    """Read and parse ``path`` with nbformat, as it is on disk (no version conversion)."""
+    """Read and parse ``path`` with nbformat, as it is on disk (no version conversion). A symlink is
+    followed: the file it names is what gets written."""
     import nbformat
 
+    path = os.path.realpath(path)
     try:
         with open(path, "rb") as handle:
             info = os.fstat(handle.fileno())
@@ -59,10 +65,15 @@ def read(path: str) -> Loaded:
     except OSError as exc:
         raise EditError("cannot read %s: %s" % (path, exc.strerror)) from None
     try:
-        notebook = nbformat.reads(data.decode("utf-8"), as_version=nbformat.NO_CONVERT)
+        # nbformat.reader, not nbformat.reads: reads validates, and validating a 4.5 notebook without cell
+        # ids adds ids to every cell (with a MissingIDFieldWarning); lock changes only the declaration.
+        notebook = nbformat.reader.reads(data.decode("utf-8"))
     except Exception as exc:  # nbformat raises NotJSONError, ValueError, KeyError, ... for non-notebooks
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EditError("%s is not a notebook nbformat can read (%s)" % (path, reason[:200])) from None
+    if isinstance(notebook.get("nbformat"), int) and notebook["nbformat"] < 4:
+        raise EditError("%s is nbformat %s: open and save it in Jupyter first (that makes it nbformat 4)"
+                        % (path, notebook.get("nbformat")))
     if not isinstance(notebook.get("cells"), list) or not isinstance(notebook.get("metadata"), dict):
         raise EditError("%s is not a notebook (no cells list or metadata object)" % path)
     return Loaded(path, data, info, notebook)
@@ -86,10 +97,11 @@ def check_writable(loaded: Loaded) -> None:
 
 
 def serialize(notebook: Any) -> bytes:
-    """The bytes Jupyter itself writes for this notebook (nbformat.write: sorted keys, indent 1)."""
+    """The bytes Jupyter itself writes for this notebook (nbformat.write: sorted keys, indent 1), minus
+    nbformat.writes' validation, which would add cell ids the file did not have."""
     import nbformat
 
-    text = nbformat.writes(notebook, version=nbformat.NO_CONVERT)
+    text = nbformat.v4.writes(notebook)
     if not text.endswith("\n"):
         text += "\n"
     return text.encode("utf-8")
@@ -99,6 +111,9 @@ def write(loaded: Loaded, notebook: Any) -> bytes:
     """Replace ``loaded.path`` with ``notebook``, atomically; refuse if the file changed since read.
     Returns the bytes written."""
     data = serialize(notebook)
+    if loaded.stat.st_nlink > 1:
+        _write_in_place(loaded, data)
+        return data
     folder, name = os.path.split(os.path.abspath(loaded.path))
     temp = os.path.join(folder, ".%s.uvkernelctl-%s.tmp" % (name, secrets.token_hex(4)))
     mode = stat.S_IMODE(loaded.stat.st_mode)
@@ -136,6 +151,56 @@ def write(loaded: Loaded, notebook: Any) -> bytes:
         raise
     _fsync_folder(folder)
     return data
+
+
+def _write_in_place(loaded: Loaded, data: bytes) -> None:
+    """Overwrite a hard-linked notebook's inode (every name sees the new bytes), with a backup of the
+    old bytes beside it until the new ones are on disk; a failed write puts the old bytes back."""
+    folder, name = os.path.split(loaded.path)
+    backup = os.path.join(folder, ".~%s.uvkernelctl-%s.bak" % (name, secrets.token_hex(4)))
+    try:
+        fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(loaded.data)
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        _unlink_quietly(backup)
+        raise EditError("cannot back up %s before writing it in place: %s; nothing was written"
+                        % (loaded.path, exc.strerror)) from None
+    try:
+        for hook in BEFORE_REPLACE_HOOKS:
+            hook(loaded.path)
+        _check_unchanged(loaded)
+    except BaseException:
+        _unlink_quietly(backup)
+        raise
+    try:
+        _overwrite(loaded.path, data)
+    except OSError as exc:
+        try:
+            _overwrite(loaded.path, loaded.data)
+        except OSError:
+            raise EditError("writing %s failed (%s) and so did putting its old bytes back; they are in %s"
+                            % (loaded.path, exc.strerror, backup)) from None
+        _unlink_quietly(backup)
+        raise EditError("writing %s failed: %s; its old bytes are back"
+                        % (loaded.path, exc.strerror)) from None
+    _unlink_quietly(backup)
+
+
+def _overwrite(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.truncate()
+        os.fsync(handle.fileno())
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _check_unchanged(loaded: Loaded) -> None:
