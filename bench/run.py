@@ -30,6 +30,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
 from bench.abuse import bench_abuse, format_abuse
+from bench.burst import bench_burst, format_burst
 from bench.fixtures import TimedOut, register_envs, wait_until
 from uvkerneld import client
 from uvkerneld.config import default_kernel_packages
@@ -201,14 +202,26 @@ class Workspace:
 # --- sections -----------------------------------------------------------------------------------
 
 
-def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, Any]:
-    ws.install_spec("uv", kernel_json())
+def install_uv_kernel(ws: Workspace) -> None:
+    if not (ws.jupyter / "kernels" / "uv").exists():
+        ws.install_spec("uv", kernel_json())
+
+
+def install_plain_kernel(ws: Workspace) -> None:
+    """The 1.00 line: plain ipykernel in a venv with compiled bytecode (kernelspec "plain")."""
+    if (ws.jupyter / "kernels" / "plain").exists():
+        return
     plain = ws.root / "plain-venv"
     ws.uv_run("venv", "-q", "--python", sys.executable, str(plain))
     ws.uv_run("pip", "install", "-q", "--python", str(plain / "bin" / "python"), "--compile-bytecode",
               *default_kernel_packages())
     ws.install_spec("plain", {"argv": [str(plain / "bin" / "python"), "-m", "ipykernel_launcher", "-f",
                                        "{connection_file}"], "display_name": "plain", "language": "python"})
+
+
+def bench_kernel_starts(ws: Workspace, runs: int, with_seed: bool) -> dict[str, Any]:
+    install_uv_kernel(ws)
+    install_plain_kernel(ws)
     # The honest cold case: the same venv with no bytecode at all (read-only venv, or
     # PYTHONDONTWRITEBYTECODE): every start compiles ipykernel and its dependencies.
     cold = ws.root / "cold-venv"
@@ -528,10 +541,16 @@ def format_report(result: dict[str, Any]) -> str:
                      verdict(disk["per_env_unshared_bytes"] / mb, TARGETS["per_env_unshared_mb"]))]
     if result.get("abuse"):
         lines += format_abuse(result["abuse"])
+    if result.get("burst"):
+        lines += format_burst(result["burst"])
     if result.get("latency"):
         from bench.latency import format_latency
 
         lines += format_latency(result["latency"])
+    if result.get("notebooks"):
+        from bench.notebooks import format_notebooks
+
+        lines += format_notebooks(result["notebooks"])
     if result.get("pip_install"):
         from bench.pipinstall import format_pip_install
 
@@ -550,18 +569,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="envs in the store for the daemon figures (default 1000)")
     parser.add_argument("--notebooks", type=int, default=10,
                         help="numpy notebooks for the disk figures (default 10)")
+    parser.add_argument("--burst", type=int, default=50,
+                        help="kernels launched at once for the burst figures (default 50)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["starts", "stub", "many", "parallel", "disk", "seed", "abuse", "latency",
-                                 "pip"],
+                                 "notebooks", "burst", "pip"],
                         help="leave a section out (repeatable)")
     parser.add_argument("--cache-dir", type=Path,
                         help="reuse this uv cache (default: a fresh one, downloaded once)")
+    parser.add_argument("--notebook-mb", type=float, default=20.0,
+                        help="size of the big notebook of the notebooks section (default 20)")
+    parser.add_argument("--baseline-stub", type=Path, metavar="FILE",
+                        help="another checkout's kernel_stub/__main__.py, timed back to back with this one "
+                        "in the notebooks section")
     parser.add_argument("--pip-package", default="pandas", metavar="REQ",
                         help="what the `pip` section installs (default pandas; --quick: tabulate)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.envs, args.notebooks = 1, 50, 2
+        args.runs, args.envs, args.notebooks, args.notebook_mb, args.burst = 1, 50, 2, 2.0, 6
         if args.pip_package == "pandas":
             args.pip_package = "tabulate==0.9.0"
         args.skip.append("seed")
@@ -586,10 +612,17 @@ def main(argv: list[str] | None = None) -> int:
             result["disk"] = bench_disk(ws, args.notebooks, quick=args.quick)
         if "abuse" not in args.skip:
             result["abuse"] = bench_abuse(ws)
+        if "burst" not in args.skip:
+            result["burst"] = bench_burst(
+                ws, args.burst, rounds=1 if args.quick else 3, builds=2 if args.quick else 5)
         if "latency" not in args.skip:
             from bench.latency import bench_latency  # it builds on this module's Workspace
 
             result["latency"] = bench_latency(ws, args.envs, *((3, 2, 50) if args.quick else ()))
+        if "notebooks" not in args.skip:
+            from bench.notebooks import bench_notebooks
+
+            result["notebooks"] = bench_notebooks(ws, args.runs, args.notebook_mb, args.baseline_stub)
         if "pip" not in args.skip:
             from bench.pipinstall import bench_pip_install
 

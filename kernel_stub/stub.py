@@ -332,9 +332,12 @@ def acquire(sock, kind, value, timeout):
 def declaration_to_sync(path, result):
     """The notebook's declaration (wire dict) when the env must be synced to it, else None.
 
-    None when the notebook declares nothing (then nothing is hashed: hashlib costs start-up
-    time) or when the env was last synced to this very declaration. An unreadable notebook
-    counts as declaring nothing, with one line on stderr (the kernel's log): the kernel starts.
+    None when the env was last synced to this very declaration, or when the notebook declares
+    nothing and its env was never synced to a declaration (then nothing is hashed: hashlib costs
+    start-up time). A notebook that no longer declares anything its env was synced to gets the
+    empty declaration: the packages it declared go, what %pip added outside it stays. An
+    unreadable notebook changes nothing, with one line on stderr (the kernel's log): the kernel
+    starts.
     """
     try:
         declaration = nbdecl.read_declaration(path)
@@ -342,7 +345,9 @@ def declaration_to_sync(path, result):
         sys.stderr.write("uvkerneld: not reading declared dependencies: %s\n" % exc)
         return None
     if declaration is None:
-        return None
+        if result.get("declared_digest") in (None, nbdecl.NOTHING_DIGEST):
+            return None
+        return nbdecl.Declaration().to_wire()
     wire = declaration.to_wire()
     if nbdecl.digest(wire) == result.get("declared_digest"):
         return None

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -407,3 +408,36 @@ def test_one_uids_kernels_cannot_fill_every_slot_under_a_low_fd_limit() -> None:
     low = Limits(256, {})
     assert low.max_kernels_per_uid <= low.max_connections // 2 < low.max_connections
     assert Limits(20000, {}).max_kernels_per_uid == 128
+
+
+def test_only_sync_may_send_a_large_frame_and_each_limit_holds(bare_daemon: Daemon, layout: Layout) -> None:
+    """A sync carries the notebook's uv.lock (1.25 MB for 25 data-science packages), so its frames may
+    reach protocol.MAX_SYNC_FRAME_SIZE; every other op keeps MAX_FRAME_SIZE. Each limit is sent one
+    more than it allows, and the lock's own bound (declared.MAX_LOCK_CHARS) inside a frame that fits."""
+    from uvkerneld import client, declared, protocol
+
+    padding = "x" * (protocol.MAX_FRAME_SIZE + 1)
+    with raw_connection(layout.socket) as sock:
+        body = json.dumps({"v": 1, "id": 1, "op": "status", "args": {"pad": padding}}).encode()
+        reply = ask(sock, body)
+        assert reply["error"]["code"] == "frame_too_large", reply
+        assert "a request of %d bytes (op 'status') exceeds its 1048576-byte limit" % len(body) in (
+            reply["error"]["message"]), reply
+    with raw_connection(layout.socket) as sock:  # refused from the header alone: no body is read
+        sock.sendall(struct.pack(">I", protocol.MAX_SYNC_FRAME_SIZE + 1) + b"{")
+        reply = read_message(sock)
+        assert reply is not None and reply["error"]["code"] == "frame_too_large"
+        assert "exceeds the %d-byte limit" % protocol.MAX_SYNC_FRAME_SIZE in reply["error"]["message"]
+    key = {"kind": "notebook", "value": str(layout.notebook("huge-lock.ipynb"))}
+    script = '# /// script\n# dependencies = ["iniconfig"]\n# ///\n'
+    over = {"script": script, "script_cell": 1, "lock": "#" * (declared.MAX_LOCK_CHARS + 1)}
+    with pytest.raises(protocol.BadDeclaration, match=r'metadata "uv.lock" is 8388609 characters; uvkerneld '
+                                                      r"reads locks of up to 8388608 \(MAX_LOCK_CHARS\)"):
+        client.request(str(layout.socket), "sync", {"key": key, "declaration": over}, 120)
+    # Too large to send at all: the client says so, naming the lock, before anything is sent.
+    over["lock"] = "#" * protocol.MAX_SYNC_FRAME_SIZE
+    expected = 'the notebook\'s declaration (its metadata "uv.lock" and first code cell) is too large to send'
+    with pytest.raises(protocol.FrameTooLarge, match=re.escape(expected)):
+        client.request(str(layout.socket), "sync", {"key": key, "declaration": over}, 120)
+    assert layout.request("status")["connections"]["buffered_bytes"] == 0
+    assert "internal error" not in bare_daemon.log

@@ -203,15 +203,25 @@ def test_status_with_a_thousand_envs(layout: Layout) -> None:
 
 def test_pool_resize_and_fill_with_progress(ctl_daemon: Daemon, layout: Layout) -> None:
     result = ctl(layout, "pool", "--size", "2", "--fill", "--wait")
+    filled_at = time.time()
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "pool: 2/2 ready"
     assert any("building" in line or "0/2" in line for line in lines[:-1])
+    # `status` counts the pool's venvs in its disk figures soon after they were built, not at the
+    # next periodic scan (5 min): a pool build marks the figures stale.
+    disk = wait_until(lambda: (lambda d: d if (d.get("computed_at") or 0) > filled_at else None)(
+        layout.status()["disk"]), 30, "a disk scan after the pool filled", interval=0.2)
+    assert disk["envs_scanned"] == 2
     # Shrinking waits until the extra venv is really gone.
     result = ctl(layout, "pool", "--size", "1", "--fill", "--wait")
     assert result.stdout.strip().splitlines()[-1] == "pool: 1/1 ready"
     assert layout.status()["pool"]["ready"] == 1
     wait_until(lambda: len(list(layout.venvs_dir.glob("e-*"))) == 1, 30, "the extra venv's files to go")
+    trimmed_at = time.time()
+    disk = wait_until(lambda: (lambda d: d if (d.get("computed_at") or 0) > trimmed_at else None)(
+        layout.status()["disk"]), 30, "a disk scan after the pool shrank", interval=0.2)
+    assert disk["envs_scanned"] == 1
 
 
 def test_output_into_a_closed_pipe_is_not_a_traceback(ctl_daemon: Daemon, layout: Layout) -> None:

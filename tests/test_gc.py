@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import sys
@@ -250,3 +251,31 @@ def test_an_env_a_kernel_start_took_while_removal_waited_for_its_lock_is_kept(en
     kept, removed = asyncio.run(scenario())
     assert kept and removed
     assert envs.store.get(record.id) is None and not record.path.exists()
+
+
+def test_a_moved_notebooks_old_env_is_retired_in_one_step_and_garbage_once_no_kernel_runs_in_it(
+    envs: Envs,
+) -> None:
+    """Store.switch_env (envswitch.py): the key, file identity and records go to the new env and
+    the old one is retired, keyless, with the why; gc then takes it at any age, unless live."""
+    key = EnvKey("notebook", "/home/u/nb.ipynb")
+    old = envs.add(key)
+    envs.store.set_notebook_file(old.id, "1:2:3:4")
+    new = envs.add(None, state=states.CREATING)
+    with pytest.raises(states.IllegalTransition):  # only a built env takes the notebook over
+        envs.store.switch_env(new.id, old.id, "x", "d" * 64, [], {})
+    assert envs.store.find(OWNER, key).id == old.id
+    moved = envs.store.switch_env(old.id, new.id, "replaced by env %s" % new.id, "d" * 64, ["toolz"],
+                                  {"toolz": "toolz", "tabulate": "tabulate"})
+    retired = envs.store.get(old.id)
+    assert (moved.id, moved.key, moved.state) == (new.id, key, states.ASSIGNED)
+    assert moved.notebook_file == "1:2:3:4" and envs.store.requirements(new.id) == ["tabulate", "toolz"]
+    assert envs.store.find(OWNER, key).id == new.id
+    assert (retired.key, retired.state, retired.owner_uid) == (None, states.RETIRED, OWNER)
+    records = envs.root / "venvs" / ".records"
+    assert json.loads((records / (old.id + ".json")).read_text())["retired"] is True
+    assert json.loads((records / (new.id + ".json")).read_text())["key"] == [key.kind, key.value]
+    planned = gc.plan(envs.store.all(), time.time(), gc.Policy(None, uid=None), set(), set())
+    assert reasons(planned) == {old.id: ("replaced by env %s" % new.id, False)}
+    assert reasons(gc.plan(envs.store.all(), time.time(), gc.Policy(None, uid=None), {old.id}, set())) == {
+        old.id: ("replaced by env %s" % new.id, True)}

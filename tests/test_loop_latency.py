@@ -1,5 +1,5 @@
-"""gc and rm over real venvs never hold the daemon's event loop: every kernel start goes through
-that loop, so a file-tree walk on it stalls them all.
+"""gc and rm over real venvs, and a sync's parsing of what a user sent, never hold the daemon's event
+loop: every kernel start goes through that loop, so a file-tree walk on it stalls them all.
 
 The daemon runs in asyncio debug mode (PYTHONASYNCIODEBUG=1), which logs each callback that held
 the loop for more than 100 ms ("Executing <...> took 0.412 seconds") and refuses loop calls from
@@ -11,12 +11,16 @@ every one of them in a single callback for gc's preview.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Daemon, Layout, ctl, wait_until
 
 from bench.fixtures import register_envs
+from uvkerneld import protocol
 
 HELD_LOOP = re.compile(r"Executing (.*) took (\d+\.\d+) seconds")
 BOUND_S = 1.0
@@ -54,3 +58,34 @@ def test_gc_and_rm_over_real_venvs_walk_and_delete_off_the_loop(layout: Layout) 
         assert "Non-thread-safe operation" not in daemon.log
     finally:
         daemon.stop()
+
+
+@pytest.mark.slow
+def test_a_sync_with_thousands_of_dependencies_does_not_hold_the_loop(
+        bare_daemon: Daemon, layout: Layout) -> None:
+    key = {"kind": "notebook", "value": str(layout.notebook("many.ipynb"))}
+    acquired = layout.request("acquire", {"key": key}, timeout=300)
+    names = ["p%d>=1" % number for number in range(8000)]
+    script = "# /// script\n# dependencies = [\n%s# ]\n# ///\n" % "".join('#   "%s",\n' % n for n in names)
+    # Within declared.MAX_SCRIPT_CHARS, but 8 times MAX_DEPENDENCIES: refused once the block is parsed
+    # (off the loop), before uv runs. The old code parsed 30,000 of them on the loop for 7-15 s.
+    declaration = {"script": script, "script_cell": 1}
+    outcome: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            layout.request("sync", {"key": acquired["key"], "declaration": declaration}, timeout=120)
+        except protocol.UvkError as exc:
+            outcome["error"] = exc
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():  # another user's requests meanwhile: what a kernel start waits for
+        started = time.monotonic()
+        layout.request("status", timeout=130)
+        slowest = max(slowest, time.monotonic() - started)
+    sender.join(timeout=130)
+    assert slowest < BOUND_S, "a status request waited %.1f s behind one user's sync" % slowest
+    assert isinstance(outcome.get("error"), protocol.BadDeclaration), outcome
+    assert "8000 requirements; uvkerneld installs up to 1000 per notebook" in outcome["error"].message

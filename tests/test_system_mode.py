@@ -633,6 +633,26 @@ def test_no_user_can_open_the_shared_cache(host: Host) -> None:
     assert "imported %d" % UID_A in result["output"], result
 
 
+def test_no_user_can_lock_another_users_env(host: Host) -> None:
+    """uv made each venv's own lock (<venv>/.lock) 0666 at its first install: any user could flock
+    it and stall every install into another user's env."""
+    result = host.kernel_as(UID_A, "envlock.ipynb", "import sys; print('prefix', sys.prefix)")
+    prefix = next(line.split(" ", 1)[1] for line in result["output"].splitlines()
+                  if line.startswith("prefix "))
+    lock = Path(prefix) / ".lock"
+    assert lock.exists(), "uv made no venv lock: the test no longer looks at the right file"
+    assert lock.stat().st_mode & 0o777 == 0o600 and lock.stat().st_uid == DAEMON_UID
+    verdict = host.python_as(UID_B, """
+        import fcntl, json, sys
+        try:
+            fcntl.flock(open(sys.argv[1], "rb"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print(json.dumps("allowed"))
+        except PermissionError:
+            print(json.dumps("denied"))
+        """, str(lock))
+    assert verdict == "denied"
+
+
 def test_a_users_index_beats_the_daemons_default_index(host: Host) -> None:
     """UV_DEFAULT_INDEX in the daemon's environment silently beat a user's explicit -i."""
     base = host.root / "precedence"

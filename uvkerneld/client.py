@@ -115,7 +115,15 @@ def call(sock, op, args=None, timeout=None, request_id=1, on_event=None):
     ``on_event(name, data)`` receives event frames sent before the final response.
     """
     sock.settimeout(timeout)
-    sock.sendall(protocol.encode_frame(protocol.request(request_id, op, args)))
+    try:
+        frame = protocol.encode_frame(protocol.request(request_id, op, args), protocol.frame_limit(op))
+    except protocol.FrameTooLarge as exc:
+        if op != "sync":
+            raise
+        raise protocol.FrameTooLarge(
+            'the notebook\'s declaration (its metadata "uv.lock" and first code cell) is too large to '
+            "send to uvkerneld: %s; declare fewer packages" % exc.message) from None
+    sock.sendall(frame)
     decoder = protocol.FrameDecoder()
     while True:
         data = sock.recv(65536)

@@ -138,6 +138,10 @@ class CompileQueue:
         counts = self._store.bytecode_counts()
         return {**counts, "workers": self.workers}
 
+    def links_owed(self, env_id: str) -> bool:
+        """Whether ``env_id`` still has bytecode to get (a template is never taken from it then)."""
+        return bool(self._store.bytecode_links_left(env_id))
+
     def busy(self) -> bool:
         counts = self._store.bytecode_counts()
         return bool(counts[BYTECODE_WAITING] or counts[BYTECODE_COMPILING] or counts["envs_to_link"])

@@ -15,11 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import envvars, locations
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on 3.10
-    import tomli as tomllib
+from .tomlcompat import tomllib
 
 LINK_MODES = ("hardlink", "symlink", "copy", "clone")
 MODES = ("user", "system")

@@ -1,7 +1,8 @@
 """``uvkernelctl``: see and control the daemon. Only this module prints and exits.
 
 Exit status: 0 ok; 1 the daemon is not running (or what answers is not the daemon); 2 bad usage or
-bad input; 3 not allowed; 4 not found; 5 the daemon failed the request; 6 doctor found a FAIL.
+bad input; 3 not allowed; 4 not found; 5 the daemon failed the request; 6 doctor found a FAIL
+(or a notebook's drift).
 """
 
 from __future__ import annotations
@@ -14,29 +15,24 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, client, envid, envvars, gc, locations, protocol
+from . import __version__, client, envid, envvars, gc, locations, nbcommands
 from .config import LINK_MODES
+
+# The exit codes, CtlError and the request helper live in ctlcall so that nbcommands (the NOTEBOOK
+# commands) can use them without importing this module (no import cycle).
+from .ctlcall import (  # noqa: F401 - EXIT_* are part of this module's interface (tests, docs)
+    EXIT_CHECK_FAILED,
+    EXIT_DAEMON_ERROR,
+    EXIT_NOT_ALLOWED,
+    EXIT_NOT_FOUND,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    CtlError,
+    venv_python_version,
+)
+from .ctlcall import request as _request
 from .units import format_bytes, format_duration
-
-EXIT_OK = 0
-EXIT_NOT_RUNNING = 1
-EXIT_USAGE = 2
-EXIT_NOT_ALLOWED = 3
-EXIT_NOT_FOUND = 4
-EXIT_DAEMON_ERROR = 5
-EXIT_CHECK_FAILED = 6  # doctor: at least one check FAILed
-
-_EXIT_BY_CODE = {
-    "not_allowed": EXIT_NOT_ALLOWED,
-    "not_found": EXIT_NOT_FOUND,
-    "bad_request": EXIT_USAGE,
-}
-
-
-class CtlError(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uvkernelctl",
         description="Inspect and control uvkerneld, the per-notebook venv daemon.",
         epilog="exit status: 0 ok, 1 daemon not running, 2 bad usage or input, 3 not allowed, "
-        "4 not found, 5 the daemon failed the request, 6 doctor found a FAIL",
+        "4 not found, 5 the daemon failed the request, 6 doctor found a FAIL or deps --check drift",
     )
     parser.add_argument("--version", action="version", version="uvkernelctl " + __version__)
     parser.add_argument(
@@ -88,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--wait", action="store_true", help="with --fill: show progress until the pool is full")
     pool.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (default 900)")
 
-    doctor = commands.add_parser("doctor", help="check the setup; exit 0 only when nothing FAILs")
+    doctor = commands.add_parser(
+        "doctor", help="check the setup (or, given NOTEBOOK, its drift); exit 0 only when nothing FAILs")
+    doctor.add_argument("notebook", metavar="NOTEBOOK", nargs="?",
+                        help="report this notebook's drift, as `deps` does")
     doctor.add_argument("--kernel", default="uv", help="kernelspec name to check (default: uv)")
     doctor.add_argument("--json", action="store_true")
 
@@ -111,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     units.add_argument("--user", action="store_true", help="user units (systemctl --user), else system units")
     units.add_argument(
         "--prefix", metavar="DIR", help="write under DIR instead of / (or ~/.config with --user)")
+
+    nbcommands.add_parsers(commands)  # deps, lock, sync NOTEBOOK
 
     try_kernel = commands.add_parser(
         "try", help="start a kernel from the installed kernelspec, run code in it, stop it"
@@ -141,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gc": lambda: cmd_gc(socket_path, args),
         "pool": lambda: cmd_pool(socket_path, args),
         "doctor": lambda: cmd_doctor(socket_path, args),
+        "deps": lambda: nbcommands.cmd_deps(socket_path, args),
+        "lock": lambda: nbcommands.cmd_lock(socket_path, args),
+        "sync": lambda: nbcommands.cmd_sync(socket_path, args),
     }
     try:
         exit_code = handlers[args.command]()
@@ -154,25 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # interpreter's final flush does not raise again, and exit like a SIGPIPE'd tool would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-def _request(socket_path: str, op: str, args: dict[str, Any] | None = None,
-             on_event: Any = None, timeout: float | None = 60.0) -> dict[str, Any]:
-    try:
-        sock = client.connect(socket_path, timeout)
-        try:
-            return client.call(sock, op, args, timeout, on_event=on_event)
-        finally:
-            sock.close()
-    except client.DaemonNotRunning as exc:
-        raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
-    except protocol.UvkError as exc:
-        raise CtlError(exc.message, _EXIT_BY_CODE.get(exc.code, EXIT_DAEMON_ERROR)) from None
-    except client.UntrustedDaemon as exc:
-        raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
-    except OSError as exc:
-        raise CtlError(
-            "talking to uvkerneld at %s failed: %s" % (socket_path, exc), EXIT_DAEMON_ERROR) from None
 
 
 def cmd_status(socket_path: str, as_json: bool) -> int:
@@ -203,8 +188,9 @@ def format_status(status: dict[str, Any]) -> str:
             ", exits after %s idle" % format_duration(paths["idle_exit_s"])
             if paths.get("idle_exit_s") else "")),
         ("socket", status["socket"]),
-        ("pool", "%d ready / %d target%s" % (
-            pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "")),
+        ("pool", "%d ready / %d target%s%s" % (
+            pool["ready"], pool["target"], ", filling %d" % pool["filling"] if pool.get("filling") else "",
+            ", +%d kept after a burst" % pool["burst_extra"] if pool.get("burst_extra") else "")),
         ("envs", "%d total, %d with a live kernel, %d broken" % (
             envs["total"], envs["live"], envs["broken"])),
         ("kernels", "%d known, %d from the pool, %d built on demand, %d rebuilt%s" % (
@@ -290,20 +276,6 @@ def cmd_list(socket_path: str, args: argparse.Namespace) -> int:
     if not result["envs"]:
         print("(no envs yet: open a notebook with the uv kernel)")
     return EXIT_OK
-
-
-def venv_python_version(venv: str) -> str:
-    """The venv's Python version from its pyvenv.cfg (read here, as the user: venvs are readable);
-    '?' when the venv is gone or half-made."""
-    try:
-        with open(os.path.join(venv, "pyvenv.cfg"), encoding="utf-8", errors="replace") as handle:
-            lines = handle.read(65536).splitlines()
-    except OSError:
-        return "?"
-    values = dict(line.split("=", 1) for line in lines if "=" in line)
-    values = {key.strip(): value.strip() for key, value in values.items()}
-    # uv writes version_info; the standard library's venv writes version.
-    return values.get("version_info") or values.get("version") or "?"
 
 
 def cmd_show(socket_path: str, args: argparse.Namespace) -> int:
@@ -404,11 +376,12 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
         last = None
         while True:
             line = "pool: %d/%d ready%s" % (
-                pool["ready"], pool["target"], ", building 1" if pool["filling"] else "")
+                pool["ready"], pool["target"], ", building %d" % pool["filling"] if pool["filling"] else "")
             if line != last:
                 print(line, flush=True)
                 last = line
-            if pool["ready"] == pool["target"] and not pool["filling"]:
+            # Exactly: shrinking waits until the extra venvs are gone (a burst may keep some).
+            if pool["ready"] == pool["target"] + pool.get("burst_extra", 0) and not pool["filling"]:
                 break
             if pool.get("last_error"):
                 raise CtlError(
@@ -418,11 +391,14 @@ def cmd_pool(socket_path: str, args: argparse.Namespace) -> int:
             time.sleep(0.5)
             pool = _request(socket_path, "pool", {"size": None})
         return EXIT_OK
-    print("pool: %d/%d ready%s" % (pool["ready"], pool["target"], ", building 1" if pool["filling"] else ""))
+    print("pool: %d/%d ready%s" % (
+        pool["ready"], pool["target"], ", building %d" % pool["filling"] if pool["filling"] else ""))
     return EXIT_OK
 
 
 def cmd_doctor(socket_path: str, args: argparse.Namespace) -> int:
+    if args.notebook:
+        return nbcommands.cmd_doctor_notebook(socket_path, args)
     from .config import ConfigError, load_config
     from .doctor import FAIL, checks_json, format_checks, run_checks
 

@@ -4,8 +4,12 @@ nbdecl.py finds the raw declaration in a notebook file (as the user, in the stub
 this module turns it into a ``Parsed`` declaration or a ``protocol.BadDeclaration`` whose message
 names the place (``cell 1 (PEP 723 block)``, ``metadata.runt.uv``), what is wrong and what to do.
 
-- The PEP 723 block (juv) wins over the nteract object (``metadata.runt.uv`` / ``metadata.uv``);
-  when a notebook has both, their dependencies (and requires-python, when both set it) must agree.
+- The PEP 723 block (juv) wins over the nteract object (``metadata.runt.uv`` / ``metadata.uv``):
+  when a notebook has both, the object is not used at all. ``juv add`` updates the block and the lock
+  but not the mirror ``uvkernelctl lock`` writes, so a mirror that disagrees is drift that
+  ``uvkernelctl deps`` reports (``mirror_disagreement``), never a reason to refuse a kernel.
+- A declaration is bounded (``MAX_*``): far above real notebooks, low enough that one user's sync
+  cannot take the daemon's CPU for seconds. Callers run ``interpret`` off the event loop.
 - Of ``[tool.uv]`` only the keys in ``TOOL_UV_KEYS`` are understood; any other is refused rather
   than silently ignored, because it could change what gets installed.
 - Requirement strings must parse as PEP 508; on a shared host the same refusals as ``%pip``
@@ -19,21 +23,25 @@ import json
 import re
 from typing import Any
 
-import tomllib
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from . import pipargs
+from . import pipargs, tomlcompat
 from .protocol import BadDeclaration
 
 # PEP 723's reference regular expression.
-_BLOCK = re.compile(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$")
+BLOCK = re.compile(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$")
 _TOML_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
 TOOL_UV_KEYS = ("exclude-newer", "prerelease", "index-url", "extra-index-url", "index")
 INDEX_KEYS = ("url", "name", "default", "explicit")
 PRERELEASE_VALUES = ("disallow", "allow", "if-necessary", "explicit", "if-necessary-or-explicit")
 _EXCLUDE_NEWER = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?$")
 LOCK_HINT = "run `uvkernelctl lock NOTEBOOK` or `juv lock NOTEBOOK`"
+PYPI = "https://pypi.org/simple"
+MAX_DEPENDENCIES = 1000  # requirements in one place; a real notebook declares tens
+MAX_INDEXES = 16  # index-url + extra-index-url + [[tool.uv.index]] together
+MAX_SCRIPT_CHARS = 256 << 10  # the first code cell's whole source (juv's block cell is < 1 KB)
+MAX_LOCK_CHARS = 8 << 20  # `uv lock` of 25 data-science packages (torch, jax, tensorflow...) is 1.25 MB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +74,23 @@ class Parsed:
         for url in self.extra_index_urls:
             flags += ["--extra-index-url", url]
         for index in self.indexes:
-            flags += ["--index", index["url"]] if "name" not in index else [
-                "--index", "%s=%s" % (index["name"], index["url"])]
+            if index.get("default"):  # replaces PyPI, as in uv: not a fallback to it
+                flags += [pipargs.INDEX_FLAG, index["url"]]
+            else:
+                flags += ["--index", index["url"]] if "name" not in index else [
+                    "--index", "%s=%s" % (index["name"], index["url"])]
         return flags
+
+    def index_urls(self) -> set[str]:
+        """The indexes packages may come from: the declared ones, PyPI unless a default replaces it."""
+        urls = {self.index_url, *self.extra_index_urls, *(index["url"] for index in self.indexes)}
+        if not self.index_url and not any(index.get("default") for index in self.indexes):
+            urls.add(PYPI)
+        return {_index_key(url) for url in urls if url}
+
+
+def _index_key(url: str) -> str:
+    return url.rstrip("/")
 
 
 def script_place(cell: int | None) -> str:
@@ -77,16 +99,19 @@ def script_place(cell: int | None) -> str:
 
 def interpret(wire: dict[str, Any], shared_host: bool) -> Parsed | None:
     """The declaration a client sent (nbdecl's wire dict) as the daemon acts on it; None when it
-    declares no packages at all. Raises BadDeclaration."""
+    declares no packages at all. Raises BadDeclaration. Takes up to ~0.5 s for the largest
+    declaration allowed: call it off the event loop."""
     script, cell, uv_object, uv_key, lock = (
         wire.get("script"), wire.get("script_cell"), wire.get("uv"), wire.get("uv_key"), wire.get("lock"))
     if lock is not None and not isinstance(lock, str):
         raise BadDeclaration('metadata "uv.lock" must be the text of a uv lockfile; %s' % LOCK_HINT)
-    from_script = _from_script(script, cell, shared_host, lock) if script is not None else None
-    from_object = _from_object(uv_object, uv_key, shared_host, lock) if uv_key is not None else None
-    if from_script is not None and from_object is not None:
-        _check_agreement(from_script, from_object)
-    chosen = from_script or from_object
+    if lock is not None and len(lock) > MAX_LOCK_CHARS:
+        raise BadDeclaration(
+            'metadata "uv.lock" is %d characters; uvkerneld reads locks of up to %d (MAX_LOCK_CHARS): '
+            "declare fewer packages" % (len(lock), MAX_LOCK_CHARS))
+    if script is not None:  # the block wins: the nteract object is only a mirror then
+        return _from_script(script, cell, shared_host, lock)
+    chosen = _from_object(uv_object, uv_key, shared_host, lock) if uv_key is not None else None
     if chosen is None:
         if lock is not None:
             raise BadDeclaration(
@@ -96,9 +121,46 @@ def interpret(wire: dict[str, Any], shared_host: bool) -> Parsed | None:
     return chosen
 
 
+def mirror_disagreement(wire: dict[str, Any]) -> str | None:
+    """When a notebook has both a PEP 723 block and an nteract object (``uvkernelctl lock`` writes
+    the object as a mirror; ``juv add`` then changes only the block), what the ignored object says
+    differently, as one drift line for ``uvkernelctl deps``; None when they agree or there is no
+    mirror (or the block itself is bad: interpret reports that)."""
+    script, uv_key = wire.get("script"), wire.get("uv_key")
+    if script is None or uv_key is None:
+        return None
+    try:
+        block = _from_script(script, wire.get("script_cell"), False, None)
+    except BadDeclaration:
+        return None
+    hint = "it is not used (the block wins); run `uvkernelctl lock NOTEBOOK` to rewrite it, or remove it"
+    try:
+        mirror = _from_object(wire.get("uv"), uv_key, False, None)
+    except BadDeclaration as exc:
+        return "%s; %s" % (exc.message, hint)
+
+    def normalized(parsed: Parsed) -> set[str]:
+        return {_normal_requirement(text) for text in parsed.dependencies}
+
+    if normalized(block) != normalized(mirror):
+        return "%s lists other dependencies than %s (only in the cell: %s; only in %s: %s): %s" % (
+            uv_key, block.place, ", ".join(sorted(normalized(block) - normalized(mirror))) or "-",
+            uv_key, ", ".join(sorted(normalized(mirror) - normalized(block))) or "-", hint)
+    if block.requires_python and mirror.requires_python and (
+            SpecifierSet(block.requires_python) != SpecifierSet(mirror.requires_python)):
+        return "%s says requires-python %r but %s says %r: %s" % (
+            uv_key, mirror.requires_python, block.place, block.requires_python, hint)
+    return None
+
+
 def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | None) -> Parsed:
     place = script_place(cell)
-    blocks = [match for match in _BLOCK.finditer(source) if match.group("type") == "script"]
+    if len(source) > MAX_SCRIPT_CHARS:
+        raise BadDeclaration(
+            "%s: the cell holding the block is %d characters; uvkerneld reads up to %d (MAX_SCRIPT_CHARS): "
+            "declare fewer packages, or put the block in a cell of its own, as juv does"
+            % (place, len(source), MAX_SCRIPT_CHARS))
+    blocks = [match for match in BLOCK.finditer(source) if match.group("type") == "script"]
     if not blocks:
         raise BadDeclaration(
             "%s: '# /// script' opens no complete block: every line up to a closing '# ///' line must "
@@ -110,8 +172,8 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
         line[2:] if line.startswith("# ") else line[1:]
         for line in block.group("content").splitlines(keepends=True))
     try:
-        table = tomllib.loads(content)
-    except tomllib.TOMLDecodeError as exc:
+        table = tomlcompat.loads(content)
+    except tomlcompat.TOMLDecodeError as exc:
         first_line = source.count("\n", 0, block.start()) + 2  # the line after '# /// script'
         message = _TOML_LINE.sub(
             lambda m: "(line %d of the cell)" % (first_line + int(m.group(1)) - 1), str(exc))
@@ -138,12 +200,20 @@ def _from_script(source: str, cell: int | None, shared_host: bool, lock: str | N
     indexes = tool_uv.get("index", [])
     if not isinstance(indexes, list) or not all(isinstance(index, dict) for index in indexes):
         raise BadDeclaration("%s: [tool.uv] index must be a list of tables ([[tool.uv.index]])" % place)
+    named = len(extra) + len(indexes) + ("index-url" in tool_uv)
+    if named > MAX_INDEXES:
+        raise BadDeclaration("%s: [tool.uv] names %d indexes; uvkerneld uses up to %d (MAX_INDEXES)"
+                             % (place, named, MAX_INDEXES))
+    defaults = [index for index in indexes if index.get("default") is True]
+    if len(defaults) + ("index-url" in tool_uv) > 1:
+        raise BadDeclaration("%s: [tool.uv] names more than one default index (index-url, or "
+                             "[[tool.uv.index]] with default = true); keep one" % place)
     return Parsed(
         place=place,
         dependencies=_requirements(dependencies, place + ": dependencies", shared_host),
         requires_python=_requires_python(requires_python, place),
         prerelease=_prerelease(tool_uv.get("prerelease"), place + ": [tool.uv] prerelease"),
-        exclude_newer=_exclude_newer(tool_uv.get("exclude-newer"), place),
+        exclude_newer=check_exclude_newer(tool_uv.get("exclude-newer"), place),
         index_url=_url(tool_uv.get("index-url"), place + ": [tool.uv] index-url"),
         extra_index_urls=tuple(_url(url, place + ": [tool.uv] extra-index-url") or "" for url in extra),
         indexes=tuple(_index(index, "%s: [[tool.uv.index]] %d" % (place, number))
@@ -169,6 +239,9 @@ def _from_object(uv_object: Any, place: str, shared_host: bool, lock: str | None
 
 
 def _requirements(values: list[Any], where: str, shared_host: bool) -> tuple[str, ...]:
+    if len(values) > MAX_DEPENDENCIES:
+        raise BadDeclaration("%s: %d requirements; uvkerneld installs up to %d per notebook "
+                             "(MAX_DEPENDENCIES)" % (where, len(values), MAX_DEPENDENCIES))
     checked = []
     for number, value in enumerate(values):
         at = "%s[%d]" % (where, number)
@@ -219,7 +292,7 @@ def _prerelease(value: Any, where: str) -> str | None:
     return str(value)
 
 
-def _exclude_newer(value: Any, place: str) -> str | None:
+def check_exclude_newer(value: Any, place: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _EXCLUDE_NEWER.match(value):
@@ -260,26 +333,13 @@ def _index(table: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(table[flag], bool):
                 raise BadDeclaration("%s: %s must be true or false" % (where, flag))
             index[flag] = table[flag]
+    if index.get("explicit"):
+        # An explicit index serves only packages pinned to it in [tool.uv.sources], which uvkerneld
+        # does not support: used for everything instead, it would shadow PyPI's names.
+        raise BadDeclaration("%s: explicit = true is not supported by uvkerneld (it needs "
+                             "[tool.uv.sources]); remove explicit to search this index for every package, "
+                             "or remove the index" % where)
     return index
-
-
-def _check_agreement(script: Parsed, other: Parsed) -> None:
-    def normalized(parsed: Parsed) -> set[str]:
-        return {_normal_requirement(text) for text in parsed.dependencies}
-
-    if normalized(script) != normalized(other):
-        only_script = sorted(normalized(script) - normalized(other))
-        only_other = sorted(normalized(other) - normalized(script))
-        raise BadDeclaration(
-            "%s and %s declare different dependencies (only in the cell: %s; only in %s: %s): make them "
-            "the same, or remove %s (`uvkernelctl lock NOTEBOOK` writes both)"
-            % (script.place, other.place, ", ".join(only_script) or "-", other.place,
-               ", ".join(only_other) or "-", other.place))
-    if script.requires_python and other.requires_python and (
-            SpecifierSet(script.requires_python) != SpecifierSet(other.requires_python)):
-        raise BadDeclaration(
-            "%s says requires-python %r but %s says %r: make them the same"
-            % (script.place, script.requires_python, other.place, other.requires_python))
 
 
 def _normal_requirement(text: str) -> str:
@@ -293,29 +353,60 @@ def requirement_names(requirements: list[str] | tuple[str, ...]) -> dict[str, st
     return {pipargs.requirement_name(text) or text: text for text in requirements}
 
 
-def check_lock(text: str, shared_host: bool) -> None:
-    """A ``"uv.lock"`` text before uv reads it: TOML, and on a shared host every package from an
-    http(s) index (uv checking a lock would otherwise look at the paths and repositories it names,
-    as the daemon). Parses the whole lock: call it off the event loop. Raises BadDeclaration."""
+@dataclasses.dataclass(frozen=True)
+class LockPackage:
+    """One ``[[package]]`` table of a uv lockfile."""
+
+    name: str  # normalized
+    version: str | None
+    source_kind: str  # "registry", "url", "git", "path", "directory", "editable", "virtual"; "?" if none
+    source: str
+
+
+def lock_packages(text: str) -> tuple[LockPackage, ...]:
+    """The packages of a ``"uv.lock"`` text (the one reader of its [[package]] tables). Parses the
+    whole lock (~0.3 s per MB): call it off the event loop. Raises BadDeclaration."""
     try:
-        lock = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        lock = tomlcompat.loads(text)
+    except tomlcompat.TOMLDecodeError as exc:
         raise BadDeclaration('metadata "uv.lock" is not a uv lockfile (invalid TOML: %s); %s'
                              % (exc, LOCK_HINT)) from None
-    packages = lock.get("package", [])
-    if not isinstance(packages, list):
+    tables = lock.get("package", [])
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
         raise BadDeclaration('metadata "uv.lock" is not a uv lockfile ([[package]] tables); %s' % LOCK_HINT)
-    if not shared_host:
-        return
-    for package in packages:
-        source = package.get("source") if isinstance(package, dict) else None
-        name = str(package.get("name", "?")) if isinstance(package, dict) else "?"
+    packages = []
+    for table in tables:
+        source = table.get("source")
         kind, value = next(iter(source.items())) if isinstance(source, dict) and source else ("?", "")
-        if kind == "registry" and isinstance(value, str) and value.lower().startswith(("https://", "http://")):
+        version = table.get("version")
+        packages.append(LockPackage(
+            name=pipargs.normalize_name(str(table.get("name", "?"))),
+            version=None if version is None else str(version), source_kind=str(kind), source=str(value)))
+    return tuple(packages)
+
+
+def check_lock(parsed: Parsed, shared_host: bool) -> None:
+    """``parsed.lock`` before uv reads it: a uv lockfile whose registry packages come from PyPI or an
+    index the declaration names (its pins are installed by name from those indexes: a lock made
+    against another index would get a same-named package from PyPI), and on a shared host nothing
+    but registry packages over http(s) (uv checking a lock would otherwise look at the paths and
+    repositories it names, as the daemon). Raises BadDeclaration; call it off the event loop."""
+    allowed = parsed.index_urls()
+    for package in lock_packages(parsed.lock or ""):
+        kind, value, name = package.source_kind, package.source, package.name
+        web = value.lower().startswith(("https://", "http://"))
+        if kind == "registry" and (web or not shared_host):
+            if _index_key(value) not in allowed:
+                raise BadDeclaration(
+                    'metadata "uv.lock": %s comes from the index %s, which %s does not name (it names: %s); '
+                    "declare that index in [[tool.uv.index]], or %s"
+                    % (name, _short(value), parsed.place, ", ".join(sorted(allowed)), LOCK_HINT))
             continue
-        if kind == "url" and isinstance(value, str):
+        if not shared_host:
+            continue
+        if kind == "url":
             refusal = pipargs.shared_host_refusal("%s @ %s" % (name, value))
-        elif kind in ("git", "url"):
+        elif kind == "git":
             refusal = pipargs.BUILD_REFUSED % name
         else:
             refusal = pipargs.LOCAL_PATH_REFUSED % ("%s from %s %s" % (name, kind, value))

@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import envid
 from .children import stop_group
 from .childside import become_background
 from .tasks import cancel_and_wait
 from .treework import scan_tree
-from .venvsdir import env_dirs
+from .venvsdir import env_dirs, template_dirs
 
 log = logging.getLogger("uvkerneld.diskusage")
 
@@ -155,10 +156,12 @@ def scan(cache_dir: Path, venvs_dir: Path) -> tuple[dict[str, Any], dict[str, di
         entries = [p for p in env_dirs(venvs_dir) if p.is_dir()]
     except OSError:
         entries = []
-    for env_dir in entries:
+    # Templates (templates.py) are venvs too: in the totals, not counted as envs.
+    for env_dir in entries + (template_dirs(venvs_dir) if entries else []):
         usage = scan_tree(env_dir, venvs_seen)
-        per_env[env_dir.name] = {"disk_bytes": usage.real, "unshared_bytes": usage.unshared,
-                                 "apparent_bytes": usage.apparent}
+        if env_dir.name.startswith(envid.PREFIX):
+            per_env[env_dir.name] = {"disk_bytes": usage.real, "unshared_bytes": usage.unshared,
+                                     "apparent_bytes": usage.apparent}
         apparent += usage.apparent
         linked += usage.linked
         real += usage.new

@@ -6,8 +6,10 @@ How acquire works
 (so two kernels of one notebook never get two envs) it:
 1. returns the env already assigned to (uid, key) if its interpreter is there (no uv, one read);
 2. else claims the oldest pooled venv in one store transaction (no uv) and wakes the pool filler;
-3. else (pool empty) builds a venv on demand, saying so in the log; it takes a build slot first
-   (buildslots.py: a pool build holding it is hurried or stopped).
+3. else (pool empty) makes a venv on demand, saying so in the log: a clone of the spec's template
+   (templates.py: links, no uv, in parallel with other clones) when one is ready, else a uv
+   build, which takes a build slot first (buildslots.py: a pool build holding it is hurried or
+   stopped). The first uv build of a spec is taken as its template before it is handed out.
 A notebook key comes with the notebook file's identity (dev, inode, size, mtime) as the client
 saw it. It is stored with the env, so a renamed or moved notebook, unknown under its new path, is
 recognised by that identity and its env follows it (``follow_rename``; see watch.py).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -32,7 +35,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +47,7 @@ from .diskusage import remove_tree, scan_tree
 from .pipargs import requirement_name
 from .protocol import EnvKey, EnvUnavailable, identity_of, same_inode
 from .store import EnvRecord, Store, StoreFull
+from .templates import TemplateDamaged, Templates
 from .uv import Uv, UvFailed
 from .venvfiles import write_kernel_files
 
@@ -86,6 +90,9 @@ class EnvManager:
         self._cleanups: set[asyncio.Task[None]] = set()
         self.last_errors: list[dict[str, object]] = []
         self.venv_bytes = DEFAULT_VENV_BYTES  # the last build's own disk use: what a build needs
+        self.templates = Templates(self.venvs_dir, uv, enabled=config.link_mode == "hardlink")
+        # When acquires found the pool empty (time.monotonic()): the pool's burst figure.
+        self.pool_misses: deque[float] = deque(maxlen=256)
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -93,6 +100,7 @@ class EnvManager:
         """Bring disk and store back in line after any crash. ``adopt``: the store lost its
         records (see venvsdir.VenvsDirClaim.check): rebuild them from the venvs' record files."""
         self.venvs_dir.mkdir(parents=True, exist_ok=True)
+        await self.templates.recover(self.spec)
         if adopt:
             await self._adopt()
         known = set()
@@ -149,10 +157,12 @@ class EnvManager:
                 continue
             owned = fields.get("owner_uid") is not None and fields.get("key")
             state = states.ASSIGNED if owned else states.POOLED
+            if fields.get("retired"):
+                state = states.RETIRED  # replaced for its notebook: removed once no kernel runs in it
             # An assigned env we cannot vouch for (an install may have been under way when the
             # store was lost) is rebuilt from its requirements at its next kernel start.
             error = None
-            if not os.access(entry / "bin" / "python", os.X_OK):
+            if state != states.RETIRED and not os.access(entry / "bin" / "python", os.X_OK):
                 state, error = states.BROKEN, "interpreter missing when the store was rebuilt"
             try:
                 self.store.insert_adopted(fields, entry, state, error)
@@ -264,6 +274,12 @@ class EnvManager:
         if claimed is not None:
             self._refill_pool()
             return claimed, "pool"
+        self.pool_misses.append(time.monotonic())
+        self._refill_pool()
+        cloned = await self._clone(owner_uid=uid, key=key)
+        if cloned is not None:
+            log.info("pool empty: cloned env %s for uid %d %r on demand", cloned.id, uid, key)
+            return cloned, "created"
         log.warning("pool empty: creating env for uid %d %r on demand", uid, key)
         async with self._slots.for_start() as slot:
             return await self._new_env_holding_slot(uid, key, slot)
@@ -312,13 +328,111 @@ class EnvManager:
             )
         return fresh
 
+    # --- a notebook moving to another interpreter (envswitch.py) -------------------------------
+
+    def key_lock(self, uid: int, key: EnvKey) -> asyncio.Lock:
+        """The lock every kernel start for (uid, key) takes: held, no start gets that notebook's env."""
+        return self._key_locks[(uid, key)]
+
+    async def build_on(self, uid: int, python: str) -> EnvRecord:
+        """A bare venv on the interpreter ``python`` for one of ``uid``'s notebooks: ``creating``
+        and keyless (the notebook's key stays with its old env until the switch, so a daemon killed
+        meanwhile leaves only a ``creating`` row, which recovery removes). Only ``uv venv`` and the
+        kernel files: the sync that follows installs the kernel's packages with the declared ones,
+        resolved for this interpreter. The caller holds a build slot; ``discard`` undoes it."""
+        env_id = envid.new_env_id()
+        path = self.venvs_dir / env_id
+        spec = env_spec(dataclasses.replace(self.config, python=python))
+        record = self.store.insert_creating(env_id, path, spec, python, owner_uid=uid)
+        self.creating += 1
+        try:
+            await self.uv.run(self.uv.venv_argv(str(path), python))
+            await asyncio.to_thread(write_kernel_files, path)
+        except (UvFailed, OSError) as exc:
+            half_made = await self._discard_failed_build(record)
+            if _is_disk_full(exc):
+                raise self._disk_full(path, half_made, exc) from None
+            self.record_error("creating a venv on %s failed: %s" % (python, exc))
+            raise EnvUnavailable("could not build a Python environment on %s: %s" % (python, exc)) from None
+        except BaseException:
+            await asyncio.shield(self._discard_failed_build(record))
+            raise
+        finally:
+            self.creating -= 1
+        return record
+
+    def build_slot(self) -> contextlib.AbstractAsyncContextManager[BuildSlot]:
+        """A build slot for a build a kernel start waits for (pool builds give way)."""
+        return self._slots.for_start()
+
+    async def discard(self, record: EnvRecord) -> None:
+        """Remove an env ``build_on`` made that was never switched to."""
+        await self._discard_failed_build(record)
+
+    def remove_retired_soon(
+        self, env_id: str, live_env_ids: Callable[[], set[str]], removed: Callable[[], None]
+    ) -> None:
+        """Remove the env in the background if it is ``retired`` and no kernel runs in it."""
+        record = self.store.get(env_id)
+        if record is None or record.state != states.RETIRED or env_id in live_env_ids():
+            return
+
+        async def remove() -> None:
+            try:
+                if await self.remove(record, lambda current: current.state == states.RETIRED
+                                     and current.id not in live_env_ids()):
+                    log.info("removed env %s: its notebook moved to another env and no kernel runs in it",
+                             env_id)
+                    removed()
+            except Exception as exc:  # the next start (or gc) tries again
+                self.record_error("removing retired env %s failed: %s" % (env_id, exc))
+
+        task = asyncio.create_task(remove(), name="remove-retired")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     # --- create / remove ------------------------------------------------------------------------
 
     async def create_pooled(self) -> EnvRecord:
-        """Build one pool venv with uv, as background work. Run it in a task of its own: a kernel
-        start that needs its build slot may stop it, and it then raises ``BuildPreempted``."""
+        """Make one pool venv as background work: a clone of the template, else a uv build. Run
+        it in a task of its own: a kernel start that needs its build slot may stop a uv build,
+        which then raises ``BuildPreempted``."""
+        cloned = await self._clone(low_priority=True)
+        if cloned is not None:
+            return cloned
         async with self._slots.for_pool() as slot:
             return await self._create_holding_slot(slot)
+
+    async def _clone(
+        self, owner_uid: int | None = None, key: EnvKey | None = None, low_priority: bool = False
+    ) -> EnvRecord | None:
+        """A new venv cloned from the spec's template, or None when there is none or it failed
+        (the caller then builds with uv). Crash-safe like a build: the row is ``creating`` first."""
+        template = self.templates.usable(self.spec)
+        if template is None:
+            return None
+        env_id = envid.new_env_id()
+        path = self.venvs_dir / env_id
+        record = self.store.insert_creating(
+            env_id, path, self.spec, self.config.python, owner_uid=owner_uid, key=key)
+        started = time.monotonic()
+        try:
+            await self.templates.clone(template, path, low_priority)
+        except (OSError, TemplateDamaged) as exc:
+            half_made = await self._discard_failed_build(record)
+            if _is_disk_full(exc):
+                raise self._disk_full(path, half_made, exc) from None
+            if not isinstance(exc, TemplateDamaged):
+                self.templates.retire(template, "cloning from it failed: %s" % exc)
+            return None
+        except BaseException:
+            await asyncio.shield(self._discard_failed_build(record))
+            raise
+        target = states.ASSIGNED if owner_uid is not None else states.POOLED
+        record = self.store.transition(env_id, target)
+        log.info("cloned %s env %s from template %s in %.2f s", target, env_id, template.path.name,
+                 time.monotonic() - started)
+        return record
 
     async def _create_holding_slot(
         self, slot: BuildSlot, owner_uid: int | None = None, key: EnvKey | None = None
@@ -345,6 +459,10 @@ class EnvManager:
                 await self.bytecode.after_install(
                     env_id, path, output, install_started,
                     wait_while=(lambda: slot.low_priority) if owner_uid is None else None)
+            # Before anyone can use it: a kernel's writes must never reach the template. Only from
+            # a venv whose bytecode is all linked: clones get no bytecode records of their own.
+            if self.bytecode is None or not self.bytecode.links_owed(env_id):
+                await self.templates.take(path, self.spec)
         except (UvFailed, OSError) as exc:
             half_made = await self._discard_failed_build(record)
             if _is_disk_full(exc):

@@ -9,6 +9,8 @@ settings, and importing it costs nothing. Where ``_json`` is missing or behaves 
 Python implementation or version), a self-check at import fails and this module uses ``json``.
 Either way ``dumps(obj)`` is ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` and
 ``loads`` accepts what ``json.loads`` accepts (tests/test_protocol.py compares them).
+``scan(text, index) -> (value, end)`` decodes the one JSON value that starts at ``index`` (nbdecl
+reads a notebook's first cells one at a time); it raises ValueError where there is none.
 
 Standard library only, like everything the stub imports.
 """
@@ -51,6 +53,13 @@ def _c_loads(text):
     return value
 
 
+def _c_scan(text, index):
+    try:
+        return _json.make_scanner(_DecoderSettings())(text, index)  # type: ignore[arg-type]
+    except StopIteration as exc:
+        raise ValueError("Expecting value: char %d" % exc.value) from None
+
+
 def _json_dumps(obj):
     import json
 
@@ -63,6 +72,12 @@ def _json_loads(text):
     return json.loads(text)
 
 
+def _json_scan(text, index):
+    import json
+
+    return json.JSONDecoder().raw_decode(text, index)
+
+
 _SAMPLE = {"a": [1, -2.5, None, True, False, "é\n\"\\"], "b": {}}
 _SAMPLE_TEXT = '{"a":[1,-2.5,null,true,false,"é\\n\\"\\\\"],"b":{}}'
 
@@ -71,8 +86,8 @@ try:
 
     if _c_dumps(_SAMPLE) != _SAMPLE_TEXT or _c_loads(" " + _SAMPLE_TEXT + "\n") != _SAMPLE:
         raise ValueError("_json does not behave as this module expects")
-    dumps, loads = _c_dumps, _c_loads
+    dumps, loads, scan = _c_dumps, _c_loads, _c_scan
     ACCELERATED = True
 except (ImportError, AttributeError, TypeError, ValueError):
-    dumps, loads = _json_dumps, _json_loads
+    dumps, loads, scan = _json_dumps, _json_loads, _json_scan
     ACCELERATED = False

@@ -3,8 +3,9 @@
 The rules are pure (``judge``/``plan``: records, the time, the policy, the envs with a live
 kernel and the orphaned ones in; envs and reasons out), so they are tested without a daemon.
 An env is garbage when it is its owner's, not busy (being built, installed into or deleted),
-and either orphaned (its notebook or folder no longer exists) or unused for longer than the
-policy allows. An env with a live kernel is never removed; it is reported as kept.
+and either orphaned (its notebook or folder no longer exists), retired (its notebook moved to a
+new env, envswitch.py) or unused for longer than the policy allows. An env with a live kernel
+is never removed; it is reported as kept.
 
 Orphans are found by looking at paths (``find_orphans``), so whoever may see them does it: the
 user's ``uvkernelctl gc --orphans``, or a user-mode daemon on its schedule. A system daemon never
@@ -70,7 +71,9 @@ def judge(
     if record.state in BUSY_STATES:
         return None
     last_used = record.last_used_at or record.created_at
-    if record.id in orphan_ids:
+    if record.state == states.RETIRED:
+        reason = record.error or "its notebook moved to another env"
+    elif record.id in orphan_ids:
         reason = ORPHANED
     elif policy.older_than_s is not None and last_used <= now - policy.older_than_s:
         reason = "unused for %s" % format_duration(now - last_used, largest_unit_only=True)
@@ -197,8 +200,8 @@ async def run_on_schedule(services: Services) -> None:
                 services, Policy(config.gc_older_than, uid=None), await orphaned_env_ids(services),
                 dry_run=False, progress=lambda line: log.info("gc: %s", line),
             )
-            log.info("scheduled gc removed %d env(s), freed %d bytes",
-                     len(result["removed"]), result["freed_bytes"])
+            log.info("scheduled gc removed %d env(s), freed %s",
+                     len(result["removed"]), format_bytes(result["freed_bytes"]))
         except Exception:  # the schedule must survive a failed run
             log.exception("scheduled gc failed")
 

@@ -84,6 +84,10 @@ async def _compile_without_site(python: str, venv: Path, children: ChildRegistry
 
 def check_changeable(record: EnvRecord) -> None:
     """Packages change only in an env that is ``assigned`` (not broken, not being built)."""
+    if record.state == states.RETIRED:  # a kernel that still runs where its notebook no longer is
+        raise protocol.EnvUnavailable(
+            "env %s is retired (%s): restart the kernel to run in the notebook's env, then install "
+            "there" % (record.id, record.error or "its notebook moved to another env"))
     if record.state != states.ASSIGNED:
         raise protocol.EnvUnavailable(
             "env %s is %s%s; restart the kernel to repair it"

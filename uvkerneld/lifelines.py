@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 
 from .procs import pid_alive
 from .store import Store
@@ -22,6 +23,9 @@ class Lifelines:
         self._store = store
         # env id -> ids of the connections that are live kernels' lifelines
         self._connections: dict[str, set[int]] = defaultdict(set)
+        # Called with an env's id when its last lifeline here closed or moved away (envswitch.py
+        # removes a retired env then).
+        self.on_released: Callable[[str], None] = lambda env_id: None
 
     def forget_dead_kernels(self) -> None:
         """At start-up: drop the kernels an earlier daemon recorded whose process is gone."""
@@ -43,6 +47,20 @@ class Lifelines:
         if kernel_ended:
             self._store.remove_kernel(env_id, pid)
             log.info("kernel for env %s ended", env_id)
+            if env_id not in self._connections:
+                self.on_released(env_id)
+
+    def move(self, env_id: str, new_env_id: str, connection_id: int, pid: int) -> None:
+        """The kernel holding ``connection_id`` will run in ``new_env_id``, not ``env_id``: a
+        ``sync`` moved its notebook to a new env (envswitch.py) before the stub execs."""
+        self._connections[env_id].discard(connection_id)
+        if not self._connections[env_id]:
+            del self._connections[env_id]
+        self._store.remove_kernel(env_id, pid)
+        self.add(new_env_id, connection_id, pid)
+        log.info("kernel %d moved from env %s to env %s", pid, env_id, new_env_id)
+        if env_id not in self._connections:
+            self.on_released(env_id)
 
     def live_env_ids(self) -> set[str]:
         """Envs with a running kernel: a lifeline connected now, or a kernel that was running

@@ -133,10 +133,11 @@ class Operations:
         record, source = await self.services.envs.acquire(peer.uid, args["key"], args["file"])
         if source not in ("known", "renamed"):
             self.services.disk.mark_dirty()
-        outcome = await envsync.sync(
+        # The env may be a new one: a declaration that needs another interpreter (envswitch.py).
+        record, outcome = await envsync.sync(
             self.services, record, peer.uid, args["declaration"], args["force"],
             lambda line: send_event("output", line))
-        return {**self._acquired(self.store.get(record.id) or record, source), **outcome}
+        return {**self._acquired(record, source), **outcome}
 
     async def op_notebook_saved(
         self, args: dict[str, Any], peer: PeerCredentials, send_event: Any

@@ -31,6 +31,10 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 MAX_FRAME_SIZE = 1 << 20  # 1 MiB: far above any real request, small enough to never hurt the daemon
+# ... but a "sync" request carries the notebook's "uv.lock" (up to declared.MAX_LOCK_CHARS, 8 Mi
+# characters; 25 data-science packages lock to 1.25 MB). Large bodies are read only once their length
+# is reserved from connlimits' shared budget, so this bounds one request, not the daemon's memory.
+MAX_SYNC_FRAME_SIZE = 16 << 20
 MAX_ID_LENGTH = 128
 MAX_PATH_LENGTH = 4096
 MAX_AGE_S = 100 * 365 * 86400
@@ -164,6 +168,18 @@ def encode_frame(message, max_size=MAX_FRAME_SIZE):
             "message of %d bytes exceeds the %d-byte frame limit" % (len(body), max_size)
         )
     return HEADER.pack(len(body)) + body
+
+
+def frame_limit(op):
+    """The largest request frame of ``op``."""
+    return MAX_SYNC_FRAME_SIZE if op == "sync" else MAX_FRAME_SIZE
+
+
+def check_request_size(op, length):
+    """A request body of ``length`` bytes, read under the largest limit: refused over its op's own."""
+    if length > frame_limit(op):
+        raise FrameTooLarge("a request of %d bytes (op %.40r) exceeds its %d-byte limit; send smaller "
+                            "requests" % (length, op, frame_limit(op)))
 
 
 def frame_length(header, max_size=MAX_FRAME_SIZE):

@@ -28,13 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__, cachedir, connlimits, framing, fsafety, gc, handstart, protocol
+from . import __version__, cachedir, connlimits, envswitch, framing, fsafety, gc, handstart, protocol
 from .buildslots import BuildSlots
 from .children import ChildRegistry
 from .compilequeue import CompileQueue
 from .config import Config, ConfigError, load_config
 from .diskusage import DiskUsage
 from .envs import EnvManager
+from .envsync import sweep_scratch
 from .installs import InstallManager
 from .lifelines import Lifelines
 from .notify import Notifier, inherited_listener
@@ -49,6 +50,13 @@ from .uv import Uv, find_uv
 from .watch import NotebookFolders, NotebookWatcher
 
 log = logging.getLogger("uvkerneld.server")
+
+
+async def _decode(body: bytes) -> dict[str, Any]:
+    """A request's JSON; a large one (a sync's lock, ~10 ms per MB) decoded off the event loop."""
+    if len(body) <= connlimits.SMALL_FRAME:
+        return protocol.decode_body(body)
+    return await asyncio.to_thread(protocol.decode_body, body)
 
 WRITE_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 30.0  # running installs/acquires get this long to finish on SIGTERM
@@ -178,6 +186,7 @@ class Daemon:
                 raise StartupError(str(exc)) from None
         private_state_files(config.state_dir)
         await self._take_instance_lock(inherited)
+        await asyncio.to_thread(sweep_scratch, config.state_dir)  # what a killed daemon's syncs left
         uv_binary = find_uv(config.uv)
         try:
             # Also stops uv runs a killed predecessor left, and claims the venvs dir for this store.
@@ -199,12 +208,12 @@ class Daemon:
             await bytecode.recover()
         lifelines = Lifelines(store)
         lifelines.forget_dead_kernels()
-        pool = WarmPool(envs, store, slots, config.pool_size, pool_wake)
+        disk = DiskUsage(config.cache_dir, config.venvs_dir)
+        pool = WarmPool(envs, store, slots, config.pool_size, pool_wake, disk_changed=disk.mark_dirty)
         installs = InstallManager(config, store, uv, bytecode)
         if bytecode is not None:
             bytecode.start(installs.env_lock)
             self._running.append(bytecode)
-        disk = DiskUsage(config.cache_dir, config.venvs_dir)
         watcher = None
         if folders is not None:
             watcher = NotebookWatcher(envs, store, folders, os.getuid())
@@ -224,6 +233,7 @@ class Daemon:
             socket_activated=self.socket_activated, started_at=self.started_at, stopping=self._stop.is_set,
         )
         self.ops = Operations(services)
+        envswitch.remove_retired_when_unused(services)
         assert self.admission is not None
         self._server = connlimits.Listener(sock, self._on_connection, self.admission.limits)
         log.info(
@@ -407,8 +417,9 @@ class Daemon:
                 request_id = None
                 self._busy.add(task)
                 try:
-                    message = protocol.decode_body(body)
+                    message = await _decode(body)
                     request_id = protocol.request_id_of(message)
+                    protocol.check_request_size(message.get("op"), len(body))
                     request = parse_request(message)
                     if request.op == "acquire":
                         admission.check_kernel_slot(connection)
@@ -431,6 +442,12 @@ class Daemon:
                     admission.make_lifeline(connection)
                     lifeline_env = result["env_id"]
                     services.lifelines.add(lifeline_env, connection_id, peer.pid)
+                elif request.op == "sync" and lifeline_env not in (None, result["env_id"]):
+                    # The sync moved the notebook to a new env (envswitch.py): the stub execs the
+                    # kernel there, and the old env is free once no other kernel runs in it.
+                    assert lifeline_env is not None
+                    services.lifelines.move(lifeline_env, result["env_id"], connection_id, peer.pid)
+                    lifeline_env = result["env_id"]
                 await self._send(writer, protocol.ok_response(request.id, result))
                 admission.set_busy(connection, False)
         except (ConnectionError, asyncio.TimeoutError):
@@ -461,7 +478,7 @@ class Daemon:
         try:
             return await framing.read_frame(
                 reader, admission.idle_timeout_of(connection), limits.frame_timeout, admission,
-                started=lambda: admission.set_busy(connection, True),
+                started=lambda: admission.set_busy(connection, True), max_size=protocol.MAX_SYNC_FRAME_SIZE,
             )
         except framing.IdleTimeout:
             admission.refused["idle_closed"] += 1

@@ -405,6 +405,8 @@ class Store:
             "spec": record.spec, "python": record.python, "created_at": record.created_at,
             "requirements": {row["name"]: row["requirement"] for row in rows},
             "declared_digest": record.declared_digest, "declared": self.declared(env_id),
+            # Owned and keyless: adopted as retired (never as a pool venv another user would get).
+            "retired": record.state == states.RETIRED,
         }
 
     def _write_env_record(self, env_id: str) -> None:
@@ -467,6 +469,39 @@ class Store:
                 db.execute("INSERT INTO requirements (env_id, name, requirement) VALUES (?,?,?)",
                            (env_id, name, requirement))
         self.on_env_changed(env_id)
+
+    def switch_env(
+        self, old_id: str, new_id: str, reason: str, digest: str, declared: list[str],
+        requirements: dict[str, str],
+    ) -> EnvRecord:
+        """Move a notebook from its env ``old_id`` to the freshly built ``new_id`` (envswitch.py),
+        in one transaction, so (uid, key) never has two envs: the new env takes the key, the
+        notebook's file identity, the synced declaration and ``requirements``; the old one loses
+        its key and is ``retired`` (``reason`` says by what). Returns the new env's record."""
+        with self._transaction() as db:
+            old = db.execute("SELECT * FROM envs WHERE id=?", (old_id,)).fetchone()
+            new = db.execute("SELECT state FROM envs WHERE id=?", (new_id,)).fetchone()
+            if old is None or new is None:
+                raise KeyError(old_id if old is None else new_id)
+            states.check_transition(old["state"], states.RETIRED)
+            states.check_transition(new["state"], states.ASSIGNED)
+            db.execute("UPDATE envs SET state=?, error=?, key_kind=NULL, key_value=NULL, notebook_file=NULL"
+                       " WHERE id=?", (states.RETIRED, reason, old_id))
+            db.execute(
+                "UPDATE envs SET state=?, key_kind=?, key_value=?, notebook_file=?, last_used_at=?,"
+                " declared_digest=?, declared=? WHERE id=?",
+                (states.ASSIGNED, old["key_kind"], old["key_value"], old["notebook_file"], time.time(),
+                 digest, json.dumps(declared), new_id))
+            db.execute("DELETE FROM requirements WHERE env_id=?", (new_id,))
+            for name, requirement in requirements.items():
+                db.execute("INSERT INTO requirements (env_id, name, requirement) VALUES (?,?,?)",
+                           (new_id, name, requirement))
+        # The old env's record file first: a lost store never finds the key in both.
+        self.on_env_changed(old_id)
+        self.on_env_changed(new_id)
+        record = self.get(new_id)
+        assert record is not None
+        return record
 
     def declared(self, env_id: str) -> list[str]:
         """The requirement list of the declaration last synced into the env ([] if none was)."""

@@ -111,8 +111,8 @@ class Uv:
         env["UV_NO_PROGRESS"] = "1"
         return env
 
-    def venv_argv(self, path: str) -> list[str]:
-        return [self.binary, "venv", "--quiet", "--no-project", "--python", self.python, path]
+    def venv_argv(self, path: str, python: str | None = None) -> list[str]:
+        return [self.binary, "venv", "--quiet", "--no-project", "--python", python or self.python, path]
 
     def pip_argv(self, venv: str, subcommand: str, flags: Sequence[str], packages: Sequence[str],
                  compile_bytecode: bool) -> list[str]:

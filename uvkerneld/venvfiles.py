@@ -51,8 +51,21 @@ def site_packages(venv: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _make_uv_lock_private(venv: Path) -> None:
+    """uv's lock of a venv (``<venv>/.lock``) is made 0666 by ``uv pip``, and whoever can open it
+    can flock it and stall every install into that env (a shared host: another user). uv keeps
+    the mode of a lock that exists, so it is made here, before any install, owner-only: only the
+    daemon runs uv in its venvs."""
+    fd = os.open(venv / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def write_kernel_files(venv: Path, python: str | None = None) -> None:
     interpreter = os.path.abspath(python or sys.executable)
+    _make_uv_lock_private(venv)
     for program in SHIM_PROGRAMS:
         path = venv / "bin" / program
         path.write_text(_SHIM.format(

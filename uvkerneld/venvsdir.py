@@ -12,6 +12,7 @@
   deleted), its rows are rebuilt from these files. A ``.uvkerneld-env.json`` inside a venv (what
   older versions wrote) is never read: with an intact store, the start-up writes the new record
   from the store; with a lost one, such a venv is quarantined like any it cannot account for.
+- ``t-<12 hex digits>/`` are template venvs and ``.templates/`` their state files (templates.py).
 - ``.quarantine/`` holds what the store cannot account for: moved aside, logged and shown by
   ``status``, never deleted.
 """
@@ -36,6 +37,7 @@ OWNER_FILE = ".uvkerneld-owner"
 RECORDS_DIR = ".records"
 QUARANTINED_RECORD_SUFFIX = ".record.json"
 QUARANTINE_DIR = ".quarantine"
+TEMPLATE_PREFIX = "t-"
 
 
 class VenvsDirRefused(Exception):
@@ -124,6 +126,14 @@ def env_dirs(venvs_dir: Path) -> list[Path]:
     """Our venv directories (only our naming pattern: a misconfigured venvs_dir holds user files)."""
     try:
         return sorted(entry for entry in venvs_dir.iterdir() if entry.name.startswith(envid.PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def template_dirs(venvs_dir: Path) -> list[Path]:
+    """The template venvs (templates.py): ``t-`` and an env id's digits, as long as an env id."""
+    try:
+        return sorted(entry for entry in venvs_dir.iterdir() if entry.name.startswith(TEMPLATE_PREFIX))
     except FileNotFoundError:
         return []
 
