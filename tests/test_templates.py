@@ -316,3 +316,53 @@ def test_the_venvs_dir_spreads_new_venvs_over_block_groups(layout: Layout) -> No
         assert "T" in flags.stdout.split()[0], flags.stdout
     finally:
         daemon.stop()
+
+
+def test_kernel_files_never_write_into_a_file_shared_with_other_venvs(tmp_path: Path) -> None:
+    # uv links a wheel's scripts (a `uv` dependency ships bin/uv) from its cache, and a clone
+    # links what its template has: writing the shim into that inode would change the cache's
+    # file and every venv's. The kernel files are new files put in place by rename.
+    from uvkerneld import venvfiles
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (venv / "etc" / "ipython").mkdir(parents=True)
+    shared = {}
+    for relative in ("bin/uv", "bin/pip", "etc/ipython/ipython_kernel_config.py",
+                     "lib/python3.11/site-packages/%s.py" % venvfiles.EXTENSION_MODULE):
+        cache_copy = tmp_path / "cache" / relative
+        cache_copy.parent.mkdir(parents=True, exist_ok=True)
+        cache_copy.write_bytes(b"the cache's file")
+        os.link(cache_copy, venv / relative)
+        shared[relative] = cache_copy
+    venvfiles.write_kernel_files(venv)
+    for relative, cache_copy in shared.items():
+        assert cache_copy.read_bytes() == b"the cache's file", relative
+        assert (venv / relative).stat().st_ino != cache_copy.stat().st_ino, relative
+        assert (venv / relative).read_bytes() != b"the cache's file", relative
+    assert os.access(venv / "bin" / "uv", os.X_OK)
+    assert not [path for path in venv.rglob("*.uvkerneld-new")]
+
+
+def test_a_template_being_removed_is_never_taken_for_ready_again(tmp_path: Path, monkeypatch: Any) -> None:
+    # The daemon is killed while a retired template's files are being deleted: the state file must
+    # no longer say "ready", or the next start would clone from a half-deleted tree.
+    import asyncio
+
+    from uvkerneld import templates as templates_module
+
+    venvs_dir = tmp_path / "venvs"
+    path = venvs_dir / "t-0123456789ab"
+    (path / "lib").mkdir(parents=True)
+    templates = templates_module.Templates(venvs_dir, None, enabled=True)  # type: ignore[arg-type]
+    state_file = templates.state_dir / (path.name + ".json")
+    templates._write_state(state_file, {"state": "ready", "spec": "s", "own": [], "top_level": []})
+
+    async def killed_mid_removal(_path: Path) -> None:
+        raise KeyboardInterrupt("the daemon was killed here")
+
+    monkeypatch.setattr(templates_module, "remove_tree", killed_mid_removal)
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(templates._remove(path, state_file))
+    assert json.loads(state_file.read_text())["state"] == "removing"

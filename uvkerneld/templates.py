@@ -201,19 +201,24 @@ class Templates:
     async def clone(self, template: Template, target: Path, low_priority: bool) -> None:
         """Make ``target`` a venv like the template (see the module doc). Raises TemplateDamaged
         (the template is retired) or OSError; the caller removes what was made."""
-        async with self._parallel if low_priority else self._parallel_waited_for:
-            template.readers += 1
-            try:
+        # A reader from before the wait for a slot: the template cannot be removed under a clone
+        # that waits for one (removal starts only when no reader is left).
+        template.readers += 1
+        try:
+            async with self._parallel if low_priority else self._parallel_waited_for:
+                if template.retired:
+                    raise TemplateDamaged(
+                        "template %s was retired while this clone waited" % template.path.name)
                 await asyncio.to_thread(_check, template)
                 await self._copy_tree(template.path, target, low_priority)
                 await asyncio.to_thread(_replace_own_files, template.path, target, template.own)
-            except TemplateDamaged as exc:
-                self.retire(template, str(exc))
-                raise
-            finally:
-                template.readers -= 1
-                if template.retired and template.readers == 0:
-                    self._remove_later(template)
+        except TemplateDamaged as exc:
+            self.retire(template, str(exc))
+            raise
+        finally:
+            template.readers -= 1
+            if template.retired and template.readers == 0:
+                self._remove_later(template)
 
     def retire(self, template: Template, reason: str) -> None:
         """Never clone from ``template`` again; it is removed once no clone reads it."""
@@ -245,8 +250,11 @@ class Templates:
             raise OSError("cp -a -l %s %s failed: %s" % (source, target, error[0]))
 
     async def _remove(self, path: Path, state_file: Path) -> None:
-        """Files first, then the state file: a crash in between leaves a state file that recovery
-        finishes the removal from."""
+        """The state file says "removing" first, then the files go, then the state file: a crash
+        in between leaves a state file that recovery finishes the removal from, and never a
+        half-deleted tree whose state still says "ready" (recovery would clone from it)."""
+        if await asyncio.to_thread(state_file.exists):
+            await asyncio.to_thread(self._write_state, state_file, {"state": "removing"})
         await remove_tree(path)
         await asyncio.to_thread(_unlink, state_file)
 
