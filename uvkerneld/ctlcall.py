@@ -9,10 +9,9 @@ notebook's drift).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from . import client, protocol
+from . import client, protocol, venvfiles
 
 EXIT_OK = 0
 EXIT_NOT_RUNNING = 1
@@ -56,14 +55,5 @@ def request(socket_path: str, op: str, args: dict[str, Any] | None = None,
 
 
 def venv_python_version(venv: str) -> str:
-    """The venv's Python version from its pyvenv.cfg (read here, as the user: venvs are readable);
-    '?' when the venv is gone or half-made."""
-    try:
-        with open(os.path.join(venv, "pyvenv.cfg"), encoding="utf-8", errors="replace") as handle:
-            lines = handle.read(65536).splitlines()
-    except OSError:
-        return "?"
-    values = dict(line.split("=", 1) for line in lines if "=" in line)
-    values = {key.strip(): value.strip() for key, value in values.items()}
-    # uv writes version_info; the standard library's venv writes version.
-    return values.get("version_info") or values.get("version") or "?"
+    """The venv's Python version for a table; '?' when the venv is gone or half-made."""
+    return venvfiles.pyvenv_version(venv) or "?"

@@ -43,6 +43,7 @@ from .declared import Parsed
 from .installs import changed_distributions, check_changeable
 from .services import Services
 from .store import EnvRecord
+from .venvfiles import pyvenv_version
 
 log = logging.getLogger("uvkerneld.envsync")
 
@@ -280,18 +281,11 @@ def _uv_lines(output: str, shared_host: bool) -> str:
 
 def env_python_version(venv: Path) -> Version | None:
     """The version of a venv's interpreter, from its pyvenv.cfg (nothing runs)."""
+    recorded = pyvenv_version(venv)
     try:
-        text = (venv / "pyvenv.cfg").read_text(errors="replace")
-    except OSError:
+        return Version(recorded) if recorded else None
+    except InvalidVersion:
         return None
-    for line in text.splitlines():
-        name, _, value = line.partition("=")
-        if name.strip() in ("version_info", "version"):
-            try:
-                return Version(value.strip())
-            except InvalidVersion:
-                return None
-    return None
 
 
 async def _interpreter_for(services: Services, parsed: Parsed, record: EnvRecord) -> tuple[str, str] | None:

@@ -51,6 +51,20 @@ def site_packages(venv: Path) -> Path | None:
     return found[0] if found else None
 
 
+def pyvenv_version(venv: str | Path) -> str | None:
+    """A venv's Python version as its pyvenv.cfg records it (nothing runs; read by the daemon and
+    by uvkernelctl as the user: venvs are readable); None when the venv is gone or half-made."""
+    try:
+        with open(os.path.join(venv, "pyvenv.cfg"), encoding="utf-8", errors="replace") as handle:
+            lines = handle.read(65536).splitlines()
+    except OSError:
+        return None
+    values = dict(line.split("=", 1) for line in lines if "=" in line)
+    values = {key.strip(): value.strip() for key, value in values.items()}
+    # uv writes version_info; the standard library's venv writes version.
+    return values.get("version_info") or values.get("version") or None
+
+
 def _make_uv_lock_private(venv: Path) -> None:
     """uv's lock of a venv (``<venv>/.lock``) is made 0666 by ``uv pip``, and whoever can open it
     can flock it and stall every install into that env (a shared host: another user). uv keeps
