@@ -196,14 +196,20 @@ NEW = ["six==1.16.0", "idna==3.10"]
 @pytest.fixture
 def new_entries(layout: Layout) -> list[Path]:
     """A cache of the test's own in which six and idna were just unpacked (no bytecode yet)."""
+    install_into_scratch_venv(layout, NEW)
+    return cache_with_new_entries(layout.cache_dir, layout.root / "own-cache", NEW)
+
+
+def install_into_scratch_venv(layout: Layout, packages: list[str]) -> str:
+    """uv installs ``packages`` into a scratch venv from the test's cache (so they are unpacked
+    there); returns uv's report (its ``+ name==version`` lines)."""
     uv = find_uv(None)
     scratch = layout.root / "scratch-venv"
     uv_env = dict(os.environ, UV_CACHE_DIR=str(layout.cache_dir))
     subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(scratch)], env=uv_env, check=True,
                    timeout=120)
-    subprocess.run([uv, "pip", "install", "-q", "--python", str(scratch / "bin" / "python"),
-                    *NEW], env=uv_env, check=True, timeout=300)
-    return cache_with_new_entries(layout.cache_dir, layout.root / "own-cache", NEW)
+    return subprocess.run([uv, "pip", "install", "--python", str(scratch / "bin" / "python"), *packages],
+                          env=uv_env, check=True, timeout=300, capture_output=True, text=True).stderr
 
 
 def gated_env(layout: Layout) -> dict[str, str]:
@@ -337,14 +343,7 @@ KERNEL_PART = ["ipykernel", "comm", "traitlets"]
 
 @pytest.fixture
 def new_kernel_entries(layout: Layout) -> list[Path]:
-    uv = find_uv(None)
-    scratch = layout.root / "scratch-venv"
-    uv_env = dict(os.environ, UV_CACHE_DIR=str(layout.cache_dir))
-    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(scratch)], env=uv_env, check=True,
-                   timeout=120)
-    output = subprocess.run([uv, "pip", "install", "--python", str(scratch / "bin" / "python"),
-                             *default_kernel_packages()], env=uv_env, check=True, timeout=300,
-                            capture_output=True, text=True).stderr
+    output = install_into_scratch_venv(layout, default_kernel_packages())
     wanted = ["%s==%s" % (name, version) for name, version in compilequeue.installed_distributions(output)
               if name in KERNEL_PART]
     assert len(wanted) == len(KERNEL_PART), output
