@@ -86,17 +86,22 @@ def juv_view(notebook: Path) -> tuple[str, str]:
     return "".join(cell["source"]).strip(), data["metadata"]["uv.lock"]
 
 
+def notebook_with_pip_installs(layout: Layout, name: str, packages: list[str]) -> Path:
+    """A new notebook whose env got ``packages`` through `%pip install` (recorded, not declared)."""
+    notebook = layout.notebooks / name
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import iniconfig")]),
+                   str(notebook))
+    env = layout.request("acquire", {"key": {"kind": "notebook", "value": str(notebook)}}, timeout=300)
+    installed = layout.request("pip", {"env": env["path"], "argv": ["install", *packages]}, timeout=300)
+    assert installed["exit_status"] == 0
+    return notebook
+
+
 @pytest.mark.slow
 def test_juv_reads_back_what_uvkernelctl_lock_wrote(layout: Layout) -> None:
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
-        notebook = layout.notebooks / "ours.ipynb"
-        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import iniconfig")]),
-                       str(notebook))
-        env = layout.request("acquire", {"key": {"kind": "notebook", "value": str(notebook)}}, timeout=300)
-        installed = layout.request("pip", {"env": env["path"], "argv": ["install", "iniconfig==2.0.0",
-                                                                          "tabulate==0.9.0"]}, timeout=300)
-        assert installed["exit_status"] == 0
+        notebook = notebook_with_pip_installs(layout, "ours.ipynb", ["iniconfig==2.0.0", "tabulate==0.9.0"])
         result = ctl(layout, "lock", str(notebook), env=tool_env(layout))
         assert result.returncode == 0, result.stderr
     finally:
@@ -175,13 +180,7 @@ def test_juv_add_after_uvkernelctl_lock_keeps_the_notebook_usable(layout: Layout
     old code refused every start: "declare different dependencies")."""
     daemon = Daemon(layout, "--pool-size", "0").start()
     try:
-        notebook = layout.notebooks / "shared.ipynb"
-        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import iniconfig")]),
-                       str(notebook))
-        env = layout.request("acquire", {"key": {"kind": "notebook", "value": str(notebook)}}, timeout=300)
-        installed = layout.request("pip", {"env": env["path"], "argv": ["install", "iniconfig==2.0.0"]},
-                                   timeout=300)
-        assert installed["exit_status"] == 0
+        notebook = notebook_with_pip_installs(layout, "shared.ipynb", ["iniconfig==2.0.0"])
         locked = ctl(layout, "lock", str(notebook), "--exclude-newer", "2025-06-01T00:00:00Z",
                      env=tool_env(layout))
         assert locked.returncode == 0, locked.stderr
