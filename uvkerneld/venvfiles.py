@@ -12,11 +12,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import py_compile
 import sys
 from pathlib import Path
+
+from .venvsdir import replace_file
 
 SHIM_PROGRAMS = ("pip", "pip3", "uv")
 EXTENSION_MODULE = "_uvkerneld_kernel"
@@ -77,45 +78,23 @@ def _make_uv_lock_private(venv: Path) -> None:
         os.close(fd)
 
 
-def _replace_file(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write ``path`` as a new file (temp + rename), never into the existing one: in a venv a
-    file may be a hardlink shared with the uv cache, a template and every other venv (uv links
-    a wheel's scripts and data files; clones link what their template has), and writing into it
-    would change it in all of them."""
-    temporary = path.with_name("." + path.name + ".uvkerneld-new")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            fd = -1
-            handle.write(text)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def write_kernel_files(venv: Path, python: str | None = None) -> None:
     interpreter = os.path.abspath(python or sys.executable)
     _make_uv_lock_private(venv)
     for program in SHIM_PROGRAMS:
-        _replace_file(venv / "bin" / program, _SHIM.format(
+        replace_file(venv / "bin" / program, _SHIM.format(
             python=interpreter, distribution_dir=_DISTRIBUTION_DIR, program=program, venv=str(venv)
         ), 0o755)
     config_dir = venv / "etc" / "ipython"
     config_dir.mkdir(parents=True, exist_ok=True)
-    _replace_file(config_dir / "ipython_kernel_config.py", _KERNEL_CONFIG.format(module=EXTENSION_MODULE))
+    replace_file(config_dir / "ipython_kernel_config.py",
+                 _KERNEL_CONFIG.format(module=EXTENSION_MODULE), 0o644)
     site = site_packages(venv)
     if site is None:
         raise FileNotFoundError("no lib/python*/site-packages in %s" % venv)
     extension = site / (EXTENSION_MODULE + ".py")
     with open(_EXTENSION_SOURCE, encoding="utf-8") as source:
-        _replace_file(extension, source.read())
+        replace_file(extension, source.read(), 0o644)
     # Every kernel start imports it; with PYTHONDONTWRITEBYTECODE nothing would cache it. The
     # .pyc is tagged for this interpreter: a venv of another Python version just ignores it.
     py_compile.compile(str(extension), doraise=False, quiet=1)

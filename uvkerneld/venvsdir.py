@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -46,14 +47,30 @@ class VenvsDirRefused(Exception):
 
 def write_private(path: Path, text: str) -> None:
     """Replace ``path`` atomically with ``text``, mode 0600 from the start."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    replace_file(path, text, 0o600)
+
+
+def replace_file(path: Path, text: str, mode: int) -> None:
+    """Replace ``path`` by a new file holding ``text`` (temp + rename, ``mode`` from the start),
+    never by writing into the existing one: in a venv a file may be a hardlink shared with the uv
+    cache, a template and every other venv (uv links a wheel's scripts and data files; clones link
+    what their template has), and writing into it would change it in all of them."""
+    temporary = path.with_name("." + path.name + ".uvkerneld-new")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            fd = -1
+            os.fchmod(handle.fileno(), mode)  # the umask must not change it
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 class VenvsDirClaim:
